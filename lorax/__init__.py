@@ -1,0 +1,35 @@
+"""lorax: functional parameter-efficient fine-tuning for JAX and Flax.
+
+Pure functions turn a parameter pytree into one whose chosen weights are *lorax leaves*
+(a frozen base plus small trainable parts), and one transform runs an unmodified model on
+such a tree::
+
+    lp = lorax.wrap(params, rank=8, alpha=16, targets=r".*(query|value)/kernel")
+    apply = lorax.lora(model.apply)          # same signature, understands lorax leaves
+    trainable, frozen = lorax.split(lp)      # differentiate / optimize `trainable` only
+    loss = lambda t: loss_fn(apply({"params": lorax.combine(t, frozen)}, x))
+    dense = lorax.merge(lp)                  # plain arrays again, for export
+
+``lorax.lora`` traces the function to a jaxpr and evaluates it with an interpreter that
+computes ``x @ W + s * (x @ A) @ B`` without ever forming ``W + s * A @ B``; see
+``lorax/transform.py``.
+"""
+
+from lorax.leaves import LoraWeight as LoraWeight
+from lorax.leaves import LoraxLeaf as LoraxLeaf
+from lorax.leaves import is_lorax_leaf as is_lorax_leaf
+from lorax.leaves import register_leaf as register_leaf
+from lorax.summary import Summary as Summary
+from lorax.summary import summary as summary
+from lorax.targets import LoraSpec as LoraSpec
+from lorax.transform import LoraxDensifyError as LoraxDensifyError
+from lorax.transform import LoraxDensifyWarning as LoraxDensifyWarning
+from lorax.transform import lora as lora
+from lorax.transform import register_rule as register_rule
+from lorax.tree import combine as combine
+from lorax.tree import mask as mask
+from lorax.tree import merge as merge
+from lorax.tree import split as split
+from lorax.wrap import wrap as wrap
+
+__version__ = "0.1.0"

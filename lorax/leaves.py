@@ -1,0 +1,353 @@
+"""Lorax leaves: frozen-base-plus-trainable-parts weights that stand in for dense arrays.
+
+A lorax leaf is a frozen dataclass registered as a pytree. It holds arrays (its children)
+and static metadata (its aux data), says which fields are trainable, and knows how to act
+for the dense weight it stands for:
+
+* ``materialize()`` gives the dense array (used by ``lorax.merge`` and as the fallback);
+* ``dot_general`` / ``conv_general_dilated`` / ``gather`` / ``astype`` / ``transpose`` /
+  ``reshape`` compute what the primitive would give on the dense weight without forming it,
+  or return ``NotImplemented`` to let the interpreter fall back to ``materialize()``.
+
+Leaves know nothing of the interpreter (``lorax.transform``): the interpreter hands them the
+other operands, the primitive's params and a ``bind`` callback that applies the original
+primitive to plain arrays. A new leaf kind is one new class here and no edit elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import string
+from typing import Any, Callable, ClassVar, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Bind = Callable[..., Array]
+
+
+class LoraxLeaf:
+    """Base class of every lorax leaf kind.
+
+    Subclasses are frozen dataclasses made pytrees with :func:`register_leaf`. They set
+    ``trainable_fields`` to the names of their trainable children and implement ``shape``,
+    ``dtype`` and ``materialize``; the primitive methods are optional.
+    """
+
+    trainable_fields: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    @property
+    def dtype(self) -> Any:
+        raise NotImplementedError
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def materialize(self) -> Array:
+        """The dense weight this leaf stands for, in ``self.dtype``."""
+        raise NotImplementedError
+
+    # Primitive methods: each returns NotImplemented when it cannot avoid the dense weight.
+    def dot_general(self, other: Array, *, dimension_numbers, leaf_is_lhs: bool, precision,
+                    preferred_element_type, bind: Bind) -> Array:
+        return NotImplemented
+
+    def conv_general_dilated(self, lhs: Array, *, dimension_numbers, feature_group_count: int,
+                             batch_group_count: int, bind: Bind) -> Array:
+        return NotImplemented
+
+    def gather(self, indices: Array, *, params: dict[str, Any], bind: Bind) -> Array:
+        return NotImplemented
+
+    def astype(self, dtype: Any) -> "LoraxLeaf":
+        return NotImplemented
+
+    def transpose(self, permutation: Sequence[int]) -> "LoraxLeaf":
+        return NotImplemented
+
+    def reshape(self, new_sizes: Sequence[int]) -> "LoraxLeaf":
+        return NotImplemented
+
+
+def register_leaf(cls: type) -> type:
+    """Makes ``cls`` a frozen dataclass pytree; fields with ``metadata={"static": True}``
+    become aux data, every other field a child (so key paths name the fields)."""
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    fields = dataclasses.fields(cls)
+    data = [f.name for f in fields if not f.metadata.get("static", False)]
+    meta = [f.name for f in fields if f.metadata.get("static", False)]
+    return jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=meta)
+
+
+def static_field(**kwargs: Any) -> Any:
+    return dataclasses.field(metadata={"static": True}, **kwargs)
+
+
+def is_lorax_leaf(x: Any) -> bool:
+    """True for a lorax leaf (the ``is_leaf`` to use when mapping over wrapped trees)."""
+    return isinstance(x, LoraxLeaf)
+
+
+def materialize(x: Any) -> Any:
+    """Dense value of a lorax leaf; anything else is returned unchanged."""
+    return x.materialize() if is_lorax_leaf(x) else x
+
+
+_LETTERS = [c for c in string.ascii_letters if c != "r"]
+
+
+def _prod(sizes: Sequence[int]) -> int:
+    return math.prod(int(s) for s in sizes)
+
+
+@register_leaf
+class LoraWeight(LoraxLeaf):
+    """A frozen base ``W`` plus a trainable low-rank update ``scale * A @ B``.
+
+    The dense weight's axes are ``(*stack, *in_axes, *out_axes)``: ``stack`` are leading
+    layer axes (``nn.scan`` stacks), ``in_axes`` the axes folded into ``A`` and ``out_axes``
+    those folded into ``B``::
+
+        a: (*stack, *in_axes, r)      b: (*stack, r, *out_axes)
+        W + scale * einsum(a, b over r)
+
+    The split between the groups is read off the arrays' shapes, so slicing every child along
+    a stack axis (as ``lax.scan`` does) yields a valid per-layer leaf.
+
+    Attributes:
+      base: the frozen weight, an array or another lorax leaf (e.g. an NF4 base).
+      a: the down factor, ``(*stack, *in_axes, r)``.
+      b: the up factor, ``(*stack, r, *out_axes)``; zero at init.
+      scale: ``alpha / r`` (or ``alpha / sqrt(r)`` for rsLoRA); static.
+    """
+
+    base: Any
+    a: Any
+    b: Any
+    scale: float = static_field(default=1.0)
+
+    trainable_fields: ClassVar[tuple[str, ...]] = ("a", "b")
+
+    # ----- layout ---------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.base.shape)
+
+    @property
+    def dtype(self) -> Any:
+        return self.base.dtype
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[-1])
+
+    @property
+    def stack_ndim(self) -> int:
+        return self.a.ndim + self.b.ndim - 2 - len(self.shape)
+
+    @property
+    def in_ndim(self) -> int:
+        return self.a.ndim - 1 - self.stack_ndim
+
+    def _labels(self) -> tuple[list[str], str, str, str]:
+        """Einsum labels: W's axes, then A's and B's specs."""
+        nd, ns, ni = len(self.shape), self.stack_ndim, self.in_ndim
+        w = _LETTERS[:nd]
+        a = "".join(w[: ns + ni]) + "r"
+        b = "".join(w[:ns]) + "r" + "".join(w[ns + ni:])
+        return w, a, b, "".join(w)
+
+    def materialize(self) -> Array:
+        base = materialize(self.base)
+        _, a_spec, b_spec, w_spec = self._labels()
+        acc = jnp.promote_types(base.dtype, jnp.float32)
+        delta = jnp.einsum(f"{a_spec},{b_spec}->{w_spec}", self.a.astype(acc),
+                           self.b.astype(acc), precision=jax.lax.Precision.HIGHEST)
+        return (base.astype(acc) + jnp.asarray(self.scale, acc) * delta).astype(base.dtype)
+
+    # ----- primitives -------------------------------------------------------------------
+    def dot_general(self, other, *, dimension_numbers, leaf_is_lhs, precision,
+                    preferred_element_type, bind):
+        if isinstance(self.base, LoraxLeaf):
+            base_out = self.base.dot_general(
+                other, dimension_numbers=dimension_numbers, leaf_is_lhs=leaf_is_lhs,
+                precision=precision, preferred_element_type=preferred_element_type, bind=bind)
+            if base_out is NotImplemented:
+                return NotImplemented
+        else:
+            base_out = bind(self.base, other) if leaf_is_lhs else bind(other, self.base)
+        low = _lowrank_dot(self, other, dimension_numbers, leaf_is_lhs, precision,
+                           preferred_element_type)
+        return base_out + low.astype(base_out.dtype)
+
+    def conv_general_dilated(self, lhs, *, dimension_numbers, feature_group_count,
+                             batch_group_count, bind):
+        nd = len(self.shape)
+        out_feature_axis = dimension_numbers.rhs_spec[0]
+        if (self.stack_ndim or self.in_ndim != nd - 1 or out_feature_axis != nd - 1
+                or feature_group_count != 1 or batch_group_count != 1):
+            return NotImplemented
+        base_out = _base_apply(self.base, lambda w: bind(lhs, w))
+        if base_out is NotImplemented:
+            return NotImplemented
+        # A is a kernel with r output features: conv to r channels, then mix them with B.
+        low = bind(lhs, self.a.astype(lhs.dtype))
+        feature_axis = dimension_numbers.out_spec[1]
+        low = low * jnp.asarray(self.scale, low.dtype)
+        low = jnp.tensordot(low, self.b.astype(low.dtype), axes=([feature_axis], [0]))
+        low = jnp.moveaxis(low, -1, feature_axis)
+        return base_out + low.astype(base_out.dtype)
+
+    def gather(self, indices, *, params, bind):
+        """Row lookups (embeddings): gather rows of the base and of A, then apply B."""
+        dnums, slice_sizes = params["dimension_numbers"], tuple(params["slice_sizes"])
+        nd, ns, ni = len(self.shape), self.stack_ndim, self.in_ndim
+        out_axes = range(ns + ni, nd)
+        touched = (set(dnums.collapsed_slice_dims) | set(dnums.start_index_map)
+                   | set(getattr(dnums, "operand_batching_dims", ())))
+        if ns or touched & set(out_axes) or any(slice_sizes[q] != self.shape[q] for q in out_axes):
+            return NotImplemented
+        nq = len(out_axes)
+        q_out = tuple(dnums.offset_dims[-nq:])
+        if q_out != tuple(range(q_out[0], q_out[0] + nq)):
+            return NotImplemented
+        base_out = _base_apply(self.base, lambda w: bind(w, indices))
+        if base_out is NotImplemented:
+            return NotImplemented
+        a_dnums = dnums._replace(offset_dims=tuple(dnums.offset_dims[:-nq]) + (q_out[0],))
+        rows = jax.lax.gather(
+            self.a.astype(base_out.dtype), indices, a_dnums, slice_sizes[:ni] + (self.rank,),
+            indices_are_sorted=params.get("indices_are_sorted", False),
+            unique_indices=params.get("unique_indices", False),
+            mode=params.get("mode"), fill_value=params.get("fill_value"))
+        rows = rows * jnp.asarray(self.scale, rows.dtype)
+        low = jnp.tensordot(rows, self.b.astype(rows.dtype), axes=([q_out[0]], [0]))
+        low = jnp.moveaxis(low, tuple(range(low.ndim - nq, low.ndim)),
+                           tuple(range(q_out[0], q_out[0] + nq)))
+        return base_out + low.astype(base_out.dtype)
+
+    def astype(self, dtype):
+        if not jnp.issubdtype(dtype, jnp.floating):
+            return NotImplemented
+        base = self.base.astype(dtype)
+        if base is NotImplemented:
+            return NotImplemented
+        return dataclasses.replace(self, base=base, a=self.a.astype(dtype),
+                                   b=self.b.astype(dtype))
+
+    def transpose(self, permutation):
+        perm = [int(p) for p in permutation]
+        ns, ni, nd = self.stack_ndim, self.in_ndim, len(self.shape)
+        stack, ins, outs = perm[:ns], perm[ns:ns + ni], perm[ns + ni:]
+        if sorted(stack) != list(range(ns)):
+            return NotImplemented
+        in_set, out_set = set(range(ns, ns + ni)), set(range(ns + ni, nd))
+        base = _base_apply(self.base, lambda w: jnp.transpose(w, perm),
+                           lambda leaf: leaf.transpose(perm))
+        if base is NotImplemented:
+            return NotImplemented
+        # A's axes are (stack, in, r); B's are (stack, r, out).
+        a_pos = {ax: i for i, ax in enumerate(range(ns + ni))}
+        b_pos = {ax: i + ns + 1 for i, ax in enumerate(range(ns + ni, nd))}
+        if set(ins) == in_set and set(perm[ns + ni:]) == out_set:  # axes stay in their group
+            a = jnp.transpose(self.a, stack + [a_pos[p] for p in ins] + [ns + ni])
+            b = jnp.transpose(self.b, stack + [ns] + [b_pos[p] for p in outs])
+            return dataclasses.replace(self, base=base, a=a, b=b)
+        no = nd - ns - ni
+        new_in, new_out = perm[ns:ns + no], perm[ns + no:]
+        if set(new_in) == out_set and set(new_out) == in_set:  # the groups swap: W.T
+            a = jnp.transpose(self.b, stack + [b_pos[p] for p in new_in] + [ns])
+            b = jnp.transpose(self.a, stack + [ns + ni] + [a_pos[p] for p in new_out])
+            return dataclasses.replace(self, base=base, a=a, b=b)
+        return NotImplemented
+
+    def reshape(self, new_sizes):
+        new_sizes = tuple(int(s) for s in new_sizes)
+        ns, ni = self.stack_ndim, self.in_ndim
+        if new_sizes[:ns] != self.shape[:ns]:
+            return NotImplemented
+        in_size = _prod(self.shape[ns:ns + ni])
+        for j in range(ns + 1, len(new_sizes)):
+            if _prod(new_sizes[ns:j]) == in_size:
+                break
+        else:
+            return NotImplemented
+        base = _base_apply(self.base, lambda w: jnp.reshape(w, new_sizes),
+                           lambda leaf: leaf.reshape(new_sizes))
+        if base is NotImplemented:
+            return NotImplemented
+        a = jnp.reshape(self.a, new_sizes[:j] + (self.rank,))
+        b = jnp.reshape(self.b, new_sizes[:ns] + (self.rank,) + new_sizes[j:])
+        return dataclasses.replace(self, base=base, a=a, b=b)
+
+
+def _base_apply(base: Any, on_array: Callable[[Array], Any],
+                on_leaf: Callable[[LoraxLeaf], Any] | None = None) -> Any:
+    """Applies an op to a base that is an array, or to a base leaf (densified if it lacks
+    a method for the op, since the base is frozen and typically quantized)."""
+    if not isinstance(base, LoraxLeaf):
+        return on_array(base)
+    if on_leaf is not None:
+        out = on_leaf(base)
+        if out is not NotImplemented:
+            return out
+    return on_array(base.materialize())
+
+
+def _lowrank_dot(leaf: LoraWeight, x: Array, dimension_numbers, leaf_is_lhs: bool, precision,
+                 preferred_element_type) -> Array:
+    """``dot_general(x, scale * A @ B)`` (or with the operands swapped) as two contractions.
+
+    x is contracted with whichever factor is cheaper first (A when x contracts W's input
+    axes, B when it contracts the output axes, e.g. a tied embedding used as the LM head);
+    A and B are never multiplied together, so no weight-shaped array is formed.
+    """
+    (lc, rc), (lb, rb) = dimension_numbers
+    xc, wc, xb, wb = (rc, lc, rb, lb) if leaf_is_lhs else (lc, rc, lb, rb)
+    w_labels, a_spec, b_spec, _ = leaf._labels()
+    fresh = iter(_LETTERS[len(w_labels):])
+    x_labels = [next(fresh) for _ in range(x.ndim)]
+    for i, j in zip(xc, wc):
+        x_labels[i] = w_labels[j]
+    for i, j in zip(xb, wb):
+        x_labels[i] = w_labels[j]
+    batch = [w_labels[j] for j in wb]
+    x_free = [x_labels[i] for i in range(x.ndim) if i not in set(xc) | set(xb)]
+    w_free = [w_labels[j] for j in range(len(w_labels)) if j not in set(wc) | set(wb)]
+    out = batch + (w_free + x_free if leaf_is_lhs else x_free + w_free)
+
+    sizes = dict(zip(w_labels, leaf.shape))
+    sizes.update(zip(x_labels, x.shape))
+    sizes["r"] = leaf.rank
+
+    def plan(first: str, second: str) -> tuple[int, str]:
+        keep = set(second) | set(out)
+        mid = "".join(l for l in dict.fromkeys(x_labels + list(first)) if l in keep)
+        cost = _prod(sizes[l] for l in set(x_labels) | set(first))
+        cost += _prod(sizes[l] for l in set(mid) | set(second))
+        return cost, mid
+
+    factors = {a_spec: leaf.a, b_spec: leaf.b}
+    cost_ab, mid_ab = plan(a_spec, b_spec)
+    cost_ba, mid_ba = plan(b_spec, a_spec)
+    first, second, mid = ((a_spec, b_spec, mid_ab) if cost_ab <= cost_ba
+                          else (b_spec, a_spec, mid_ba))
+    x_spec = "".join(x_labels)
+    compute = x.dtype
+    t = jnp.einsum(f"{x_spec},{first}->{mid}", x, factors[first].astype(compute),
+                   precision=precision, preferred_element_type=preferred_element_type)
+    t = (t * jnp.asarray(leaf.scale, t.dtype)).astype(compute)
+    return jnp.einsum(f"{mid},{second}->{''.join(out)}", t, factors[second].astype(compute),
+                      precision=precision, preferred_element_type=preferred_element_type)

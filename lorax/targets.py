@@ -1,0 +1,201 @@
+"""Which weights of a parameter tree get adapted, and how their axes split.
+
+Targets (see ``lorax.wrap``) select leaves by their '/'-joined key path
+(``params/h_0/attn/c_attn/kernel``): a regex matched in full, a list of names matching any
+path component, a callable ``(path, leaf) -> bool | LoraSpec``, or None for the default
+(every floating weight of rank >= 2 except embedding tables).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Callable, Mapping, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lorax.leaves import LoraWeight, LoraxLeaf, is_lorax_leaf
+
+#: Path components that name embedding tables, which the default targets leave alone.
+EMBEDDING_NAMES = re.compile(
+    r"(embedding|embeddings|embed_tokens|wte|wpe|word_embeddings|position_embeddings|"
+    r"token_embedding|tok_embeddings)")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """Per-weight choices a target callable may return instead of ``True``.
+
+    Attributes:
+      rank: LoRA rank for this weight (default: ``wrap``'s ``rank`` / ``rank_pattern``).
+      alpha: LoRA alpha for this weight (default: ``wrap``'s ``alpha`` / ``alpha_pattern``).
+      in_axes: how many of the (per-layer) weight's leading axes are input axes, folded
+        into ``A``; the rest are output axes, folded into ``B``. Default: inferred.
+      stack_axes: how many leading axes are layer-stack axes (``nn.scan``). Default: inferred.
+    """
+
+    rank: int | None = None
+    alpha: float | None = None
+    in_axes: int | None = None
+    stack_axes: int | None = None
+
+
+Targets = Union[None, str, Sequence[str], Callable[[str, Any], Union[bool, LoraSpec]]]
+
+
+def key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def path_str(path: Sequence[Any]) -> str:
+    """'/'-joined key path; nnx's trailing ``.value`` attribute is dropped."""
+    names = [key_name(k) for k in path]
+    if path and hasattr(path[-1], "name") and names[-1] == "value":
+        names = names[:-1]
+    return "/".join(names)
+
+
+#: Leaf names that are never weights, whatever their rank (a DenseGeneral bias is 2-D, and
+#: so is every bias or norm scale of an nn.scan'd layer stack).
+NON_WEIGHT_NAMES = frozenset({"bias", "scale"})
+
+
+def is_weight_path(path: str) -> bool:
+    return path.rpartition("/")[2] not in NON_WEIGHT_NAMES
+
+
+def is_floating_weight(leaf: Any) -> bool:
+    """Floating, rank >= 2, not already a LoRA leaf: what LoRA can adapt."""
+    if isinstance(leaf, LoraWeight):
+        return False
+    if not (is_lorax_leaf(leaf) or isinstance(leaf, (jax.Array, np.ndarray))):
+        return False
+    return len(leaf.shape) >= 2 and jnp.issubdtype(leaf.dtype, jnp.floating)
+
+
+def describe(leaf: Any) -> str:
+    if is_lorax_leaf(leaf):
+        return f"{type(leaf).__name__}{tuple(leaf.shape)}"
+    if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+        return f"{jnp.dtype(leaf.dtype).name}{list(leaf.shape)}"
+    return type(leaf).__name__
+
+
+def select(targets: Targets, paths: Sequence[str], leaves: Sequence[Any],
+           default_excludes: re.Pattern = EMBEDDING_NAMES) -> dict[int, LoraSpec]:
+    """Indices of the leaves that ``targets`` selects and can be adapted, with their spec.
+
+    Raises:
+      ValueError: if the targets select nothing adaptable (listing the paths that exist),
+        a list name matches nothing, or a target explicitly selects a non-floating or
+        non-array leaf of rank >= 2.
+    """
+    chosen: dict[int, LoraSpec] = {}
+    if targets is None:
+        for i, (p, leaf) in enumerate(zip(paths, leaves)):
+            if is_floating_weight(leaf) and is_weight_path(p) and not any(
+                    default_excludes.fullmatch(c) for c in p.split("/")):
+                chosen[i] = LoraSpec()
+        if not chosen:
+            raise ValueError(_nothing_matched("the default targets", paths, leaves))
+        return chosen
+
+    if isinstance(targets, str):
+        pattern = re.compile(targets)
+        decide = lambda p, leaf: bool(pattern.fullmatch(p))  # noqa: E731
+        what = f"the regex {targets!r}"
+    elif callable(targets):
+        decide, what = targets, f"the callable {getattr(targets, '__name__', targets)!r}"
+    elif isinstance(targets, (list, tuple, set, frozenset)):
+        names = list(targets)
+        if not all(isinstance(n, str) for n in names):
+            raise TypeError(f"lorax: targets must be module names (str); got {names!r}")
+        unmatched = [n for n in names if not any(
+            n in p.split("/") and is_floating_weight(leaf) and is_weight_path(p)
+            for p, leaf in zip(paths, leaves))]
+        if unmatched:
+            raise ValueError(_nothing_matched(f"the target names {unmatched!r}", paths, leaves))
+        decide = lambda p, leaf: any(n in p.split("/") for n in names)  # noqa: E731
+        what = f"the target names {names!r}"
+    else:
+        raise TypeError("lorax: targets must be None, a regex string, a list of names or a "
+                        f"callable (path, leaf) -> bool | LoraSpec; got {type(targets).__name__}")
+
+    for i, (p, leaf) in enumerate(zip(paths, leaves)):
+        verdict = decide(p, leaf)
+        if verdict is False or verdict is None:
+            continue
+        if isinstance(leaf, LoraWeight):
+            raise ValueError(f"lorax: '{p}' is already a LoRA leaf; merge it or target "
+                             "another weight.")
+        is_array = is_lorax_leaf(leaf) or isinstance(leaf, (jax.Array, np.ndarray))
+        if not is_array:
+            raise TypeError(f"lorax: {what} selects '{p}', which is a "
+                            f"{type(leaf).__name__}, not an array; only floating weights "
+                            "can be adapted.")
+        if len(leaf.shape) < 2 or not is_weight_path(p):
+            continue  # biases, norm scales: left alone by design
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            raise TypeError(f"lorax: {what} selects '{p}', a {describe(leaf)} array; only "
+                            "floating weights can be adapted.")
+        chosen[i] = verdict if isinstance(verdict, LoraSpec) else LoraSpec()
+    if not chosen:
+        raise ValueError(_nothing_matched(what, paths, leaves))
+    return chosen
+
+
+def _nothing_matched(what: str, paths: Sequence[str], leaves: Sequence[Any]) -> str:
+    ok = [is_floating_weight(l) and is_weight_path(p) for p, l in zip(paths, leaves)]
+    adaptable = [f"  {p}  {describe(l)}" for p, l, k in zip(paths, leaves, ok) if k]
+    others = [f"  {p}  {describe(l)}" for p, l, k in zip(paths, leaves, ok) if not k]
+    lines = [f"lorax: {what} matched no adaptable weight (floating, rank >= 2).",
+             "Adaptable weights in this tree:"] + (adaptable or ["  (none)"])
+    if others:
+        lines += ["Other leaves:"] + others[:50] + (["  ..."] if len(others) > 50 else [])
+    return "\n".join(lines)
+
+
+def pattern_value(patterns: Mapping[str, Any] | None, path: str, default: Any) -> Any:
+    """The value of the first key in ``patterns`` that matches ``path`` in full or names one
+    of its components (as peft's ``rank_pattern`` / ``alpha_pattern``)."""
+    for key, value in (patterns or {}).items():
+        if key in path.split("/") or re.fullmatch(key, path):
+            return value
+    return default
+
+
+def infer_stack_axes(path: str, shape: Sequence[int], siblings: Mapping[str, Any]) -> int:
+    """Leading layer axes of a kernel: one under a module flax named ``Scan*`` (nn.scan),
+    else as many as make a sibling ``bias`` line up with the kernel's output axes."""
+    if any(c.startswith("Scan") for c in path.split("/")[:-1]):
+        return 1
+    bias = siblings.get("bias")
+    if bias is not None and hasattr(bias, "shape") and len(bias.shape) >= 2:
+        bshape, nd = tuple(bias.shape), len(shape)
+        for nb in range(0, min(len(bshape), nd - 2) + 1):
+            n_out = len(bshape) - nb
+            if bshape[:nb] == tuple(shape[:nb]) and bshape[nb:] == tuple(shape[nd - n_out:]):
+                return nb
+    return 0
+
+
+def infer_in_axes(shape: Sequence[int], siblings: Mapping[str, Any], stack: int) -> int:
+    """Input axes of a (per-layer) kernel: all but the bias's axes when a bias is there,
+    else the split into input and output sizes closest to square."""
+    per_layer = tuple(shape[stack:])
+    if len(per_layer) == 2:
+        return 1
+    bias = siblings.get("bias")
+    if bias is not None and hasattr(bias, "shape"):
+        n_out = len(bias.shape) - stack
+        if 1 <= n_out < len(per_layer) and tuple(bias.shape[stack:]) == per_layer[-n_out:]:
+            return len(per_layer) - n_out
+    logs = [math.log(max(s, 1)) for s in per_layer]
+    return min(range(1, len(per_layer)),
+               key=lambda p: (abs(sum(logs[:p]) - sum(logs[p:])), p))

@@ -1,0 +1,400 @@
+"""``lorax.lora``: run an unmodified JAX function on a tree that holds lorax leaves.
+
+How it works, in one sitting:
+
+1. ``lora(fn)(*args, **kwargs)`` flattens the arguments. Each lorax leaf is stood in for by
+   a ``ShapeDtypeStruct`` of the dense weight's shape and dtype, and ``fn`` is traced to a
+   jaxpr with ``jax.make_jaxpr``: ``fn`` sees ordinary arrays and needs no change.
+2. The jaxpr is evaluated by :func:`_eval_jaxpr`, a plain ``eval_jaxpr`` loop whose values
+   are arrays or *lazy* lorax leaves. An equation with no lazy input is bound unchanged.
+3. An equation with a lazy input goes to the rule registered for its primitive in
+   ``_RULES``. The leaf rules (``dot_general``, ``conv_general_dilated``, ``gather``,
+   ``convert_element_type``, ``transpose``, ``reshape``) ask the leaf to compute the result
+   without forming its dense weight. The call rules (``jit``, ``closed_call``,
+   ``custom_jvp_call``, ``custom_vjp_call``) evaluate the inner jaxpr in place; ``remat``,
+   ``scan``, ``cond`` and ``while`` are rebuilt with ``jax.checkpoint`` / ``lax.scan`` /
+   ``lax.switch`` / ``lax.while_loop``, the lazy leaves passed through as pytrees, so a
+   stacked leaf is sliced per layer and remat keeps its policy.
+4. Any other primitive that meets a lazy leaf materializes it with a warning naming the
+   parameter path, the primitive and the source line (``strict=True`` raises instead).
+
+The result is ordinary JAX operations, so ``jit``, ``grad``, ``vmap`` and sharding compose
+with it, and the gradient with respect to a frozen base is never formed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from lorax import _compat
+from lorax.leaves import LoraxLeaf, is_lorax_leaf
+
+__all__ = ["lora", "register_rule", "RuleContext", "LoraxDensifyWarning", "LoraxDensifyError"]
+
+
+class LoraxDensifyWarning(UserWarning):
+    """A lorax leaf was turned into its dense weight because no rule avoids it."""
+
+
+class LoraxDensifyError(RuntimeError):
+    """Raised instead of :class:`LoraxDensifyWarning` under ``lora(fn, strict=True)``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleContext:
+    """What a rule gets besides the input values.
+
+    Attributes:
+      eqn: the jaxpr equation being evaluated.
+      names: for each input, the parameter path of the lorax leaf it holds (or None).
+      strict: whether densifying a leaf is an error.
+    """
+
+    eqn: Any
+    names: tuple[str | None, ...]
+    strict: bool
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.eqn.params
+
+    def bind(self, *invals: Any, **overrides: Any) -> list[Any]:
+        """Applies the equation's primitive to plain arrays (params may be overridden)."""
+        return _compat.bind_equation(self.eqn, invals, **overrides)
+
+    def densify(self, invals: Sequence[Any]) -> list[Any]:
+        """Materializes every lazy input, warning (or raising, if strict) for each."""
+        out = []
+        for value, name in zip(invals, self.names):
+            if is_lorax_leaf(value):
+                self._complain(value, name)
+                value = value.materialize()
+            out.append(value)
+        return out
+
+    def _complain(self, leaf: LoraxLeaf, name: str | None) -> None:
+        prim = self.eqn.primitive.name
+        msg = (f"lorax: primitive '{prim}' at {_compat.source_line(self.eqn)} consumes the "
+               f"{type(leaf).__name__} at '{name or '<unknown path>'}' and has no lorax rule "
+               f"for it, so the dense weight {tuple(leaf.shape)} {leaf.dtype} is formed. "
+               f"Register one with lorax.register_rule('{prim}', rule)")
+        if self.strict:
+            raise LoraxDensifyError(msg + ".")
+        warnings.warn(msg + ", or pass strict=True to lorax.lora to make this an error.",
+                      LoraxDensifyWarning, stacklevel=2)
+
+    def eval_jaxpr(self, closed_or_open: Any, args: Sequence[Any],
+                   names: Sequence[str | None] | None = None) -> list[Any]:
+        """Evaluates an inner jaxpr with the lorax interpreter."""
+        jaxpr, consts = _compat.open_jaxpr(closed_or_open)
+        names = tuple(names) if names is not None else (None,) * len(args)
+        return _eval_jaxpr(jaxpr, consts, list(args), names, self.strict)
+
+
+Rule = Callable[[RuleContext, list], Any]
+_RULES: dict[str, Rule] = {}
+
+
+def register_rule(primitive: Any, rule: Rule) -> Rule:
+    """Registers how ``lorax.lora`` evaluates ``primitive`` when a lorax leaf is an input.
+
+    Args:
+      primitive: a ``jax.extend.core.Primitive`` or its name (``"dot_general"``).
+      rule: ``rule(ctx, invals) -> value or list of values``, where ``invals`` mixes plain
+        arrays and lorax leaves and ``ctx`` is a :class:`RuleContext`. Return
+        ``ctx.bind(*ctx.densify(invals))`` to fall back to the dense computation.
+
+    Returns:
+      ``rule``, so this can be used as a decorator factory's inner call.
+
+    Example:
+      >>> import lorax
+      >>> def cumsum_rule(ctx, invals):
+      ...     return ctx.bind(*ctx.densify(invals))
+      >>> _ = lorax.register_rule("cumsum", cumsum_rule)
+    """
+    name = primitive if isinstance(primitive, str) else primitive.name
+    _RULES[name] = rule
+    return rule
+
+
+def lora(fn: Callable, strict: bool = False) -> Callable:
+    """Transforms ``fn`` so that it accepts lorax leaves wherever it accepts arrays.
+
+    Args:
+      fn: any JAX-traceable function, e.g. a Flax ``model.apply``.
+      strict: if True, a lorax leaf reaching a primitive without a lorax rule raises
+        :class:`LoraxDensifyError` instead of being densified with a warning.
+
+    Returns:
+      A function with ``fn``'s signature. On arguments without lorax leaves it is ``fn``
+      itself; otherwise it computes ``fn`` on the merged weights without merging them.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, lorax
+      >>> model = nn.Dense(4)
+      >>> params = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+      >>> lp = lorax.wrap(params, rank=2, key=jax.random.key(1))
+      >>> lorax.lora(model.apply)({"params": lp}, jnp.ones((3, 8))).shape
+      (3, 4)
+    """
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        flat, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs),
+                                                             is_leaf=is_lorax_leaf)
+        if not any(is_lorax_leaf(leaf) for _, leaf in flat):
+            return fn(*args, **kwargs)
+        leaves = [leaf for _, leaf in flat]
+        dynamic = [i for i, leaf in enumerate(leaves) if _is_dynamic(leaf)]
+
+        def flat_fn(*dyn_values):
+            full = list(leaves)
+            for i, v in zip(dynamic, dyn_values):
+                full[i] = v
+            f_args, f_kwargs = jax.tree_util.tree_unflatten(treedef, full)
+            return fn(*f_args, **f_kwargs)
+
+        avals = [jax.ShapeDtypeStruct(leaves[i].shape, leaves[i].dtype)
+                 if is_lorax_leaf(leaves[i]) else leaves[i] for i in dynamic]
+        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*avals)
+        names = tuple(_path_name(flat[i][0]) if is_lorax_leaf(leaves[i]) else None
+                      for i in dynamic)
+        jaxpr, consts = _compat.open_jaxpr(closed)
+        outs = _eval_jaxpr(jaxpr, consts, [leaves[i] for i in dynamic], names, strict)
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+
+    return wrapped
+
+
+def _is_dynamic(x: Any) -> bool:
+    return is_lorax_leaf(x) or isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _path_name(path: Sequence[Any]) -> str:
+    # Drop the (args, kwargs) and positional-index prefix: name what the user passed.
+    parts = []
+    for k in path[2:]:
+        parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
+    return "/".join(p for p in parts if p != "value")
+
+
+def _eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any],
+                names: Sequence[str | None], strict: bool) -> list[Any]:
+    env: dict[Any, Any] = {}
+    lazy_names: dict[Any, str | None] = {}
+
+    def read(v: Any) -> Any:
+        return v.val if isinstance(v, _compat.Literal) else env[v]
+
+    for v, val in zip(jaxpr.constvars, consts):
+        env[v] = val
+    for v, val, name in zip(jaxpr.invars, args, names):
+        env[v] = val
+        if is_lorax_leaf(val):
+            lazy_names[v] = name
+
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        if not any(is_lorax_leaf(x) for x in invals):
+            outvals = _compat.bind_equation(eqn, invals)
+        else:
+            in_names = tuple(lazy_names.get(v) if not isinstance(v, _compat.Literal) else None
+                             for v in eqn.invars)
+            ctx = RuleContext(eqn, in_names, strict)
+            rule = _RULES.get(eqn.primitive.name, _densify_rule)
+            with _compat.equation_context(eqn):
+                outvals = rule(ctx, invals)
+            if not eqn.primitive.multiple_results and not isinstance(outvals, list):
+                outvals = [outvals]
+            first_name = next((n for n in in_names if n is not None), None)
+            for v, out in zip(eqn.outvars, outvals):
+                if is_lorax_leaf(out):
+                    lazy_names[v] = first_name
+        for v, out in zip(eqn.outvars, outvals):
+            env[v] = out
+    return [read(v) for v in jaxpr.outvars]
+
+
+# --------------------------------------------------------------------------------------
+# Rules
+# --------------------------------------------------------------------------------------
+
+def _densify_rule(ctx: RuleContext, invals: list) -> list:
+    return ctx.bind(*ctx.densify(invals))
+
+
+def _leaf_or_densify(ctx: RuleContext, invals: list, result: Any) -> list:
+    if result is NotImplemented:
+        return _densify_rule(ctx, invals)
+    return [result]
+
+
+def _dot_general_rule(ctx: RuleContext, invals: list) -> list:
+    lhs, rhs = invals
+    if is_lorax_leaf(lhs) and is_lorax_leaf(rhs):
+        return _densify_rule(ctx, invals)
+    leaf_is_lhs = is_lorax_leaf(lhs)
+    leaf, other = (lhs, rhs) if leaf_is_lhs else (rhs, lhs)
+    out = leaf.dot_general(
+        other, dimension_numbers=ctx.params["dimension_numbers"], leaf_is_lhs=leaf_is_lhs,
+        precision=ctx.params.get("precision"),
+        preferred_element_type=ctx.params.get("preferred_element_type"),
+        bind=lambda a, b: ctx.bind(a, b)[0])
+    if out is not NotImplemented:
+        out = out.astype(ctx.eqn.outvars[0].aval.dtype)
+    return _leaf_or_densify(ctx, invals, out)
+
+
+def _conv_rule(ctx: RuleContext, invals: list) -> list:
+    lhs, rhs = invals
+    if is_lorax_leaf(lhs):
+        return _densify_rule(ctx, invals)
+    out = rhs.conv_general_dilated(
+        lhs, dimension_numbers=ctx.params["dimension_numbers"],
+        feature_group_count=ctx.params["feature_group_count"],
+        batch_group_count=ctx.params["batch_group_count"],
+        bind=lambda a, b: ctx.bind(a, b)[0])
+    if out is not NotImplemented:
+        out = out.astype(ctx.eqn.outvars[0].aval.dtype)
+    return _leaf_or_densify(ctx, invals, out)
+
+
+def _gather_rule(ctx: RuleContext, invals: list) -> list:
+    operand, indices = invals
+    if is_lorax_leaf(indices):
+        return _densify_rule(ctx, invals)
+    out = operand.gather(indices, params=ctx.params, bind=lambda a, b: ctx.bind(a, b)[0])
+    return _leaf_or_densify(ctx, invals, out)
+
+
+def _convert_rule(ctx: RuleContext, invals: list) -> list:
+    return _leaf_or_densify(ctx, invals, invals[0].astype(ctx.params["new_dtype"]))
+
+
+def _transpose_rule(ctx: RuleContext, invals: list) -> list:
+    return _leaf_or_densify(ctx, invals, invals[0].transpose(ctx.params["permutation"]))
+
+
+def _reshape_rule(ctx: RuleContext, invals: list) -> list:
+    if ctx.params.get("dimensions") is not None or len(invals) != 1:
+        return _densify_rule(ctx, invals)
+    return _leaf_or_densify(ctx, invals, invals[0].reshape(ctx.params["new_sizes"]))
+
+
+def _copy_rule(ctx: RuleContext, invals: list) -> list:
+    return [invals[0]]  # copies of an immutable leaf are the leaf
+
+
+def _inner_names(ctx: RuleContext, start: int = 0) -> tuple[str | None, ...]:
+    return ctx.names[start:]
+
+
+def _call_rule(jaxpr_param: str, consts_param: str | None = None) -> Rule:
+    """jit / closed_call / custom_jvp_call / custom_vjp_call: evaluate the body in place.
+
+    A custom derivative rule is written for dense inputs, so with a lazy leaf inside the
+    call its primal computation is differentiated instead (the same function).
+    """
+
+    def rule(ctx: RuleContext, invals: list) -> list:
+        return ctx.eval_jaxpr(ctx.params[jaxpr_param], invals, ctx.names)
+
+    return rule
+
+
+def _remat_rule(ctx: RuleContext, invals: list) -> list:
+    body = ctx.params["jaxpr"]
+    names = ctx.names
+
+    def inner(*args):
+        return _densify_outputs(ctx, ctx.eval_jaxpr(body, args, names))
+
+    return list(jax.checkpoint(inner, prevent_cse=ctx.params.get("prevent_cse", True),
+                               policy=ctx.params.get("policy"))(*invals))
+
+
+def _densify_outputs(ctx: RuleContext, outs: list) -> list:
+    """Values leaving a control-flow body must be arrays of the declared type."""
+    return [ctx.densify([o])[0] if is_lorax_leaf(o) else o for o in outs]
+
+
+def _scan_rule(ctx: RuleContext, invals: list) -> list:
+    p = ctx.params
+    n_consts, n_carry = p["num_consts"], p["num_carry"]
+    consts, carry, xs = (invals[:n_consts], invals[n_consts:n_consts + n_carry],
+                         invals[n_consts + n_carry:])
+    names = ctx.names
+    carry = [ctx.densify([c])[0] if is_lorax_leaf(c) else c for c in carry]
+    # A leaf scanned over must have a stack axis to slice; otherwise densify it.
+    xs = [_densify_single(ctx, x, names[n_consts + n_carry + i])
+          if is_lorax_leaf(x) and getattr(x, "stack_ndim", 1) < 1 else x
+          for i, x in enumerate(xs)]
+
+    def body(carry, x):
+        outs = ctx.eval_jaxpr(p["jaxpr"], [*consts, *carry, *x], names)
+        outs = _densify_outputs(ctx, outs)
+        return outs[:n_carry], outs[n_carry:]
+
+    carry_out, ys = jax.lax.scan(body, carry, xs, length=p["length"], reverse=p["reverse"],
+                                 unroll=p.get("unroll", 1))
+    return [*carry_out, *ys]
+
+
+def _densify_single(ctx: RuleContext, value: Any, name: str | None) -> Any:
+    return dataclasses.replace(ctx, names=(name,)).densify([value])[0]
+
+
+def _cond_rule(ctx: RuleContext, invals: list) -> list:
+    index, operands = invals[0], invals[1:]
+    if is_lorax_leaf(index):
+        return _densify_rule(ctx, invals)
+    names = ctx.names[1:]
+    branches = [functools.partial(lambda br, *ops: _densify_outputs(
+        ctx, ctx.eval_jaxpr(br, ops, names)), br) for br in ctx.params["branches"]]
+    return list(jax.lax.switch(index, branches, *operands))
+
+
+def _while_rule(ctx: RuleContext, invals: list) -> list:
+    p = ctx.params
+    nc, nb = p["cond_nconsts"], p["body_nconsts"]
+    cconsts, bconsts, init = invals[:nc], invals[nc:nc + nb], invals[nc + nb:]
+    cnames, bnames = ctx.names[:nc], ctx.names[nc:nc + nb]
+    init = [ctx.densify([c])[0] if is_lorax_leaf(c) else c for c in init]
+    free = (None,) * len(init)
+
+    def cond_fun(carry):
+        return ctx.eval_jaxpr(p["cond_jaxpr"], [*cconsts, *carry], cnames + free)[0]
+
+    def body_fun(carry):
+        outs = ctx.eval_jaxpr(p["body_jaxpr"], [*bconsts, *carry], bnames + free)
+        return _densify_outputs(ctx, outs)
+
+    return list(jax.lax.while_loop(cond_fun, body_fun, init))
+
+
+for _name in ("dot_general",):
+    register_rule(_name, _dot_general_rule)
+register_rule("conv_general_dilated", _conv_rule)
+register_rule("gather", _gather_rule)
+register_rule("convert_element_type", _convert_rule)
+register_rule("transpose", _transpose_rule)
+register_rule("reshape", _reshape_rule)
+register_rule("copy", _copy_rule)
+register_rule("copy_p", _copy_rule)
+for _name in ("jit", "pjit", "closed_call", "core_call"):
+    register_rule(_name, _call_rule("jaxpr" if _name in ("jit", "pjit") else "call_jaxpr"))
+register_rule("custom_jvp_call", _call_rule("call_jaxpr"))
+register_rule("custom_vjp_call", _call_rule("call_jaxpr"))
+register_rule("custom_vjp_call_jaxpr", _call_rule("fun_jaxpr"))
+register_rule("remat2", _remat_rule)
+register_rule("checkpoint", _remat_rule)
+register_rule("scan", _scan_rule)
+register_rule("cond", _cond_rule)
+register_rule("while", _while_rule)

@@ -1,0 +1,122 @@
+"""Tree surgery on wrapped trees: split / combine, mask, merge (equinox's partition style)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+from lorax.leaves import LoraxLeaf, is_lorax_leaf
+from lorax.targets import path_str
+
+
+def _leaf_parts(leaf: LoraxLeaf) -> tuple[LoraxLeaf, LoraxLeaf]:
+    fields = [f.name for f in dataclasses.fields(leaf) if not f.metadata.get("static")]
+    trainable = {f: (getattr(leaf, f) if f in leaf.trainable_fields else None) for f in fields}
+    frozen = {f: (None if f in leaf.trainable_fields else getattr(leaf, f)) for f in fields}
+    return dataclasses.replace(leaf, **trainable), dataclasses.replace(leaf, **frozen)
+
+
+def split(tree: Any) -> tuple[Any, Any]:
+    """Splits a wrapped tree into ``(trainable, frozen)``, with ``None`` in the holes.
+
+    Args:
+      tree: a tree from ``lorax.wrap`` (or any pytree).
+
+    Returns:
+      ``trainable`` holds only the adapter arrays (e.g. LoRA ``a``, ``b``); ``frozen`` holds
+      everything else. Differentiate and optimize ``trainable`` only; ``lorax.combine``
+      puts them back together.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, lorax
+      >>> lp = lorax.wrap({"w": jnp.ones((8, 8)), "b": jnp.ones(8)}, rank=2)
+      >>> trainable, frozen = lorax.split(lp)
+      >>> [x.shape for x in jax.tree.leaves(trainable)]
+      [(8, 2), (2, 8)]
+    """
+    trainable = jax.tree.map(lambda x: _leaf_parts(x)[0] if is_lorax_leaf(x) else None, tree,
+                             is_leaf=is_lorax_leaf)
+    frozen = jax.tree.map(lambda x: _leaf_parts(x)[1] if is_lorax_leaf(x) else x, tree,
+                          is_leaf=is_lorax_leaf)
+    return trainable, frozen
+
+
+def combine(trainable: Any, frozen: Any) -> Any:
+    """Inverse of :func:`split`: fills each ``None`` of one tree from the other.
+
+    Args:
+      trainable: the first tree of :func:`split` (possibly updated by an optimizer).
+      frozen: the second tree of :func:`split`.
+
+    Returns:
+      The wrapped tree.
+
+    Raises:
+      ValueError: if the trees do not line up; the message names the first path that differs.
+
+    Example:
+      >>> import jax.numpy as jnp, lorax
+      >>> lp = lorax.wrap({"w": jnp.ones((8, 8))}, rank=2)
+      >>> t, f = lorax.split(lp)
+      >>> lorax.combine(t, f)["w"].a.shape
+      (8, 2)
+    """
+    is_hole = lambda x: x is None  # noqa: E731
+    t_flat, t_def = jax.tree_util.tree_flatten_with_path(trainable, is_leaf=is_hole)
+    f_flat, f_def = jax.tree_util.tree_flatten_with_path(frozen, is_leaf=is_hole)
+    if t_def != f_def:
+        raise ValueError("lorax.combine: the trainable and frozen trees do not line up: "
+                         + _first_difference(t_flat, f_flat, t_def, f_def))
+    out = []
+    for (path, t), (_, f) in zip(t_flat, f_flat):
+        if t is not None and f is not None:
+            raise ValueError(f"lorax.combine: '{path_str(path)}' is set in both trees; "
+                             "expected it in exactly one (trees from lorax.split)")
+        out.append(f if t is None else t)
+    return jax.tree_util.tree_unflatten(t_def, out)
+
+
+def _first_difference(t_flat, f_flat, t_def, f_def) -> str:
+    t_paths = [path_str(p) for p, _ in t_flat]
+    f_paths = [path_str(p) for p, _ in f_flat]
+    for a, b in zip(t_paths, f_paths):
+        if a != b:
+            return f"trainable has '{a}' where frozen has '{b}'"
+    if len(t_paths) != len(f_paths):
+        longer, name = (t_paths, "trainable") if len(t_paths) > len(f_paths) else (f_paths,
+                                                                                   "frozen")
+        return f"{name} has extra entries from '{longer[min(len(t_paths), len(f_paths))]}'"
+    return f"same paths but different node types or metadata:\n  {t_def}\n  {f_def}"
+
+
+def mask(tree: Any) -> Any:
+    """A bool tree of ``tree``'s structure: True on trainable adapter arrays.
+
+    Use it with ``optax.masked(tx, lorax.mask(lp))`` or to build labels for
+    ``optax.multi_transform``; with ``optax.masked`` the frozen leaves keep their updates
+    unchanged, so pair it with ``optax.set_to_zero`` (or use :func:`split`).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, lorax
+      >>> lp = lorax.wrap({"w": jnp.ones((8, 8)), "b": jnp.ones(8)}, rank=2)
+      >>> jax.tree.leaves(lorax.mask(lp))
+      [False, False, True, True]
+    """
+    trainable, _ = split(tree)
+    return jax.tree.map(lambda t, x: t is not None, trainable, tree,
+                        is_leaf=lambda x: x is None)
+
+
+def merge(tree: Any) -> Any:
+    """Replaces every lorax leaf by its dense weight (for export or plain inference).
+
+    Example:
+      >>> import jax.numpy as jnp, lorax
+      >>> lp = lorax.wrap({"w": jnp.ones((8, 8))}, rank=2)
+      >>> lorax.merge(lp)["w"].shape
+      (8, 8)
+    """
+    return jax.tree.map(lambda x: x.materialize() if is_lorax_leaf(x) else x, tree,
+                        is_leaf=is_lorax_leaf)

@@ -1,0 +1,133 @@
+"""``lorax.wrap``: replace the targeted weights of a parameter tree by LoRA leaves."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from lorax.leaves import LoraWeight, is_lorax_leaf
+from lorax.targets import (Targets, infer_in_axes, infer_stack_axes, path_str, pattern_value,
+                           select)
+
+_INITS = ("kaiming", "gaussian")
+
+
+def wrap(params: Any, rank: int = 8, alpha: float | None = None, targets: Targets = None,
+         key: jax.Array | None = None, rank_pattern: Mapping[str, int] | None = None,
+         alpha_pattern: Mapping[str, float] | None = None, rslora: bool = False,
+         dtype: Any = None, init: str = "kaiming", stacked: Any = None) -> Any:
+    """Returns ``params`` with the targeted weights replaced by :class:`LoraWeight` leaves.
+
+    Each LoRA leaf keeps the original weight as its frozen base (never copied) and adds
+    factors ``A`` (random) and ``B`` (zero), so the wrapped model starts equal to the base.
+
+    Args:
+      params: any pytree of arrays: linen ``params`` or ``{"params": ...}``, an
+        ``nnx.State`` from ``nnx.split``, a plain dict; NF4 leaves from ``lorax.quantize``
+        are adapted like dense weights (QLoRA).
+      rank: LoRA rank ``r`` (>= 1 and <= min(in, out) of every adapted weight).
+      alpha: scaling numerator; the update is scaled by ``alpha / r`` (``alpha / sqrt(r)``
+        with ``rslora``). Default: ``rank``, i.e. a scale of 1 (rsLoRA: ``sqrt(r)``).
+      targets: a regex matched in full against the '/'-joined path, a list of module names
+        (path components), a callable ``(path, leaf) -> bool | LoraSpec``, or None for
+        every floating weight of rank >= 2 except embedding tables.
+      key: PRNG key for ``A``; default ``jax.random.key(0)``.
+      rank_pattern: per-path rank overrides ``{name_or_regex: rank}``.
+      alpha_pattern: per-path alpha overrides ``{name_or_regex: alpha}``.
+      rslora: use rank-stabilized scaling ``alpha / sqrt(r)``.
+      dtype: dtype of the factors; default the base's dtype promoted to at least float32.
+      init: ``"kaiming"`` (``A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, as peft) or
+        ``"gaussian"`` (``A ~ N(0, 1/r^2)``).
+      stacked: leading layer axes of the targeted kernels: an int for all, a regex of the
+        paths that carry one, or None to infer (modules flax names ``Scan*``, or a bias
+        with the same leading axis).
+
+    Returns:
+      A tree of the same structure with :class:`LoraWeight` leaves where targeted.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, lorax
+      >>> params = {"dense": {"kernel": jnp.ones((16, 32)), "bias": jnp.zeros(32)}}
+      >>> lp = lorax.wrap(params, rank=4, alpha=8, key=jax.random.key(0))
+      >>> lp["dense"]["kernel"].a.shape, lp["dense"]["kernel"].b.shape
+      ((16, 4), (4, 32))
+    """
+    if init not in _INITS:
+        raise ValueError(f"lorax.wrap: init must be one of {_INITS}; got {init!r}")
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lorax_leaf)
+    paths = [path_str(p) for p, _ in flat]
+    leaves = [leaf for _, leaf in flat]
+    chosen = select(targets, paths, leaves)
+
+    parents: dict[str, dict[str, Any]] = {}
+    for p, leaf in zip(paths, leaves):
+        parent, _, name = p.rpartition("/")
+        parents.setdefault(parent, {})[name] = leaf
+
+    key = jax.random.key(0) if key is None else key
+    keys = jax.random.split(key, max(len(chosen), 1))
+    out = list(leaves)
+    for k, (i, spec) in zip(keys, sorted(chosen.items())):
+        path, leaf = paths[i], leaves[i]
+        siblings = parents[path.rpartition("/")[0]]
+        r = spec.rank if spec.rank is not None else pattern_value(rank_pattern, path, rank)
+        a_ = spec.alpha if spec.alpha is not None else pattern_value(alpha_pattern, path, alpha)
+        out[i] = make_lora_leaf(path, leaf, r, a_, k, siblings=siblings, rslora=rslora,
+                                dtype=dtype, init=init, in_axes=spec.in_axes,
+                                stack_axes=_stack_axes(stacked, spec.stack_axes, path))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _stack_axes(stacked: Any, explicit: int | None, path: str) -> int | None:
+    import re
+
+    if explicit is not None:
+        return explicit
+    if stacked is None:
+        return None
+    if isinstance(stacked, bool):
+        return int(stacked)
+    if isinstance(stacked, int):
+        return stacked
+    if isinstance(stacked, str):
+        return 1 if re.fullmatch(stacked, path) else 0
+    raise TypeError(f"lorax.wrap: stacked must be None, an int or a regex; got {stacked!r}")
+
+
+def make_lora_leaf(path: str, base: Any, rank: int, alpha: float | None, key: jax.Array, *,
+                   siblings: Mapping[str, Any] | None = None, rslora: bool = False,
+                   dtype: Any = None, init: str = "kaiming", in_axes: int | None = None,
+                   stack_axes: int | None = None) -> LoraWeight:
+    """One :class:`LoraWeight` over ``base`` (validated; errors name ``path``)."""
+    siblings = siblings or {}
+    shape = tuple(base.shape)
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        raise ValueError(f"lorax.wrap: rank for '{path}' must be a positive int; got {rank!r}")
+    ns = infer_stack_axes(path, shape, siblings) if stack_axes is None else stack_axes
+    if not 0 <= ns <= len(shape) - 2:
+        raise ValueError(f"lorax.wrap: '{path}' of shape {shape} cannot have {ns} stack axes "
+                         "(at least two axes must remain)")
+    ni = infer_in_axes(shape, siblings, ns) if in_axes is None else in_axes
+    if not 1 <= ni <= len(shape) - ns - 1:
+        raise ValueError(f"lorax.wrap: in_axes={ni} for '{path}' of shape {shape} (stack "
+                         f"axes {ns}) must leave at least one input and one output axis")
+    stack, ins, outs = shape[:ns], shape[ns:ns + ni], shape[ns + ni:]
+    fan_in, fan_out = math.prod(ins), math.prod(outs)
+    if rank > min(fan_in, fan_out):
+        raise ValueError(f"lorax.wrap: rank {rank} for '{path}' exceeds min(in, out) = "
+                         f"min({fan_in}, {fan_out}) of its weight {shape}")
+    alpha = float(rank if alpha is None else alpha)
+    scale = alpha / math.sqrt(rank) if rslora else alpha / rank
+    if dtype is None:
+        dtype = jnp.promote_types(base.dtype, jnp.float32)
+    a_shape = stack + ins + (rank,)
+    if init == "kaiming":
+        bound = 1.0 / math.sqrt(fan_in)
+        a = jax.random.uniform(key, a_shape, dtype, -bound, bound)
+    else:
+        a = jax.random.normal(key, a_shape, dtype) / rank
+    b = jnp.zeros(stack + (rank,) + outs, dtype)
+    return LoraWeight(base=base, a=a, b=b, scale=scale)
