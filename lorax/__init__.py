@@ -19,6 +19,7 @@ from lorax.leaves import LoraWeight as LoraWeight
 from lorax.leaves import LoraxLeaf as LoraxLeaf
 from lorax.leaves import is_lorax_leaf as is_lorax_leaf
 from lorax.leaves import register_leaf as register_leaf
+from lorax.optim import optimizer as optimizer
 from lorax.summary import Summary as Summary
 from lorax.summary import summary as summary
 from lorax.targets import LoraSpec as LoraSpec

@@ -70,10 +70,10 @@ def equation_context(eqn: Any):
 
 
 def source_line(eqn: Any) -> str:
-    """A short 'file:line (function)' for the user code that produced `eqn`."""
+    """A short 'file:line (function)' for the user code that produced `eqn`, or ''."""
     if _source_info_util is None:
-        return "<unknown location>"
+        return ""
     try:
-        return _source_info_util.summarize(eqn.source_info)
+        return _source_info_util.summarize(eqn.source_info).strip()
     except Exception:  # noqa: BLE001
-        return "<unknown location>"
+        return ""

@@ -348,6 +348,8 @@ def _lowrank_dot(leaf: LoraWeight, x: Array, dimension_numbers, leaf_is_lhs: boo
     compute = x.dtype
     t = jnp.einsum(f"{x_spec},{first}->{mid}", x, factors[first].astype(compute),
                    precision=precision, preferred_element_type=preferred_element_type)
-    t = (t * jnp.asarray(leaf.scale, t.dtype)).astype(compute)
+    if leaf.scale != 1.0:
+        t = t * jnp.asarray(leaf.scale, t.dtype)
+    t = t.astype(compute)
     return jnp.einsum(f"{mid},{second}->{''.join(out)}", t, factors[second].astype(compute),
                       precision=precision, preferred_element_type=preferred_element_type)

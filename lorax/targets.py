@@ -117,7 +117,8 @@ def select(targets: Targets, paths: Sequence[str], leaves: Sequence[Any],
         if not all(isinstance(n, str) for n in names):
             raise TypeError(f"lorax: targets must be module names (str); got {names!r}")
         unmatched = [n for n in names if not any(
-            n in p.split("/") and is_floating_weight(leaf) and is_weight_path(p)
+            n in p.split("/") and is_weight_path(p)
+            and (is_floating_weight(leaf) or isinstance(leaf, LoraWeight))
             for p, leaf in zip(paths, leaves))]
         if unmatched:
             raise ValueError(_nothing_matched(f"the target names {unmatched!r}", paths, leaves))

@@ -59,6 +59,12 @@ class RuleContext:
     eqn: Any
     names: tuple[str | None, ...]
     strict: bool
+    outer_location: str = ""
+
+    @property
+    def location(self) -> str:
+        """User source line of the equation, or of the call it sits in (jnp's own jits)."""
+        return _compat.source_line(self.eqn) or self.outer_location or "<unknown location>"
 
     @property
     def params(self) -> dict[str, Any]:
@@ -80,7 +86,7 @@ class RuleContext:
 
     def _complain(self, leaf: LoraxLeaf, name: str | None) -> None:
         prim = self.eqn.primitive.name
-        msg = (f"lorax: primitive '{prim}' at {_compat.source_line(self.eqn)} consumes the "
+        msg = (f"lorax: primitive '{prim}' at {self.location} consumes the "
                f"{type(leaf).__name__} at '{name or '<unknown path>'}' and has no lorax rule "
                f"for it, so the dense weight {tuple(leaf.shape)} {leaf.dtype} is formed. "
                f"Register one with lorax.register_rule('{prim}', rule)")
@@ -94,7 +100,7 @@ class RuleContext:
         """Evaluates an inner jaxpr with the lorax interpreter."""
         jaxpr, consts = _compat.open_jaxpr(closed_or_open)
         names = tuple(names) if names is not None else (None,) * len(args)
-        return _eval_jaxpr(jaxpr, consts, list(args), names, self.strict)
+        return _eval_jaxpr(jaxpr, consts, list(args), names, self.strict, self.location)
 
 
 Rule = Callable[[RuleContext, list], Any]
@@ -167,10 +173,22 @@ def lora(fn: Callable, strict: bool = False) -> Callable:
         names = tuple(_path_name(flat[i][0]) if is_lorax_leaf(leaves[i]) else None
                       for i in dynamic)
         jaxpr, consts = _compat.open_jaxpr(closed)
-        outs = _eval_jaxpr(jaxpr, consts, [leaves[i] for i in dynamic], names, strict)
+        values = [_freeze(leaves[i]) for i in dynamic]
+        outs = _eval_jaxpr(jaxpr, consts, values, names, strict)
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
     return wrapped
+
+
+def _freeze(x: Any) -> Any:
+    """Stops gradients into a leaf's frozen fields: frozen means frozen, and a gradient
+    taken over the whole wrapped tree is exactly zero there and never computed."""
+    if not is_lorax_leaf(x):
+        return x
+    frozen = {f.name: jax.tree.map(jax.lax.stop_gradient, getattr(x, f.name))
+              for f in dataclasses.fields(x)
+              if not f.metadata.get("static") and f.name not in x.trainable_fields}
+    return dataclasses.replace(x, **frozen)
 
 
 def _is_dynamic(x: Any) -> bool:
@@ -186,7 +204,7 @@ def _path_name(path: Sequence[Any]) -> str:
 
 
 def _eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any],
-                names: Sequence[str | None], strict: bool) -> list[Any]:
+                names: Sequence[str | None], strict: bool, where: str = "") -> list[Any]:
     env: dict[Any, Any] = {}
     lazy_names: dict[Any, str | None] = {}
 
@@ -207,7 +225,7 @@ def _eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any],
         else:
             in_names = tuple(lazy_names.get(v) if not isinstance(v, _compat.Literal) else None
                              for v in eqn.invars)
-            ctx = RuleContext(eqn, in_names, strict)
+            ctx = RuleContext(eqn, in_names, strict, where)
             rule = _RULES.get(eqn.primitive.name, _densify_rule)
             with _compat.equation_context(eqn):
                 outvals = rule(ctx, invals)
@@ -292,11 +310,7 @@ def _copy_rule(ctx: RuleContext, invals: list) -> list:
     return [invals[0]]  # copies of an immutable leaf are the leaf
 
 
-def _inner_names(ctx: RuleContext, start: int = 0) -> tuple[str | None, ...]:
-    return ctx.names[start:]
-
-
-def _call_rule(jaxpr_param: str, consts_param: str | None = None) -> Rule:
+def _call_rule(jaxpr_param: str) -> Rule:
     """jit / closed_call / custom_jvp_call / custom_vjp_call: evaluate the body in place.
 
     A custom derivative rule is written for dense inputs, so with a lazy leaf inside the
@@ -379,8 +393,7 @@ def _while_rule(ctx: RuleContext, invals: list) -> list:
     return list(jax.lax.while_loop(cond_fun, body_fun, init))
 
 
-for _name in ("dot_general",):
-    register_rule(_name, _dot_general_rule)
+register_rule("dot_general", _dot_general_rule)
 register_rule("conv_general_dilated", _conv_rule)
 register_rule("gather", _gather_rule)
 register_rule("convert_element_type", _convert_rule)

@@ -41,7 +41,13 @@ def _loss(out):
 
 
 def check_lora_equals_merged(apply, wrapped, *args, rtol=1e-5, atol=1e-5, **kwargs):
-    """lora(apply)(wrapped) == apply(merge(wrapped)), values and gradients w.r.t. A, B."""
+    """lora(apply)(wrapped) == apply(merge(wrapped)), values and gradients w.r.t. A, B;
+    under strict dtype promotion, so lorax never promotes dtypes behind the model's back."""
+    with jax.numpy_dtype_promotion("strict"):
+        return _check(apply, wrapped, *args, rtol=rtol, atol=atol, **kwargs)
+
+
+def _check(apply, wrapped, *args, rtol, atol, **kwargs):
     # Under jit, as users run it (eager dispatch would compile every small op on its own).
     run = lambda f: jax.jit(lambda w: f(w, *args, **kwargs))  # noqa: E731
     lora_apply = lorax.lora(apply, strict=True)

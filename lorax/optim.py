@@ -1,0 +1,39 @@
+"""Optax glue: train the adapter leaves of a wrapped tree and nothing else."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+from lorax.tree import mask
+
+
+def optimizer(tx: optax.GradientTransformation, tree: Any) -> optax.GradientTransformation:
+    """Wraps ``tx`` so that it updates only the adapter leaves of ``tree``.
+
+    ``optax.masked(tx, lorax.mask(tree))`` alone passes the gradients of unmasked leaves
+    through unchanged (plain leaves such as biases would then move by their raw gradient);
+    this chains it with ``optax.freeze`` of the rest. Frozen leaves hold no optimizer state.
+
+    Args:
+      tx: any optax transformation, e.g. ``optax.adamw(1e-4)``.
+      tree: the wrapped tree (from ``lorax.wrap``) whose structure the updates have.
+
+    Returns:
+      An ``optax.GradientTransformation`` for gradients with respect to the whole tree.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, lorax
+      >>> lp = lorax.wrap({"w": jnp.ones((4, 4)), "b": jnp.ones(4)}, rank=2)
+      >>> tx = lorax.optimizer(optax.adam(1e-3), lp)
+      >>> state = tx.init(lp)
+      >>> grads = jax.tree.map(jnp.ones_like, lp)
+      >>> updates, state = tx.update(grads, state, lp)
+      >>> float(jax.numpy.abs(updates["b"]).max()), updates["w"].a.shape
+      (0.0, (4, 2))
+    """
+    trainable = mask(tree)
+    frozen = jax.tree.map(lambda m: not m, trainable)
+    return optax.chain(optax.masked(tx, trainable), optax.freeze(frozen))
