@@ -63,7 +63,7 @@ def main():
     mse = lambda out, y: jnp.mean((out - y) ** 2)  # noqa: E731
 
     t0 = time.time()
-    params, loss_a = fit(lambda p: mse(model.apply({"params": p}, xa), ya), params, 300, 3e-3)
+    params, loss_a = fit(lambda p: mse(model.apply({"params": p}, xa), ya), params, 200, 3e-3)
     print(f"base model, task A: loss {loss_a:.4f}  ({time.time() - t0:.1f}s)")
 
     lp = lorax.wrap(params, rank=4, alpha=8, targets=["attn", "up", "down"],
@@ -74,12 +74,14 @@ def main():
     loss_b = lambda t: mse(apply({"params": lorax.combine(t, frozen)}, xb), yb)  # noqa: E731
     before = float(jax.jit(loss_b)(trainable))
     t0 = time.time()
-    trainable, after = fit(loss_b, trainable, 300, 3e-3)
+    trainable, after = fit(loss_b, trainable, 200, 3e-3)
     print(f"task B with LoRA: loss {before:.4f} -> {after:.4f}  ({time.time() - t0:.1f}s)")
 
     lp = lorax.combine(trainable, frozen)
-    merged = model.apply({"params": lorax.merge(lp)}, xb)
-    np.testing.assert_allclose(merged, jax.jit(apply)({"params": lp}, xb), atol=1e-4)
+    with jax.default_matmul_precision("highest"):  # GPUs default to TF32-like f32 matmuls
+        merged = model.apply({"params": lorax.merge(lp)}, xb)
+        unmerged = jax.jit(apply)({"params": lp}, xb)
+    np.testing.assert_allclose(merged, unmerged, atol=1e-4)
     print("merged weights reproduce the adapted model: ok")
 
 

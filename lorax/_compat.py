@@ -77,3 +77,16 @@ def source_line(eqn: Any) -> str:
         return _source_info_util.summarize(eqn.source_info).strip()
     except Exception:  # noqa: BLE001
         return ""
+
+
+def scan_operands(params: dict[str, Any], invals: Sequence[Any]) -> tuple[list, list, list]:
+    """Splits a scan equation's inputs into (consts, carry, xs).
+
+    jax <= 0.10 gives counts (`num_consts`, `num_carry`); jax 0.11 gives a tree `ft_in`
+    of the three groups.
+    """
+    if "num_consts" in params:
+        nc, ncarry = params["num_consts"], params["num_carry"]
+        return list(invals[:nc]), list(invals[nc:nc + ncarry]), list(invals[nc + ncarry:])
+    consts, carry, xs = params["ft_in"].update(list(invals)).unpack()
+    return list(consts), list(carry), list(xs)

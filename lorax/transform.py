@@ -341,9 +341,8 @@ def _densify_outputs(ctx: RuleContext, outs: list) -> list:
 
 def _scan_rule(ctx: RuleContext, invals: list) -> list:
     p = ctx.params
-    n_consts, n_carry = p["num_consts"], p["num_carry"]
-    consts, carry, xs = (invals[:n_consts], invals[n_consts:n_consts + n_carry],
-                         invals[n_consts + n_carry:])
+    consts, carry, xs = _compat.scan_operands(p, invals)
+    n_consts, n_carry = len(consts), len(carry)
     names = ctx.names
     carry = [ctx.densify([c])[0] if is_lorax_leaf(c) else c for c in carry]
     # A leaf scanned over must have a stack axis to slice; otherwise densify it.
