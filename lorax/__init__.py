@@ -20,6 +20,10 @@ from lorax.leaves import LoraxLeaf as LoraxLeaf
 from lorax.leaves import is_lorax_leaf as is_lorax_leaf
 from lorax.leaves import register_leaf as register_leaf
 from lorax.optim import optimizer as optimizer
+from lorax.quant import Int8Weight as Int8Weight
+from lorax.quant import NF4Weight as NF4Weight
+from lorax.quant import dequantize as dequantize
+from lorax.quant import quantize as quantize
 from lorax.summary import Summary as Summary
 from lorax.summary import summary as summary
 from lorax.targets import LoraSpec as LoraSpec

@@ -20,6 +20,11 @@ class ModuleRow:
     total: int
     bytes: int
 
+    @property
+    def bits_per_param(self) -> float:
+        """Bits held per parameter the module stands for (32 for float32, 4.127 for NF4)."""
+        return 8 * self.bytes / self.total if self.total else 0.0
+
 
 @dataclasses.dataclass(frozen=True)
 class Summary:
@@ -40,14 +45,16 @@ class Summary:
 
     def table(self) -> str:
         width = max([len("module")] + [len(r.module) for r in self.rows])
-        head = f"{'module':<{width}}  {'trainable':>12}  {'total':>14}  {'bytes':>14}"
+        head = (f"{'module':<{width}}  {'trainable':>12}  {'total':>14}  {'bytes':>14}  "
+                f"{'bits/param':>10}")
         lines = [head, "-" * len(head)]
         for r in self.rows:
             lines.append(f"{r.module:<{width}}  {r.trainable:>12,}  {r.total:>14,}  "
-                         f"{r.bytes:>14,}")
+                         f"{r.bytes:>14,}  {r.bits_per_param:>10.3f}")
         lines.append("-" * len(head))
+        bits = 8 * self.bytes / self.total if self.total else 0.0
         lines.append(f"{'total':<{width}}  {self.trainable:>12,}  {self.total:>14,}  "
-                     f"{self.bytes:>14,}")
+                     f"{self.bytes:>14,}  {bits:>10.3f}")
         lines.append(f"trainable: {self.trainable:,} of {self.total:,} "
                      f"({100 * self.trainable_fraction:.4f}%)")
         return "\n".join(lines)
@@ -63,15 +70,10 @@ def _count(x: Any) -> tuple[int, int]:
     held = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
                for a in jax.tree.leaves(x) if hasattr(a, "shape"))
     if is_lorax_leaf(x):
-        parts = [f for f in dataclasses.fields(x) if not f.metadata.get("static")]
-        params = 0
-        for f in parts:
-            v = getattr(x, f.name)
-            if f.name == "base" or is_lorax_leaf(v):
-                params += int(np.prod(v.shape)) if v is not None else 0
-            else:
-                params += sum(int(np.prod(a.shape)) for a in jax.tree.leaves(v))
-        return params, held
+        # The dense weight it stands for, plus its trainable extras (LoRA factors, ...).
+        extras = sum(int(np.prod(a.shape)) for f in x.trainable_fields
+                     for a in jax.tree.leaves(getattr(x, f)))
+        return int(np.prod(x.shape)) + extras, held
     if hasattr(x, "shape"):
         return int(np.prod(x.shape)), held
     return 0, 0

@@ -64,18 +64,24 @@ def combine(trainable: Any, frozen: Any) -> Any:
       (8, 2)
     """
     is_hole = lambda x: x is None  # noqa: E731
-    t_flat, t_def = jax.tree_util.tree_flatten_with_path(trainable, is_leaf=is_hole)
-    f_flat, f_def = jax.tree_util.tree_flatten_with_path(frozen, is_leaf=is_hole)
-    if t_def != f_def:
-        raise ValueError("lorax.combine: the trainable and frozen trees do not line up: "
-                         + _first_difference(t_flat, f_flat, t_def, f_def))
-    out = []
-    for (path, t), (_, f) in zip(t_flat, f_flat):
+
+    def pick(path, t, f):
         if t is not None and f is not None:
             raise ValueError(f"lorax.combine: '{path_str(path)}' is set in both trees; "
                              "expected it in exactly one (trees from lorax.split)")
-        out.append(f if t is None else t)
-    return jax.tree_util.tree_unflatten(t_def, out)
+        return f if t is None else t
+
+    try:
+        # The trainable tree leads: each hole takes the frozen subtree there, whole (a
+        # frozen NF4 base is one hole in the trainable tree).
+        return jax.tree_util.tree_map_with_path(pick, trainable, frozen, is_leaf=is_hole)
+    except ValueError as err:
+        if "set in both trees" in str(err):
+            raise
+        t_flat, t_def = jax.tree_util.tree_flatten_with_path(trainable, is_leaf=is_hole)
+        f_flat, f_def = jax.tree_util.tree_flatten_with_path(frozen, is_leaf=is_hole)
+        raise ValueError("lorax.combine: the trainable and frozen trees do not line up: "
+                         + _first_difference(t_flat, f_flat, t_def, f_def)) from None
 
 
 def _first_difference(t_flat, f_flat, t_def, f_def) -> str:

@@ -1,0 +1,327 @@
+"""Quantized frozen bases: NF4 (bit-for-bit the bitsandbytes scheme) and int8 absmax.
+
+``lorax.quantize(params, "nf4")`` replaces the targeted weights by :class:`NF4Weight`
+leaves holding uint8 packed codes and (double-)quantized block scales. Inside
+``lorax.lora`` an NF4 weight is dequantized in the jitted program right where it is used,
+under ``jax.checkpoint``, so the backward pass recomputes it instead of keeping a dense copy
+of every layer alive. ``lorax.wrap`` adapts NF4 weights like dense ones: that is QLoRA.
+
+The scheme (see NF4.md): the weight is flattened row-major in PyTorch's ``[out, in]`` layout
+(a Flax ``[in, out]`` kernel is transposed first; kernels of more axes are flattened as
+they are), cut into blocks of ``block_size`` values, each scaled by its absmax and mapped to
+the nearest of 16 NF4 levels (ties to the lower code), packed two per byte, high nibble
+first. Double quantization stores the block absmaxes as uint8 codes of bitsandbytes' signed
+8-bit dynamic map, in blocks of 256, around their mean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lorax.leaves import LoraxLeaf, is_lorax_leaf, register_leaf, static_field
+from lorax.targets import Targets, infer_stack_axes, path_str, select
+
+#: The NF4 levels, indexed by code (float32; hard-coded as bitsandbytes does).
+NF4_CODE = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
+
+
+def _torch_linspace(start: float, end: float, steps: int) -> np.ndarray:
+    """float32 ``torch.linspace``: the first half counts up from start, the rest down from end."""
+    step = np.float32((np.float32(end) - np.float32(start)) / np.float32(steps - 1))
+    i = np.arange(steps)
+    half = steps // 2
+    up = np.float32(start) + i.astype(np.float32) * step
+    down = np.float32(end) - (steps - 1 - i).astype(np.float32) * step
+    return np.where(i < half, up, down).astype(np.float32)
+
+
+def dynamic_map(signed: bool = True, max_exponent_bits: int = 7,
+                total_bits: int = 8) -> np.ndarray:
+    """bitsandbytes' dynamic 8-bit quantization map (``create_dynamic_map``), float32[256]."""
+    data: list[float] = []
+    non_sign_bits = total_bits - 1
+    additional = 2 ** (non_sign_bits - max_exponent_bits) - 1
+    for i in range(max_exponent_bits):
+        items = (2 ** (i + non_sign_bits - max_exponent_bits) + 1 if signed
+                 else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1)
+        bounds = _torch_linspace(0.1, 1, items)
+        means = (bounds[:-1] + bounds[1:]) / np.float32(2.0)
+        scale = np.float32(10.0 ** (-(max_exponent_bits - 1) + i))
+        data += (scale * means).astype(np.float32).tolist()
+        if signed:
+            data += (-scale * means).astype(np.float32).tolist()
+    if additional > 0:
+        bounds = _torch_linspace(0.1, 1, additional + 1)
+        means = (bounds[:-1] + bounds[1:]) / np.float32(2.0)
+        scale = np.float32(10.0 ** (-(max_exponent_bits - 1) + max_exponent_bits - 1))
+        data += (scale * means).astype(np.float32).tolist()
+        if signed:
+            data += (-scale * means).astype(np.float32).tolist()
+    data += [0.0, 1.0]
+    data += [0.0] * (2 ** total_bits - len(data))
+    return np.array(sorted(data), np.float32)
+
+
+DYNAMIC_MAP = dynamic_map()
+NESTED_BLOCK = 256
+
+
+def _nearest(table: np.ndarray, x: jax.Array) -> jax.Array:
+    """Index of the nearest table value; a tie goes to the lower index."""
+    mids = jnp.asarray((table[1:] + table[:-1]) / np.float32(2), jnp.float32)
+    return jnp.searchsorted(mids, x, side="left").astype(jnp.uint8)
+
+
+def _to_torch_order(w: jax.Array, stack: int) -> jax.Array:
+    """Per layer, the row-major order of the PyTorch layout: 2-D kernels are transposed."""
+    if w.ndim - stack == 2:
+        w = jnp.swapaxes(w, -1, -2)
+    return w.reshape(w.shape[:stack] + (-1,))
+
+
+def _from_torch_order(flat: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    lead = flat.shape[:-1]
+    if len(shape) == 2:
+        return jnp.swapaxes(flat.reshape(lead + (shape[1], shape[0])), -1, -2)
+    return flat.reshape(lead + shape)
+
+
+@register_leaf
+class NF4Weight(LoraxLeaf):
+    """A frozen weight stored as NF4 codes (bitsandbytes layout); no trainable parts.
+
+    Attributes:
+      codes: uint8 ``(*stack, ceil(n / 2))``, two 4-bit codes per byte, high nibble first.
+      absmax: per block, ``(*stack, n_blocks)``: float32, or uint8 codes when double quantized.
+      absmax2: float32 ``(*stack, ceil(n_blocks / 256))`` second-level scales, or None.
+      offset: float32 ``(*stack,)`` mean of the absmaxes, or None.
+      layer_shape: the dense weight's shape per layer (Flax layout); static.
+      block_size: values per block; static.
+      compute_dtype: dtype of the dequantized weight (a dtype name); static.
+    """
+
+    codes: Any
+    absmax: Any
+    absmax2: Any = None
+    offset: Any = None
+    layer_shape: tuple[int, ...] = static_field(default=())
+    block_size: int = static_field(default=64)
+    compute_dtype: str = static_field(default="bfloat16")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.codes.shape[:-1]) + tuple(self.layer_shape)
+
+    @property
+    def dtype(self) -> Any:
+        return jnp.dtype(self.compute_dtype)
+
+    @property
+    def double_quant(self) -> bool:
+        return self.absmax2 is not None
+
+    @property
+    def n(self) -> int:
+        return math.prod(self.layer_shape)
+
+    def block_absmax(self) -> jax.Array:
+        """The float32 absmax of every block (decoding the double quantization)."""
+        if not self.double_quant:
+            return self.absmax
+        code2 = jnp.asarray(DYNAMIC_MAP)[self.absmax.astype(jnp.int32)]
+        scale2 = jnp.repeat(self.absmax2, NESTED_BLOCK, axis=-1)[..., :self.absmax.shape[-1]]
+        return code2 * scale2 + self.offset[..., None]
+
+    def unpacked_codes(self) -> jax.Array:
+        """uint8 codes, one per value, ``(*stack, n)``."""
+        q = jnp.stack([self.codes >> 4, self.codes & 15], axis=-1)
+        return q.reshape(q.shape[:-2] + (-1,))[..., :self.n]
+
+    def materialize(self) -> jax.Array:
+        q = self.unpacked_codes()
+        nblocks = self.absmax.shape[-1]
+        pad = nblocks * self.block_size - self.n
+        if pad:
+            q = jnp.pad(q, [(0, 0)] * (q.ndim - 1) + [(0, pad)])
+        values = jnp.asarray(NF4_CODE)[q.astype(jnp.int32)]
+        values = values.reshape(values.shape[:-1] + (nblocks, self.block_size))
+        values = (values * self.block_absmax()[..., None]).reshape(values.shape[:-2] + (-1,))
+        return _from_torch_order(values[..., :self.n], self.layer_shape).astype(self.dtype)
+
+    def dot_general(self, other, *, dimension_numbers, leaf_is_lhs, precision,
+                    preferred_element_type, bind):
+        return _dequantized_apply(self, other, leaf_is_lhs, bind)
+
+    def astype(self, dtype):
+        if not jnp.issubdtype(dtype, jnp.floating):
+            return NotImplemented
+        return dataclasses.replace(self, compute_dtype=jnp.dtype(dtype).name)
+
+
+@register_leaf
+class Int8Weight(LoraxLeaf):
+    """A frozen weight stored as int8 with one float32 absmax scale per output channel."""
+
+    codes: Any
+    scale: Any
+    compute_dtype: str = static_field(default="bfloat16")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.codes.shape)
+
+    @property
+    def dtype(self) -> Any:
+        return jnp.dtype(self.compute_dtype)
+
+    def materialize(self) -> jax.Array:
+        return (self.codes.astype(jnp.float32) * self.scale).astype(self.dtype)
+
+    def dot_general(self, other, *, dimension_numbers, leaf_is_lhs, precision,
+                    preferred_element_type, bind):
+        return _dequantized_apply(self, other, leaf_is_lhs, bind)
+
+    def astype(self, dtype):
+        if not jnp.issubdtype(dtype, jnp.floating):
+            return NotImplemented
+        return dataclasses.replace(self, compute_dtype=jnp.dtype(dtype).name)
+
+
+def _dequantized_apply(leaf: LoraxLeaf, other: jax.Array, leaf_is_lhs: bool, bind) -> jax.Array:
+    """Dequantizes inside a checkpoint with the product, so only the quantized arrays are
+    kept for the backward pass, which dequantizes again: one dense layer at a time."""
+
+    def product(other, leaf):
+        w = leaf.materialize().astype(other.dtype)
+        return bind(w, other) if leaf_is_lhs else bind(other, w)
+
+    return jax.checkpoint(product, policy=jax.checkpoint_policies.nothing_saveable)(
+        other, leaf)
+
+
+# --------------------------------------------------------------------------------------
+# Quantizers
+# --------------------------------------------------------------------------------------
+
+def quantize_nf4(w: jax.Array, block_size: int = 64, double_quant: bool = True,
+                 compute_dtype: Any = jnp.bfloat16, stack: int = 0) -> NF4Weight:
+    """NF4-quantizes one weight (per layer over ``stack`` leading axes), as bitsandbytes.
+
+    Example:
+      >>> import jax, lorax
+      >>> q = lorax.quant.quantize_nf4(jax.random.normal(jax.random.key(0), (64, 32)))
+      >>> q.codes.shape, q.codes.dtype.name, q.absmax.dtype.name
+      ((1024,), 'uint8', 'uint8')
+    """
+    if not 32 <= block_size <= 4096 or block_size & (block_size - 1):
+        raise ValueError(f"lorax.quantize: block_size must be a power of two in [32, 4096]; "
+                         f"got {block_size}")
+    layer_shape = tuple(int(s) for s in w.shape[stack:])
+    flat = _to_torch_order(jnp.asarray(w, jnp.float32), stack)
+    n = flat.shape[-1]
+    nblocks = -(-n // block_size)
+    padded = jnp.pad(flat, [(0, 0)] * stack + [(0, nblocks * block_size - n)])
+    blocks = padded.reshape(flat.shape[:-1] + (nblocks, block_size))
+    absmax = jnp.max(jnp.abs(blocks), axis=-1)
+    normed = blocks / jnp.where(absmax == 0, 1.0, absmax)[..., None]
+    q = _nearest(NF4_CODE, normed).reshape(flat.shape[:-1] + (-1,))[..., :n]
+    if n % 2:
+        q = jnp.pad(q, [(0, 0)] * stack + [(0, 1)])
+    pairs = q.reshape(q.shape[:-1] + (-1, 2))
+    codes = (pairs[..., 0] << 4) | pairs[..., 1]
+    absmax2 = offset = None
+    if double_quant:
+        offset = jnp.mean(absmax, axis=-1)
+        centered = absmax - offset[..., None]
+        nb2 = -(-nblocks // NESTED_BLOCK)
+        cpad = jnp.pad(centered, [(0, 0)] * stack + [(0, nb2 * NESTED_BLOCK - nblocks)])
+        cblocks = cpad.reshape(centered.shape[:-1] + (nb2, NESTED_BLOCK))
+        absmax2 = jnp.max(jnp.abs(cblocks), axis=-1)
+        normed2 = cblocks / jnp.where(absmax2 == 0, 1.0, absmax2)[..., None]
+        absmax = _nearest(DYNAMIC_MAP, normed2).reshape(cpad.shape)[..., :nblocks]
+    return NF4Weight(codes=codes.astype(jnp.uint8), absmax=absmax, absmax2=absmax2,
+                     offset=offset, layer_shape=layer_shape, block_size=block_size,
+                     compute_dtype=jnp.dtype(compute_dtype).name)
+
+
+def quantize_int8(w: jax.Array, compute_dtype: Any = jnp.bfloat16, stack: int = 0,
+                  in_axes: int = 1) -> Int8Weight:
+    """int8 absmax quantization with one scale per output channel (axes after ``in_axes``)."""
+    w = jnp.asarray(w, jnp.float32)
+    reduce = tuple(range(stack, stack + in_axes))
+    scale = jnp.max(jnp.abs(w), axis=reduce, keepdims=True) / 127.0
+    codes = jnp.round(w / jnp.where(scale == 0, 1.0, scale)).astype(jnp.int8)
+    return Int8Weight(codes=codes, scale=scale, compute_dtype=jnp.dtype(compute_dtype).name)
+
+
+def quantize(params: Any, method: str = "nf4", block_size: int = 64, double_quant: bool = True,
+             targets: Targets = None, compute_dtype: Any = jnp.bfloat16,
+             stacked: Any = None) -> Any:
+    """Replaces the targeted weights of ``params`` by quantized frozen leaves.
+
+    Args:
+      params: any pytree of arrays (as ``lorax.wrap``).
+      method: ``"nf4"`` (bitsandbytes NF4) or ``"int8"`` (absmax per output channel).
+      block_size: NF4 values per block (a power of two, 32 ... 4096).
+      double_quant: quantize the NF4 block scales too (4.127 instead of 4.5 bits/param).
+      targets: as in ``lorax.wrap``; default every floating weight of rank >= 2 except
+        embedding tables.
+      compute_dtype: dtype the weights are dequantized to inside the model.
+      stacked: leading layer axes, as in ``lorax.wrap`` (each layer is quantized alone).
+
+    Returns:
+      The tree with :class:`NF4Weight` / :class:`Int8Weight` leaves where targeted; nothing
+      else changes.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, lorax
+      >>> params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (64, 64)),
+      ...                     "bias": jnp.zeros(64)}}
+      >>> qp = lorax.quantize(params, "nf4")
+      >>> type(qp["dense"]["kernel"]).__name__, qp["dense"]["kernel"].shape
+      ('NF4Weight', (64, 64))
+    """
+    from lorax.targets import infer_in_axes
+    from lorax.wrap import _stack_axes
+
+    if method not in ("nf4", "int8"):
+        raise ValueError(f"lorax.quantize: method must be 'nf4' or 'int8'; got {method!r}")
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lorax_leaf)
+    paths = [path_str(p) for p, _ in flat]
+    leaves = [leaf for _, leaf in flat]
+    chosen = select(targets, paths, leaves)
+    parents: dict[str, dict[str, Any]] = {}
+    for p, leaf in zip(paths, leaves):
+        parents.setdefault(p.rpartition("/")[0], {})[p.rpartition("/")[2]] = leaf
+    out = list(leaves)
+    for i, spec in chosen.items():
+        path, leaf = paths[i], leaves[i]
+        if is_lorax_leaf(leaf):
+            raise ValueError(f"lorax.quantize: '{path}' is already a {type(leaf).__name__}; "
+                             "quantize the dense tree before wrapping it")
+        siblings = parents[path.rpartition("/")[0]]
+        stack = _stack_axes(stacked, spec.stack_axes, path)
+        stack = infer_stack_axes(path, leaf.shape, siblings) if stack is None else stack
+        if method == "nf4":
+            out[i] = quantize_nf4(leaf, block_size, double_quant, compute_dtype, stack)
+        else:
+            in_axes = spec.in_axes or infer_in_axes(leaf.shape, siblings, stack)
+            out[i] = quantize_int8(leaf, compute_dtype, stack, in_axes)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def dequantize(tree: Any) -> Any:
+    """Dense weights for every quantized leaf (alias of ``lorax.merge`` on such trees)."""
+    from lorax.tree import merge
+
+    return merge(tree)
