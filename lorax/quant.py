@@ -325,3 +325,91 @@ def dequantize(tree: Any) -> Any:
     from lorax.tree import merge
 
     return merge(tree)
+
+
+# --------------------------------------------------------------------------------------
+# The bitsandbytes serialized layout (Hugging Face 4-bit safetensors checkpoints)
+# --------------------------------------------------------------------------------------
+
+_QUANT_STATE_KEY = "weight.quant_state.bitsandbytes__nf4"
+
+
+def nf4_to_bnb(leaf: NF4Weight, prefix: str) -> dict[str, np.ndarray]:
+    """The tensors bitsandbytes serializes for one quantized Linear ``prefix``.
+
+    ``leaf`` must be one layer of a 2-D kernel (slice stacked leaves first). Keys:
+    ``{prefix}.weight`` (packed uint8 ``[(n+1)//2, 1]``), ``.weight.absmax``,
+    ``.weight.quant_map`` and, when double quantized, ``.weight.nested_absmax`` and
+    ``.weight.nested_quant_map``, plus the JSON quant state as a uint8 tensor.
+
+    Example:
+      >>> import jax, lorax
+      >>> q = lorax.quant.quantize_nf4(jax.random.normal(jax.random.key(0), (64, 32)))
+      >>> sorted(lorax.quant.nf4_to_bnb(q, "fc")) [:2]
+      ['fc.weight', 'fc.weight.absmax']
+    """
+    import json
+
+    if leaf.codes.ndim != 1 or len(leaf.layer_shape) != 2:
+        raise ValueError(f"lorax: '{prefix}': the bitsandbytes layout holds one 2-D Linear "
+                         f"weight; got a leaf of shape {leaf.shape} (slice stacked layers)")
+    d_in, d_out = leaf.layer_shape
+    state = {"quant_type": "nf4", "blocksize": leaf.block_size,
+             "dtype": jnp.dtype(leaf.compute_dtype).name, "shape": [d_out, d_in]}
+    out = {f"{prefix}.weight": np.asarray(leaf.codes).reshape(-1, 1),
+           f"{prefix}.weight.absmax": np.asarray(leaf.absmax),
+           f"{prefix}.weight.quant_map": NF4_CODE.copy()}
+    if leaf.double_quant:
+        out[f"{prefix}.weight.nested_absmax"] = np.asarray(leaf.absmax2, np.float32)
+        out[f"{prefix}.weight.nested_quant_map"] = DYNAMIC_MAP.copy()
+        state.update(nested_blocksize=NESTED_BLOCK, nested_dtype="float32",
+                     nested_offset=float(leaf.offset))
+    out[f"{prefix}.{_QUANT_STATE_KEY}"] = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    return out
+
+
+def nf4_from_bnb(tensors: Any, prefix: str, compute_dtype: Any = None) -> NF4Weight:
+    """Reads one quantized Linear ``prefix`` from bitsandbytes tensors into an NF4Weight
+    with the Flax ``[in, out]`` layout. Errors name the key that is missing or wrong."""
+    import json
+
+    def get(key: str) -> np.ndarray:
+        full = f"{prefix}.{key}"
+        if full not in tensors:
+            raise KeyError(f"lorax: bitsandbytes tensor '{full}' is missing")
+        return np.asarray(tensors[full])
+
+    try:
+        state = json.loads(bytes(get(_QUANT_STATE_KEY).astype(np.uint8)).decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"lorax: '{prefix}.{_QUANT_STATE_KEY}' is not a JSON quant state"
+                         ) from err
+    if state.get("quant_type") != "nf4":
+        raise ValueError(f"lorax: '{prefix}' has quant_type {state.get('quant_type')!r}; "
+                         "only 'nf4' is supported")
+    d_out, d_in = (int(s) for s in state["shape"])
+    block = int(state["blocksize"])
+    n = d_out * d_in
+    codes = get("weight").reshape(-1).astype(np.uint8)
+    absmax = get("weight.absmax")
+    if codes.size != (n + 1) // 2 or absmax.size != -(-n // block):
+        raise ValueError(f"lorax: '{prefix}': {codes.size} code bytes and {absmax.size} "
+                         f"scales do not fit shape {[d_out, d_in]} with block {block}")
+    if not np.array_equal(get("weight.quant_map").astype(np.float32), NF4_CODE):
+        raise ValueError(f"lorax: '{prefix}.weight.quant_map' is not the NF4 code table")
+    absmax2 = offset = None
+    if "nested_blocksize" in state:
+        if int(state["nested_blocksize"]) != NESTED_BLOCK:
+            raise ValueError(f"lorax: '{prefix}': nested_blocksize must be {NESTED_BLOCK}")
+        if not np.array_equal(get("weight.nested_quant_map").astype(np.float32), DYNAMIC_MAP):
+            raise ValueError(f"lorax: '{prefix}.weight.nested_quant_map' is not the signed "
+                             "8-bit dynamic map")
+        absmax2 = jnp.asarray(get("weight.nested_absmax"), jnp.float32)
+        offset = jnp.asarray(state["nested_offset"], jnp.float32)
+        absmax = absmax.astype(np.uint8)
+    else:
+        absmax = absmax.astype(np.float32)
+    dtype = compute_dtype if compute_dtype is not None else state.get("dtype", "bfloat16")
+    return NF4Weight(codes=jnp.asarray(codes), absmax=jnp.asarray(absmax), absmax2=absmax2,
+                     offset=offset, layer_shape=(d_in, d_out), block_size=block,
+                     compute_dtype=jnp.dtype(dtype).name)

@@ -202,3 +202,40 @@ def test_quantize_errors():
         lorax.quantize(params, "nf4", block_size=48)
     with pytest.raises(ValueError, match="matched no adaptable weight"):
         lorax.quantize(params, "nf4", targets=r"nothing")
+
+
+def test_bitsandbytes_layout_round_trip_is_exact(tmp_path):
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    w = jax.random.normal(jax.random.key(0), (33, 47))  # odd count, partial block
+    for dq in (True, False):
+        leaf = quantize_nf4(w, double_quant=dq)
+        tensors = lorax.quant.nf4_to_bnb(leaf, "model.layers.0.mlp.down_proj")
+        assert tensors["model.layers.0.mlp.down_proj.weight"].shape == ((33 * 47 + 1) // 2, 1)
+        state = json.loads(bytes(tensors[
+            "model.layers.0.mlp.down_proj.weight.quant_state.bitsandbytes__nf4"]).decode())
+        assert state["shape"] == [47, 33] and state["quant_type"] == "nf4"
+        assert ("nested_offset" in state) == dq
+        save_file(tensors, str(tmp_path / "m.safetensors"))
+        back = lorax.quant.nf4_from_bnb(load_file(str(tmp_path / "m.safetensors")),
+                                        "model.layers.0.mlp.down_proj")
+        for a, b in zip(jax.tree.leaves(leaf), jax.tree.leaves(back)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert back.layer_shape == leaf.layer_shape and back.compute_dtype == leaf.compute_dtype
+        np.testing.assert_array_equal(np.asarray(back.materialize(), np.float32),
+                                      np.asarray(leaf.materialize(), np.float32))
+
+
+def test_bitsandbytes_layout_errors():
+    leaf = quantize_nf4(jax.random.normal(jax.random.key(0), (64, 32)))
+    tensors = lorax.quant.nf4_to_bnb(leaf, "fc")
+    with pytest.raises(KeyError, match="'gc.weight.quant_state"):
+        lorax.quant.nf4_from_bnb(tensors, "gc")
+    bad = dict(tensors, **{"fc.weight": tensors["fc.weight"][:-3]})
+    with pytest.raises(ValueError, match="'fc'.*do not fit shape \\[32, 64\\]"):
+        lorax.quant.nf4_from_bnb(bad, "fc")
+    stacked = quantize_nf4(jax.random.normal(jax.random.key(0), (2, 64, 32)), stack=1)
+    with pytest.raises(ValueError, match="slice stacked layers"):
+        lorax.quant.nf4_to_bnb(stacked, "fc")
