@@ -23,7 +23,6 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 Array = jax.Array
 Bind = Callable[..., Array]

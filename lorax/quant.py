@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lorax.leaves import LoraxLeaf, is_lorax_leaf, register_leaf, static_field
-from lorax.targets import Targets, infer_stack_axes, path_str, select
+from lorax.targets import (FlatTree, Targets, infer_in_axes, infer_stack_axes, select,
+                           stack_axes_for)
 
 #: The NF4 levels, indexed by code (float32; hard-coded as bitsandbytes does).
 NF4_CODE = np.array([
@@ -96,8 +97,26 @@ def _from_torch_order(flat: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return flat.reshape(lead + shape)
 
 
+class QuantizedLeaf(LoraxLeaf):
+    """Shared behaviour of frozen quantized weights: a static ``compute_dtype`` field gives
+    the dtype, casts only change it, and products dequantize next to the use."""
+
+    @property
+    def dtype(self) -> Any:
+        return jnp.dtype(self.compute_dtype)
+
+    def dot_general(self, other, *, dimension_numbers, leaf_is_lhs, precision,
+                    preferred_element_type, bind):
+        return _dequantized_apply(self, other, leaf_is_lhs, bind)
+
+    def astype(self, dtype):
+        if not jnp.issubdtype(dtype, jnp.floating):
+            return NotImplemented
+        return dataclasses.replace(self, compute_dtype=jnp.dtype(dtype).name)
+
+
 @register_leaf
-class NF4Weight(LoraxLeaf):
+class NF4Weight(QuantizedLeaf):
     """A frozen weight stored as NF4 codes (bitsandbytes layout); no trainable parts.
 
     Attributes:
@@ -121,10 +140,6 @@ class NF4Weight(LoraxLeaf):
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.codes.shape[:-1]) + tuple(self.layer_shape)
-
-    @property
-    def dtype(self) -> Any:
-        return jnp.dtype(self.compute_dtype)
 
     @property
     def double_quant(self) -> bool:
@@ -158,18 +173,9 @@ class NF4Weight(LoraxLeaf):
         values = (values * self.block_absmax()[..., None]).reshape(values.shape[:-2] + (-1,))
         return _from_torch_order(values[..., :self.n], self.layer_shape).astype(self.dtype)
 
-    def dot_general(self, other, *, dimension_numbers, leaf_is_lhs, precision,
-                    preferred_element_type, bind):
-        return _dequantized_apply(self, other, leaf_is_lhs, bind)
-
-    def astype(self, dtype):
-        if not jnp.issubdtype(dtype, jnp.floating):
-            return NotImplemented
-        return dataclasses.replace(self, compute_dtype=jnp.dtype(dtype).name)
-
 
 @register_leaf
-class Int8Weight(LoraxLeaf):
+class Int8Weight(QuantizedLeaf):
     """A frozen weight stored as int8 with one float32 absmax scale per output channel."""
 
     codes: Any
@@ -180,21 +186,8 @@ class Int8Weight(LoraxLeaf):
     def shape(self) -> tuple[int, ...]:
         return tuple(self.codes.shape)
 
-    @property
-    def dtype(self) -> Any:
-        return jnp.dtype(self.compute_dtype)
-
     def materialize(self) -> jax.Array:
         return (self.codes.astype(jnp.float32) * self.scale).astype(self.dtype)
-
-    def dot_general(self, other, *, dimension_numbers, leaf_is_lhs, precision,
-                    preferred_element_type, bind):
-        return _dequantized_apply(self, other, leaf_is_lhs, bind)
-
-    def astype(self, dtype):
-        if not jnp.issubdtype(dtype, jnp.floating):
-            return NotImplemented
-        return dataclasses.replace(self, compute_dtype=jnp.dtype(dtype).name)
 
 
 def _dequantized_apply(leaf: LoraxLeaf, other: jax.Array, leaf_is_lhs: bool, bind) -> jax.Array:
@@ -291,33 +284,25 @@ def quantize(params: Any, method: str = "nf4", block_size: int = 64, double_quan
       >>> type(qp["dense"]["kernel"]).__name__, qp["dense"]["kernel"].shape
       ('NF4Weight', (64, 64))
     """
-    from lorax.targets import infer_in_axes
-    from lorax.wrap import _stack_axes
-
     if method not in ("nf4", "int8"):
         raise ValueError(f"lorax.quantize: method must be 'nf4' or 'int8'; got {method!r}")
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lorax_leaf)
-    paths = [path_str(p) for p, _ in flat]
-    leaves = [leaf for _, leaf in flat]
-    chosen = select(targets, paths, leaves)
-    parents: dict[str, dict[str, Any]] = {}
-    for p, leaf in zip(paths, leaves):
-        parents.setdefault(p.rpartition("/")[0], {})[p.rpartition("/")[2]] = leaf
-    out = list(leaves)
+    tree = FlatTree.of(params)
+    chosen = select(targets, tree.paths, tree.leaves)
+    out = list(tree.leaves)
     for i, spec in chosen.items():
-        path, leaf = paths[i], leaves[i]
+        path, leaf = tree.paths[i], tree.leaves[i]
         if is_lorax_leaf(leaf):
             raise ValueError(f"lorax.quantize: '{path}' is already a {type(leaf).__name__}; "
                              "quantize the dense tree before wrapping it")
-        siblings = parents[path.rpartition("/")[0]]
-        stack = _stack_axes(stacked, spec.stack_axes, path)
+        siblings = tree.siblings(path)
+        stack = stack_axes_for(stacked, spec.stack_axes, path)
         stack = infer_stack_axes(path, leaf.shape, siblings) if stack is None else stack
         if method == "nf4":
             out[i] = quantize_nf4(leaf, block_size, double_quant, compute_dtype, stack)
         else:
             in_axes = spec.in_axes or infer_in_axes(leaf.shape, siblings, stack)
             out[i] = quantize_int8(leaf, compute_dtype, stack, in_axes)
-    return jax.tree_util.tree_unflatten(treedef, out)
+    return tree.rebuild(out)
 
 
 def dequantize(tree: Any) -> Any:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorax.leaves import LoraWeight, LoraxLeaf, is_lorax_leaf
+from lorax.leaves import LoraWeight, is_lorax_leaf
 
 #: Path components that name embedding tables, which the default targets leave alone.
 EMBEDDING_NAMES = re.compile(
@@ -200,3 +200,41 @@ def infer_in_axes(shape: Sequence[int], siblings: Mapping[str, Any], stack: int)
     logs = [math.log(max(s, 1)) for s in per_layer]
     return min(range(1, len(per_layer)),
                key=lambda p: (abs(sum(logs[:p]) - sum(logs[p:])), p))
+
+
+@dataclasses.dataclass(frozen=True)
+class FlatTree:
+    """A tree flattened down to arrays and lorax leaves, with '/'-joined paths and, for each
+    path, its siblings by name (what layout inference looks at)."""
+
+    treedef: Any
+    paths: list[str]
+    leaves: list[Any]
+
+    @classmethod
+    def of(cls, tree: Any) -> "FlatTree":
+        flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lorax_leaf)
+        return cls(treedef, [path_str(p) for p, _ in flat], [leaf for _, leaf in flat])
+
+    def siblings(self, path: str) -> dict[str, Any]:
+        parent = path.rpartition("/")[0]
+        return {p.rpartition("/")[2]: leaf for p, leaf in zip(self.paths, self.leaves)
+                if p.rpartition("/")[0] == parent}
+
+    def rebuild(self, leaves: Sequence[Any]) -> Any:
+        return jax.tree_util.tree_unflatten(self.treedef, list(leaves))
+
+
+def stack_axes_for(stacked: Any, explicit: int | None, path: str) -> int | None:
+    """The ``stacked=`` argument of wrap / quantize resolved for one path (None: infer)."""
+    if explicit is not None:
+        return explicit
+    if stacked is None:
+        return None
+    if isinstance(stacked, bool):
+        return int(stacked)
+    if isinstance(stacked, int):
+        return stacked
+    if isinstance(stacked, str):
+        return 1 if re.fullmatch(stacked, path) else 0
+    raise TypeError(f"lorax: stacked must be None, an int or a regex; got {stacked!r}")

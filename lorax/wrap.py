@@ -8,9 +8,9 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from lorax.leaves import LoraWeight, is_lorax_leaf
-from lorax.targets import (Targets, infer_in_axes, infer_stack_axes, path_str, pattern_value,
-                           select)
+from lorax.leaves import LoraWeight
+from lorax.targets import (FlatTree, Targets, infer_in_axes, infer_stack_axes, pattern_value,
+                           select, stack_axes_for)
 
 _INITS = ("kaiming", "gaussian")
 
@@ -57,44 +57,19 @@ def wrap(params: Any, rank: int = 8, alpha: float | None = None, targets: Target
     """
     if init not in _INITS:
         raise ValueError(f"lorax.wrap: init must be one of {_INITS}; got {init!r}")
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lorax_leaf)
-    paths = [path_str(p) for p, _ in flat]
-    leaves = [leaf for _, leaf in flat]
-    chosen = select(targets, paths, leaves)
-
-    parents: dict[str, dict[str, Any]] = {}
-    for p, leaf in zip(paths, leaves):
-        parent, _, name = p.rpartition("/")
-        parents.setdefault(parent, {})[name] = leaf
-
+    tree = FlatTree.of(params)
+    chosen = select(targets, tree.paths, tree.leaves)
     key = jax.random.key(0) if key is None else key
     keys = jax.random.split(key, max(len(chosen), 1))
-    out = list(leaves)
+    out = list(tree.leaves)
     for k, (i, spec) in zip(keys, sorted(chosen.items())):
-        path, leaf = paths[i], leaves[i]
-        siblings = parents[path.rpartition("/")[0]]
+        path, leaf = tree.paths[i], tree.leaves[i]
         r = spec.rank if spec.rank is not None else pattern_value(rank_pattern, path, rank)
         a_ = spec.alpha if spec.alpha is not None else pattern_value(alpha_pattern, path, alpha)
-        out[i] = make_lora_leaf(path, leaf, r, a_, k, siblings=siblings, rslora=rslora,
-                                dtype=dtype, init=init, in_axes=spec.in_axes,
-                                stack_axes=_stack_axes(stacked, spec.stack_axes, path))
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def _stack_axes(stacked: Any, explicit: int | None, path: str) -> int | None:
-    import re
-
-    if explicit is not None:
-        return explicit
-    if stacked is None:
-        return None
-    if isinstance(stacked, bool):
-        return int(stacked)
-    if isinstance(stacked, int):
-        return stacked
-    if isinstance(stacked, str):
-        return 1 if re.fullmatch(stacked, path) else 0
-    raise TypeError(f"lorax.wrap: stacked must be None, an int or a regex; got {stacked!r}")
+        out[i] = make_lora_leaf(path, leaf, r, a_, k, siblings=tree.siblings(path),
+                                rslora=rslora, dtype=dtype, init=init, in_axes=spec.in_axes,
+                                stack_axes=stack_axes_for(stacked, spec.stack_axes, path))
+    return tree.rebuild(out)
 
 
 def make_lora_leaf(path: str, base: Any, rank: int, alpha: float | None, key: jax.Array, *,
