@@ -399,7 +399,6 @@ register_rule("convert_element_type", _convert_rule)
 register_rule("transpose", _transpose_rule)
 register_rule("reshape", _reshape_rule)
 register_rule("copy", _copy_rule)
-register_rule("copy_p", _copy_rule)
 for _name in ("jit", "pjit", "closed_call", "core_call"):
     register_rule(_name, _call_rule("jaxpr" if _name in ("jit", "pjit") else "call_jaxpr"))
 register_rule("custom_jvp_call", _call_rule("call_jaxpr"))
