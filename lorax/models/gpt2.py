@@ -1,0 +1,250 @@
+"""GPT-2 in Flax linen, loading Hugging Face checkpoints.
+
+Parameter names follow the Hugging Face module names (``wte``, ``h_0/attn/c_attn``, ...), so
+targets read the same here as in peft: ``lorax.wrap(params, targets=["c_attn"])``.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from lorax.models import gpt2
+  >>> config = gpt2.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+  >>> model = gpt2.GPT2(config)
+  >>> params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  >>> model.apply({"params": params}, jnp.zeros((2, 8), jnp.int32)).shape
+  (2, 8, 64)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lorax.models import hub
+from lorax.models.layers import (KVCache, StackOptions, attention, attention_context,
+                                 run_layers, updated_cache)
+
+ACTIVATIONS = {"gelu_new": functools.partial(nn.gelu, approximate=True),
+               "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True),
+               "gelu_fast": functools.partial(nn.gelu, approximate=True),
+               "gelu": functools.partial(nn.gelu, approximate=False),
+               "relu": nn.relu, "silu": nn.silu, "swish": nn.silu}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """The fields of a Hugging Face GPT-2 config.json that the model uses."""
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None
+    layer_norm_epsilon: float = 1e-5
+    activation_function: str = "gelu_new"
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 50256
+    eos_token_id: int | None = 50256
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPT2Config: n_embd {self.n_embd} is not a multiple of "
+                             f"n_head {self.n_head}")
+        if self.activation_function not in ACTIVATIONS:
+            raise ValueError(f"GPT2Config: activation_function {self.activation_function!r} "
+                             f"is not one of {sorted(ACTIVATIONS)}")
+
+    @property
+    def inner(self) -> int:
+        return self.n_inner or 4 * self.n_embd
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "GPT2Config":
+        """From a Hugging Face config dict; refuses options that change the computation."""
+        for flag, ok in [("scale_attn_by_inverse_layer_idx", False),
+                         ("add_cross_attention", False), ("scale_attn_weights", True),
+                         ("tie_word_embeddings", True)]:
+            if hf.get(flag, ok) != ok:
+                raise NotImplementedError(f"GPT2Config: {flag}={hf[flag]!r} is not supported")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in hf.items() if k in names})
+
+    def to_hf(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "model_type": "gpt2",
+                "architectures": ["GPT2LMHeadModel"], "tie_word_embeddings": True}
+
+
+CONFIGS = {
+    "gpt2": GPT2Config(),
+    "gpt2-medium": GPT2Config(n_embd=1024, n_layer=24, n_head=16),
+    "gpt2-large": GPT2Config(n_embd=1280, n_layer=36, n_head=20),
+    "gpt2-xl": GPT2Config(n_embd=1600, n_layer=48, n_head=25),
+}
+
+
+def _dense(features: int, config: GPT2Config, dtype: Any, name: str) -> nn.Dense:
+    return nn.Dense(features, dtype=dtype, name=name,
+                    kernel_init=nn.initializers.normal(config.initializer_range))
+
+
+class GPT2Attention(nn.Module):
+    config: GPT2Config
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, layer_cache, ctx):
+        c = self.config
+        batch, t, _ = x.shape
+        qkv = _dense(3 * c.n_embd, c, self.dtype, "c_attn")(x)
+        q, k, v = (a.reshape(batch, t, c.n_head, -1) for a in jnp.split(qkv, 3, axis=-1))
+        out, layer_cache = attention(q, k, v, ctx, layer_cache)
+        return _dense(c.n_embd, c, self.dtype, "c_proj")(out.reshape(batch, t, -1)), layer_cache
+
+
+class GPT2MLP(nn.Module):
+    config: GPT2Config
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        h = ACTIVATIONS[c.activation_function](_dense(c.inner, c, self.dtype, "c_fc")(x))
+        return _dense(c.n_embd, c, self.dtype, "c_proj")(h)
+
+
+class GPT2Block(nn.Module):
+    config: GPT2Config
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, layer_cache, ctx):
+        norm = functools.partial(nn.LayerNorm, epsilon=self.config.layer_norm_epsilon,
+                                 dtype=self.dtype)
+        h, layer_cache = GPT2Attention(self.config, self.dtype, name="attn")(
+            norm(name="ln_1")(x), layer_cache, ctx)
+        x = x + h
+        x = x + GPT2MLP(self.config, self.dtype, name="mlp")(norm(name="ln_2")(x))
+        return x, layer_cache
+
+
+class GPT2(nn.Module):
+    """GPT-2 language model (``GPT2LMHeadModel``): token ids in, float32 logits out.
+
+    Attributes:
+      config: the architecture.
+      dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters keep their own dtype.
+      scan_layers: run the blocks with ``nn.scan`` (one ``ScanLayers`` module whose
+        parameters carry a leading layer axis; faster to compile for deep models).
+      remat_policy: None, or a ``jax.checkpoint_policies`` name to rematerialize each block.
+      attention_impl: passed to ``jax.nn.dot_product_attention`` (None, "xla", "cudnn").
+
+    Call with ``input_ids [batch, T]`` and optionally ``attention_mask [batch, T]`` (1 for
+    real tokens, 0 for padding), ``positions`` and a ``cache`` from :meth:`init_cache`; with a
+    cache it returns ``(logits, new_cache)``.
+    """
+
+    config: GPT2Config
+    dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str | None = None
+    attention_impl: str | None = None
+
+    @property
+    def max_positions(self) -> int:
+        return self.config.n_positions
+
+    def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
+        """An empty KV cache for ``batch`` rows of at most ``max_len`` tokens."""
+        c = self.config
+        return KVCache.empty(c.n_layer, batch, max_len, c.n_head, c.n_embd // c.n_head,
+                             dtype or self.dtype)
+
+    @nn.compact
+    def __call__(self, input_ids, *, attention_mask=None, positions=None, cache=None):
+        c = self.config
+        length = input_ids.shape[1] if cache is None else cache.max_len
+        if length > c.n_positions:
+            raise ValueError(f"GPT2: {length} positions requested; this model has "
+                             f"n_positions={c.n_positions}")
+        ctx = attention_context(input_ids, attention_mask, positions, cache, self.attention_impl)
+        init = nn.initializers.normal(c.initializer_range)
+        wte = nn.Embed(c.vocab_size, c.n_embd, dtype=self.dtype, embedding_init=init,
+                       name="wte")
+        wpe = nn.Embed(c.n_positions, c.n_embd, dtype=self.dtype, embedding_init=init,
+                       name="wpe")
+        x = wte(input_ids) + wpe(ctx.positions)
+        x, kv = run_layers(GPT2Block, dict(config=c, dtype=self.dtype), c.n_layer,
+                           StackOptions(self.scan_layers, self.remat_policy), "h", x, ctx, cache)
+        x = nn.LayerNorm(epsilon=c.layer_norm_epsilon, dtype=self.dtype, name="ln_f")(x)
+        logits = wte.attend(x).astype(jnp.float32)  # the head is tied to the embedding
+        if cache is None:
+            return logits
+        return logits, updated_cache(cache, ctx, kv, input_ids.shape[1])
+
+
+_LAYER_ROWS = [  # (flax path inside a block, HF name inside a block); Conv1D is [in, out]
+    ("ln_1/scale", "ln_1.weight"), ("ln_1/bias", "ln_1.bias"),
+    ("attn/c_attn/kernel", "attn.c_attn.weight"), ("attn/c_attn/bias", "attn.c_attn.bias"),
+    ("attn/c_proj/kernel", "attn.c_proj.weight"), ("attn/c_proj/bias", "attn.c_proj.bias"),
+    ("ln_2/scale", "ln_2.weight"), ("ln_2/bias", "ln_2.bias"),
+    ("mlp/c_fc/kernel", "mlp.c_fc.weight"), ("mlp/c_fc/bias", "mlp.c_fc.bias"),
+    ("mlp/c_proj/kernel", "mlp.c_proj.weight"), ("mlp/c_proj/bias", "mlp.c_proj.bias"),
+]
+
+HF_PREFIX = "transformer."
+HF_IGNORE = r"(\.attn\.bias|\.attn\.masked_bias|^lm_head\.weight)$"  # buffers; tied head
+
+
+def hf_table(config: GPT2Config, scan_layers: bool = False) -> list[hub.Entry]:
+    """Every parameter's Flax path and Hugging Face ``GPT2LMHeadModel`` tensor name."""
+    rows = [hub.Entry("wte/embedding", "transformer.wte.weight"),
+            hub.Entry("wpe/embedding", "transformer.wpe.weight"),
+            hub.Entry("ln_f/scale", "transformer.ln_f.weight"),
+            hub.Entry("ln_f/bias", "transformer.ln_f.bias")]
+    for i in range(config.n_layer):
+        for path, name in _LAYER_ROWS:
+            flax_path = f"ScanLayers/{path}" if scan_layers else f"h_{i}/{path}"
+            rows.append(hub.Entry(flax_path, f"transformer.h.{i}.{name}",
+                                  layer=i if scan_layers else None))
+    return rows
+
+
+def from_pretrained(name_or_dir: str | os.PathLike, *, dtype: Any = jnp.float32,
+                    param_dtype: Any = None, scan_layers: bool = False,
+                    remat_policy: str | None = None, attention_impl: str | None = None
+                    ) -> tuple[GPT2, dict]:
+    """Loads a Hugging Face GPT-2 checkpoint.
+
+    Args:
+      name_or_dir: a directory with config.json and model.safetensors (or a sharded index),
+        or a Hub name such as ``"gpt2"`` (downloaded when online, else read from the cache).
+      dtype: compute dtype, and the parameters' dtype unless ``param_dtype`` is given.
+      param_dtype: dtype of the loaded parameters.
+      scan_layers, remat_policy, attention_impl: see :class:`GPT2`.
+
+    Returns:
+      ``(model, params)``, with ``model.apply({"params": params}, input_ids)`` the logits.
+    """
+    directory = hub.resolve(name_or_dir)
+    config = GPT2Config.from_hf(hub.read_config(directory))
+    model = GPT2(config, dtype, scan_layers, remat_policy, attention_impl)
+    tensors = hub.TensorFiles(directory)
+    try:
+        params = hub.params_from_tensors(hf_table(config, scan_layers), tensors,
+                                         hub.abstract_shapes(model), param_dtype or dtype,
+                                         strip_prefix=HF_PREFIX, ignore=HF_IGNORE)
+    finally:
+        tensors.close()
+    return model, params
+
+
+def save_pretrained(directory: str | os.PathLike, model: GPT2, params: dict) -> None:
+    """Writes ``params`` (dense) as a Hugging Face GPT-2 checkpoint that both
+    :func:`from_pretrained` and transformers' ``GPT2LMHeadModel.from_pretrained`` read."""
+    tensors = hub.tensors_from_params(hf_table(model.config, model.scan_layers), params)
+    hub.save_checkpoint(directory, model.config.to_hf(), tensors)

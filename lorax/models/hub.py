@@ -1,0 +1,217 @@
+"""Hugging Face checkpoints in and out: config.json plus model.safetensors (or a sharded
+index), read and written through a model's one table of Flax paths and Hugging Face names.
+
+Each reference model owns that table (``hf_table``); this module knows no model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+CHECKPOINT_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json",
+                    "model-*.safetensors", "generation_config.json", "tokenizer.json",
+                    "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                    "merges.txt"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One row of a model's table.
+
+    Attributes:
+      path: '/'-joined Flax parameter path, e.g. ``"h_0/attn/c_attn/kernel"``.
+      name: Hugging Face tensor name, e.g. ``"transformer.h.0.attn.c_attn.weight"``.
+      transpose: the tensor is stored transposed (torch ``Linear`` is ``[out, in]``, a Flax
+        kernel ``[in, out]``).
+      layer: for a scanned stack, the index along the parameter's leading layer axis.
+    """
+
+    path: str
+    name: str
+    transpose: bool = False
+    layer: int | None = None
+
+
+def resolve(name_or_dir: str | os.PathLike) -> Path:
+    """A local checkpoint directory: ``name_or_dir`` itself, or the Hub snapshot of that
+    repository name (downloaded when online, else taken from the local Hugging Face cache).
+
+    Raises:
+      FileNotFoundError: neither a directory nor a repository that can be read, with the
+        steps to provide the files.
+    """
+    path = Path(name_or_dir).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise NotADirectoryError(f"lorax.models: '{path}' is a file; pass the directory that "
+                                 "holds config.json and model.safetensors.")
+    how = (f"Provide the files as a local directory: on a machine with network run "
+           f"`huggingface-cli download {name_or_dir} config.json model.safetensors` (or "
+           f"huggingface_hub.snapshot_download('{name_or_dir}')) and pass the directory it "
+           "prints to from_pretrained.")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        raise FileNotFoundError(f"lorax.models: '{name_or_dir}' is not a local directory and "
+                                f"huggingface_hub is not installed. {how}") from e
+    try:
+        return Path(snapshot_download(str(name_or_dir), allow_patterns=CHECKPOINT_FILES))
+    except Exception as e:  # offline, not cached, no such repository, gated, ...
+        raise FileNotFoundError(
+            f"lorax.models: '{name_or_dir}' is not a local directory, and the Hugging Face Hub "
+            f"could not provide it (offline and not in the cache, or no such repository): "
+            f"{type(e).__name__}: {e}. {how}") from e
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    """The checkpoint's config.json as a dict."""
+    file = directory / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"lorax.models: no config.json in '{directory}' (it has: "
+                                f"{sorted(p.name for p in directory.iterdir())}).")
+    return json.loads(file.read_text())
+
+
+class TensorFiles:
+    """The tensors of model.safetensors or of the shards a model.safetensors.index.json
+    names, read one at a time (a large checkpoint is never in memory as a whole)."""
+
+    def __init__(self, directory: Path):
+        index = directory / "model.safetensors.index.json"
+        single = directory / "model.safetensors"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.file_of = {name: directory / file for name, file in weight_map.items()}
+        elif single.is_file():
+            with safe_open(single, framework="numpy") as f:
+                self.file_of = {name: single for name in f.keys()}
+        else:
+            raise FileNotFoundError(
+                f"lorax.models: no model.safetensors or model.safetensors.index.json in "
+                f"'{directory}' (it has: {sorted(p.name for p in directory.iterdir())}). "
+                "Only safetensors checkpoints are read; convert a pytorch_model.bin with "
+                "transformers' save_pretrained(safe_serialization=True).")
+        self._handles: dict[Path, Any] = {}
+
+    def names(self) -> set[str]:
+        return set(self.file_of)
+
+    def get(self, name: str) -> np.ndarray:
+        file = self.file_of[name]
+        if file not in self._handles:
+            self._handles[file] = safe_open(file, framework="numpy")
+        return self._handles[file].get_tensor(name)
+
+    def close(self):
+        for handle in self._handles.values():
+            if hasattr(handle, "__exit__"):
+                handle.__exit__(None, None, None)
+        self._handles.clear()
+
+
+def params_from_tensors(table: Iterable[Entry], tensors: TensorFiles,
+                        shapes: Mapping[str, tuple[int, ...]], dtype: Any,
+                        strip_prefix: str = "", ignore: str | None = None) -> dict:
+    """The nested Flax params that ``table`` builds from ``tensors``.
+
+    Args:
+      table: the model's rows.
+      tensors: the checkpoint.
+      shapes: expected shape of every Flax path (scanned paths with their layer axis).
+      dtype: dtype of the returned arrays.
+      strip_prefix: a prefix that the checkpoint may lack (a base model saved without its
+        head: ``transformer.`` for GPT-2, ``model.`` for Llama).
+      ignore: regex of checkpoint names that are not parameters (e.g. attention buffers).
+
+    Raises:
+      KeyError: tensors the table needs are missing, or the checkpoint has tensors that
+        nothing reads (a config that does not match the weights).
+      ValueError: a tensor's shape does not match the config.
+    """
+    available = tensors.names()
+    used, missing, values = set(), [], {}
+    for entry in table:
+        name = entry.name
+        if name not in available and name.startswith(strip_prefix):
+            name = name[len(strip_prefix):]
+        if name not in available:
+            missing.append(entry.name)
+            continue
+        used.add(name)
+        array = tensors.get(name)
+        array = array.T if entry.transpose else array
+        expected = shapes[entry.path]
+        layer_shape = expected[1:] if entry.layer is not None else expected
+        if tuple(array.shape) != tuple(layer_shape):
+            raise ValueError(f"lorax.models: checkpoint tensor '{name}' has shape "
+                             f"{tuple(array.shape)} (after transpose: {entry.transpose}) but "
+                             f"parameter '{entry.path}' of this config needs "
+                             f"{tuple(layer_shape)}; does config.json match the weights?")
+        values.setdefault(entry.path, {})[entry.layer] = array
+    if missing:
+        raise KeyError(f"lorax.models: the checkpoint lacks {len(missing)} tensors this config "
+                       f"needs, e.g. {missing[:5]}; it has e.g. {sorted(available)[:5]}.")
+    unused = sorted(n for n in available - used if not (ignore and re.search(ignore, n)))
+    if unused:
+        raise KeyError(f"lorax.models: the checkpoint has {len(unused)} tensors this config "
+                       f"does not use, e.g. {unused[:5]}; does config.json match the weights?")
+    params: dict = {}
+    for path, by_layer in values.items():
+        if None in by_layer:
+            array = by_layer[None]
+        else:
+            array = np.stack([by_layer[i] for i in range(len(by_layer))])
+        node = params
+        *parents, leaf = path.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = jnp.asarray(array, dtype=dtype)
+    return params
+
+
+def tensors_from_params(table: Iterable[Entry], params: Mapping) -> dict[str, np.ndarray]:
+    """The Hugging Face tensors of ``params`` (dense arrays), named and laid out by
+    ``table``: the inverse of :func:`params_from_tensors`."""
+    out = {}
+    for entry in table:
+        node = params
+        for part in entry.path.split("/"):
+            if part not in node:
+                raise KeyError(f"lorax.models: params have no '{entry.path}' (needed for "
+                               f"'{entry.name}'); pass dense params (lorax.merge first).")
+            node = node[part]
+        array = np.asarray(jax.device_get(node))
+        array = array[entry.layer] if entry.layer is not None else array
+        out[entry.name] = np.ascontiguousarray(array.T if entry.transpose else array)
+    return out
+
+
+def save_checkpoint(directory: str | os.PathLike, config: Mapping[str, Any],
+                    tensors: Mapping[str, np.ndarray]) -> Path:
+    """Writes config.json and model.safetensors that transformers' from_pretrained reads."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / "model.safetensors.tmp"
+    save_file(dict(tensors), str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, directory / "model.safetensors")  # never a half-written checkpoint
+    (directory / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True))
+    return directory
+
+
+def abstract_shapes(model: Any, input_shape: tuple[int, int] = (1, 1)) -> dict[str, tuple]:
+    """Every parameter path of ``model`` with its shape, without allocating anything."""
+    tree = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(input_shape, jnp.int32))
+    flat = jax.tree_util.tree_flatten_with_path(tree["params"])[0]
+    return {"/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}

@@ -1,0 +1,298 @@
+"""Llama (1, 2, 3.x) in Flax linen, loading Hugging Face checkpoints: RoPE (with Llama 3
+scaling), RMSNorm, SwiGLU, grouped-query attention through ``jax.nn.dot_product_attention``
+(cuDNN flash attention on GPU with ``attention_impl="cudnn"``), optional ``nn.scan`` over
+layers and a remat policy.
+
+Parameter names follow Hugging Face (``layers_0/self_attn/q_proj``, ``mlp/gate_proj``, ...),
+so targets read as in peft: ``lorax.wrap(params, targets=["q_proj", "v_proj"])``.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from lorax.models import llama
+  >>> config = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+  ...                            num_hidden_layers=2, num_attention_heads=4,
+  ...                            num_key_value_heads=2)
+  >>> model = llama.Llama(config, scan_layers=True)
+  >>> params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  >>> params["ScanLayers"]["self_attn"]["k_proj"]["kernel"].shape   # [layers, in, out]
+  (2, 32, 16)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from lorax.models import hub
+from lorax.models.layers import (KVCache, StackOptions, apply_rope, attention,
+                                 attention_context, rope_frequencies, rope_tables, run_layers,
+                                 updated_cache)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """The fields of a Hugging Face Llama config.json that the model uses."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # items of HF's dict, hashable
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.kv_heads:
+            raise ValueError(f"LlamaConfig: num_attention_heads {self.num_attention_heads} is "
+                             f"not a multiple of num_key_value_heads {self.kv_heads}")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"LlamaConfig: hidden_size {self.hidden_size} is not a multiple "
+                             f"of num_attention_heads {self.num_attention_heads}; set head_dim")
+        if isinstance(self.rope_scaling, dict):  # accept HF's dict, store it hashable
+            object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+        rope_frequencies(self.dims, self.rope_theta, self.scaling)  # unsupported type: raise
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def dims(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def scaling(self) -> dict | None:
+        return None if self.rope_scaling is None else dict(self.rope_scaling)
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "LlamaConfig":
+        """From a Hugging Face config dict (transformers 4's ``rope_theta`` /
+        ``rope_scaling`` or 5's ``rope_parameters``)."""
+        if hf.get("hidden_act", "silu") != "silu":
+            raise NotImplementedError(f"LlamaConfig: hidden_act={hf['hidden_act']!r} is not "
+                                      "supported (silu only)")
+        hf = dict(hf)
+        rope = dict(hf.pop("rope_parameters", None) or hf.get("rope_scaling") or {})
+        if "rope_theta" in rope:
+            hf["rope_theta"] = rope.pop("rope_theta")
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        hf["rope_scaling"] = None if kind == "default" else rope
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in hf.items() if k in names})
+
+    def to_hf(self) -> dict[str, Any]:
+        out = {**dataclasses.asdict(self), "model_type": "llama",
+               "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
+               "num_key_value_heads": self.kv_heads, "head_dim": self.dims}
+        rope = {"rope_type": "default", **(self.scaling or {}), "rope_theta": self.rope_theta}
+        out.pop("rope_scaling")
+        out.pop("rope_theta")
+        out["rope_parameters"] = rope
+        return out
+
+
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+CONFIGS = {
+    "llama-2-7b": LlamaConfig(rms_norm_eps=1e-5, max_position_embeddings=4096),
+    "llama-2-13b": LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                               num_attention_heads=40, rms_norm_eps=1e-5,
+                               max_position_embeddings=4096),
+    "llama-3.2-1b": LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                                num_hidden_layers=16, num_attention_heads=32,
+                                num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
+                                rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE,
+                                max_position_embeddings=131072, tie_word_embeddings=True,
+                                bos_token_id=128000, eos_token_id=128001),
+    "llama-3.2-3b": LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192,
+                                num_hidden_layers=28, num_attention_heads=24,
+                                num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+                                rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE,
+                                max_position_embeddings=131072, tie_word_embeddings=True,
+                                bos_token_id=128000, eos_token_id=128001),
+    "llama-3.1-8b": LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                num_hidden_layers=32, num_attention_heads=32,
+                                num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
+                                rope_scaling={**_LLAMA3_ROPE, "factor": 8.0},
+                                max_position_embeddings=131072, bos_token_id=128000,
+                                eos_token_id=128001),
+    # the benchmark shapes of shared/docs/ANCHORS.md
+    "llama-1b-anchor": LlamaConfig(hidden_size=2048, intermediate_size=8192,
+                                   num_hidden_layers=16, num_attention_heads=32,
+                                   num_key_value_heads=8),
+    "llama-65b": LlamaConfig(hidden_size=8192, intermediate_size=22016, num_hidden_layers=80,
+                             num_attention_heads=64, rms_norm_eps=1e-5),
+}
+
+
+def _dense(features: int, bias: bool, config: LlamaConfig, dtype: Any, name: str) -> nn.Dense:
+    return nn.Dense(features, use_bias=bias, dtype=dtype, name=name,
+                    kernel_init=nn.initializers.normal(config.initializer_range))
+
+
+class LlamaAttention(nn.Module):
+    config: LlamaConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, layer_cache, ctx):
+        c = self.config
+        batch, t, _ = x.shape
+        heads, kv_heads, dims, bias = (c.num_attention_heads, c.kv_heads, c.dims,
+                                       c.attention_bias)
+        q = _dense(heads * dims, bias, c, self.dtype, "q_proj")(x).reshape(batch, t, heads, dims)
+        k = _dense(kv_heads * dims, bias, c, self.dtype, "k_proj")(x)
+        v = _dense(kv_heads * dims, bias, c, self.dtype, "v_proj")(x)
+        k, v = k.reshape(batch, t, kv_heads, dims), v.reshape(batch, t, kv_heads, dims)
+        cos, sin = ctx.rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out, layer_cache = attention(q, k, v, ctx, layer_cache)
+        out = _dense(c.hidden_size, bias, c, self.dtype, "o_proj")(out.reshape(batch, t, -1))
+        return out, layer_cache
+
+
+class LlamaMLP(nn.Module):
+    config: LlamaConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        gate = _dense(c.intermediate_size, c.mlp_bias, c, self.dtype, "gate_proj")(x)
+        up = _dense(c.intermediate_size, c.mlp_bias, c, self.dtype, "up_proj")(x)
+        return _dense(c.hidden_size, c.mlp_bias, c, self.dtype, "down_proj")(nn.silu(gate) * up)
+
+
+class LlamaBlock(nn.Module):
+    config: LlamaConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, layer_cache, ctx):
+        norm = functools.partial(nn.RMSNorm, epsilon=self.config.rms_norm_eps, dtype=self.dtype)
+        h, layer_cache = LlamaAttention(self.config, self.dtype, name="self_attn")(
+            norm(name="input_layernorm")(x), layer_cache, ctx)
+        x = x + h
+        x = x + LlamaMLP(self.config, self.dtype, name="mlp")(
+            norm(name="post_attention_layernorm")(x))
+        return x, layer_cache
+
+
+class Llama(nn.Module):
+    """Llama causal language model (``LlamaForCausalLM``): token ids in, float32 logits out.
+
+    Attributes and call arguments as :class:`lorax.models.gpt2.GPT2`.
+    """
+
+    config: LlamaConfig
+    dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str | None = None
+    attention_impl: str | None = None
+
+    @property
+    def max_positions(self) -> int | None:
+        return None  # RoPE has no table; longer contexts degrade but run
+
+    def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
+        """An empty KV cache for ``batch`` rows of at most ``max_len`` tokens."""
+        c = self.config
+        return KVCache.empty(c.num_hidden_layers, batch, max_len, c.kv_heads, c.dims,
+                             dtype or self.dtype)
+
+    @nn.compact
+    def __call__(self, input_ids, *, attention_mask=None, positions=None, cache=None):
+        c = self.config
+        ctx = attention_context(input_ids, attention_mask, positions, cache, self.attention_impl)
+        ctx = ctx.replace(rope=rope_tables(ctx.positions, rope_frequencies(
+            c.dims, c.rope_theta, c.scaling)))
+        embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, name="embed_tokens",
+                         embedding_init=nn.initializers.normal(c.initializer_range))
+        x = embed(input_ids)
+        x, kv = run_layers(LlamaBlock, dict(config=c, dtype=self.dtype), c.num_hidden_layers,
+                           StackOptions(self.scan_layers, self.remat_policy), "layers", x, ctx,
+                           cache)
+        x = nn.RMSNorm(epsilon=c.rms_norm_eps, dtype=self.dtype, name="norm")(x)
+        if c.tie_word_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = _dense(c.vocab_size, False, c, self.dtype, "lm_head")(x)
+        logits = logits.astype(jnp.float32)
+        if cache is None:
+            return logits
+        return logits, updated_cache(cache, ctx, kv, input_ids.shape[1])
+
+
+_LAYER_ROWS = [  # (flax path inside a block, HF name inside a block, transposed)
+    ("input_layernorm/scale", "input_layernorm.weight", False),
+    ("post_attention_layernorm/scale", "post_attention_layernorm.weight", False),
+] + [(f"self_attn/{p}/kernel", f"self_attn.{p}.weight", True)
+     for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+     ] + [(f"mlp/{p}/kernel", f"mlp.{p}.weight", True)
+          for p in ("gate_proj", "up_proj", "down_proj")]
+
+HF_PREFIX = "model."
+HF_IGNORE = r"(rotary_emb\.inv_freq|^lm_head\.weight)$"  # buffers; only read when untied
+
+
+def hf_table(config: LlamaConfig, scan_layers: bool = False) -> list[hub.Entry]:
+    """Every parameter's Flax path and Hugging Face ``LlamaForCausalLM`` tensor name."""
+    layer_rows = list(_LAYER_ROWS)
+    if config.attention_bias:
+        layer_rows += [(f"self_attn/{p}/bias", f"self_attn.{p}.bias", False)
+                       for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    if config.mlp_bias:
+        layer_rows += [(f"mlp/{p}/bias", f"mlp.{p}.bias", False)
+                       for p in ("gate_proj", "up_proj", "down_proj")]
+    rows = [hub.Entry("embed_tokens/embedding", "model.embed_tokens.weight"),
+            hub.Entry("norm/scale", "model.norm.weight")]
+    if not config.tie_word_embeddings:
+        rows.append(hub.Entry("lm_head/kernel", "lm_head.weight", transpose=True))
+    for i in range(config.num_hidden_layers):
+        for path, name, transpose in layer_rows:
+            flax_path = f"ScanLayers/{path}" if scan_layers else f"layers_{i}/{path}"
+            rows.append(hub.Entry(flax_path, f"model.layers.{i}.{name}", transpose,
+                                  layer=i if scan_layers else None))
+    return rows
+
+
+def from_pretrained(name_or_dir: str | os.PathLike, *, dtype: Any = jnp.float32,
+                    param_dtype: Any = None, scan_layers: bool = False,
+                    remat_policy: str | None = None, attention_impl: str | None = None
+                    ) -> tuple[Llama, dict]:
+    """Loads a Hugging Face Llama checkpoint (arguments as
+    :func:`lorax.models.gpt2.from_pretrained`)."""
+    directory = hub.resolve(name_or_dir)
+    config = LlamaConfig.from_hf(hub.read_config(directory))
+    model = Llama(config, dtype, scan_layers, remat_policy, attention_impl)
+    ignore = HF_IGNORE if config.tie_word_embeddings else r"rotary_emb\.inv_freq$"
+    tensors = hub.TensorFiles(directory)
+    try:
+        params = hub.params_from_tensors(hf_table(config, scan_layers), tensors,
+                                         hub.abstract_shapes(model), param_dtype or dtype,
+                                         strip_prefix=HF_PREFIX, ignore=ignore)
+    finally:
+        tensors.close()
+    return model, params
+
+
+def save_pretrained(directory: str | os.PathLike, model: Llama, params: dict) -> None:
+    """Writes ``params`` (dense) as a Hugging Face Llama checkpoint."""
+    tensors = hub.tensors_from_params(hf_table(model.config, model.scan_layers), params)
+    hub.save_checkpoint(directory, model.config.to_hf(), tensors)
