@@ -1,0 +1,358 @@
+"""Fine-tune GPT-2 with LoRA (or QLoRA) in JAX with lorax: the main job.
+
+With no arguments it runs on a CPU with no network in a few minutes: it first trains a small
+GPT-2-architecture model on task A (two-digit addition, "37+45=082") and caches it as a
+Hugging Face checkpoint, then adapts that pretrained base with LoRA to task B, the same sums
+asked with letters for digits ("dh+ef=082"), measured on number pairs neither task trained on. It
+prints trainable vs total parameters, exact-match accuracy before and after, saves the adapter
+with orbax (size beside the full model's), reloads it into a fresh base and checks the
+outputs match, then merges the adapter and prints generated samples.
+
+    python examples/finetune_gpt2.py                      # small base, tasks A -> B
+    python examples/finetune_gpt2.py --qlora              # the base in NF4 (QLoRA)
+    python examples/finetune_gpt2.py --model gpt2         # real GPT-2 (Hub or cache)
+    python examples/finetune_gpt2.py --model DIR --data notes.txt --steps 500
+
+``--model`` takes a Hub name or a directory with config.json, model.safetensors and
+tokenizer.json; ``--data FILE`` fine-tunes on your own text (loss before/after).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+import lorax
+from lorax.models import generate, gpt2
+
+LETTERS = str.maketrans("0123456789", "abcdefghij")
+
+
+def task_a(a: int, b: int) -> tuple[str, str]:
+    """Two-digit addition with digits: 37+45=082."""
+    return f"{a:02d}+{b:02d}=", f"{a + b:03d}"
+
+
+def task_b(a: int, b: int) -> tuple[str, str]:
+    """The same sums asked with letters for digits (0=a ... 9=j): dh+ef=082."""
+    prompt, answer = task_a(a, b)
+    return prompt.translate(LETTERS), answer
+
+BASE_CONFIG = dict(vocab_size=256, n_positions=128, n_embd=128, n_layer=4, n_head=4,
+                   bos_token_id=10, eos_token_id=10)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="Hub name or checkpoint directory of a pretrained GPT-2; "
+                   "default: train a small base on task A (cached in --out)")
+    p.add_argument("--data", help="a text file to fine-tune on instead of task B")
+    p.add_argument("--qlora", action="store_true", help="store the base in NF4 (QLoRA)")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--targets", default="c_attn,c_proj,c_fc",
+                   help="comma-separated module names to adapt (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=400, help="LoRA steps (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-2, help="LoRA peak learning rate")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seq", type=int, default=None,
+                   help="tokens per row (default: 16 for the tasks, 64 for --data)")
+    p.add_argument("--base-steps", type=int, default=1500,
+                   help="steps to train the small base on task A")
+    p.add_argument("--eval", type=int, default=300, help="examples to measure accuracy on")
+    p.add_argument("--out", default="runs/finetune_gpt2", help="where base and adapter go")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    args.seq = args.seq or (64 if args.data else 16)
+    return args
+
+
+class ByteTokenizer:
+    """Bytes as tokens (vocab 256); newline ends a text. Used by the small base."""
+
+    vocab_size, eos = 256, 10
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode())
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode(errors="replace")
+
+
+class HFTokenizer:
+    """The checkpoint's tokenizer.json, through the `tokenizers` package."""
+
+    def __init__(self, directory: Path, eos: int):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            sys.exit("--model needs the `tokenizers` package: pip install tokenizers")
+        if not (directory / "tokenizer.json").is_file():
+            sys.exit(f"--model: no tokenizer.json in {directory}")
+        self.tok, self.eos = Tokenizer.from_file(str(directory / "tokenizer.json")), eos
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text).ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids])
+
+
+# ----------------------------------------------------------------------------------- data
+
+def number_pairs(seed: int, n_eval: int):
+    """All pairs of two-digit numbers, split into training pairs and held-out pairs."""
+    pairs = np.array([(a, b) for a in range(100) for b in range(100)])
+    np.random.default_rng(seed).shuffle(pairs)
+    return pairs[n_eval:], pairs[:n_eval]
+
+
+def task_examples(task, pairs, tok):
+    """(prompt ids, answer ids + eos) for each pair."""
+    return [(tok.encode(p), tok.encode(a) + [tok.eos]) for p, a in (task(*ab) for ab in pairs)]
+
+
+def rows_from_examples(examples, seq, pad):
+    """Token rows and a loss mask that covers the answers only."""
+    tokens = np.full((len(examples), seq + 1), pad, np.int32)
+    mask = np.zeros((len(examples), seq + 1), np.float32)
+    for i, (p, a) in enumerate(examples):
+        if len(p) + len(a) > seq + 1:
+            sys.exit(f"--seq {seq} is too short for an example of {len(p) + len(a)} tokens")
+        tokens[i, :len(p) + len(a)] = p + a
+        mask[i, len(p):len(p) + len(a)] = 1
+    return tokens, mask
+
+
+def rows_from_text(text, tok, seq):
+    """A text file cut into windows of seq + 1 tokens; every token is a target."""
+    ids = np.array(tok.encode(text), np.int32)
+    n = len(ids) // (seq + 1)
+    if n < 2:
+        sys.exit(f"--data: the file has {len(ids)} tokens; need at least {2 * (seq + 1)}")
+    tokens = ids[:n * (seq + 1)].reshape(n, seq + 1)
+    return tokens, np.ones(tokens.shape, np.float32)
+
+
+def batches(tokens, mask, batch, seed):
+    rng = np.random.default_rng(seed)
+    while True:
+        idx = rng.integers(0, len(tokens), min(batch, len(tokens)))
+        yield tokens[idx], mask[idx]
+
+
+# ------------------------------------------------------------------------------ training
+
+def loss_fn(apply, params, tokens, mask):
+    logits = apply({"params": params}, tokens[:, :-1])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    return (ce * mask[:, 1:]).sum() / jnp.maximum(mask[:, 1:].sum(), 1.0)
+
+
+class Progress:
+    """One line per update: step, bar, loss, tokens/s (syncs with the device only here)."""
+
+    def __init__(self, label, total, tokens_per_step):
+        self.label, self.total, self.tps = label, total, tokens_per_step
+        self.tty, self.t0, self.last = sys.stdout.isatty(), time.perf_counter(), 0
+
+    def update(self, step, loss):
+        if not (self.tty or step == self.total or step % max(self.total // 5, 1) == 0):
+            return
+        loss = float(loss)  # waits for the step
+        elapsed = time.perf_counter() - self.t0
+        bar = "#" * int(24 * step / self.total)
+        line = (f"{self.label} {step:5d}/{self.total} [{bar:<24}] loss {loss:.4f}  "
+                f"{self.tps * step / max(elapsed, 1e-9):,.0f} tok/s")
+        print(("\r" if self.tty else "") + line, end="\n" if not self.tty or
+              step == self.total else "", flush=True)
+
+
+def train(label, loss, trainable, data, steps, lr, tokens_per_step):
+    """AdamW with warmup and cosine decay on ``trainable``; returns it trained."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 10, 1), steps, lr / 10)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
+    opt_state = tx.init(trainable)
+
+    @jax.jit
+    def step(trainable, opt_state, tokens, mask):
+        value, grads = jax.value_and_grad(loss)(trainable, tokens, mask)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, value
+
+    progress = Progress(label, steps, tokens_per_step)
+    for i in range(1, steps + 1):
+        tokens, mask = next(data)
+        trainable, opt_state, value = step(trainable, opt_state, tokens, mask)
+        progress.update(i, value)
+    return trainable
+
+
+def accuracy(model, params, examples, tok, batch=100):
+    """Exact-match accuracy of greedy answers (prompts of equal length, batched)."""
+    correct = 0
+    for start in range(0, len(examples), batch):
+        chunk = examples[start:start + batch]
+        prompts = np.array([p for p, _ in chunk], np.int32)
+        new = np.asarray(generate(model, params, prompts, len(chunk[0][1]),
+                                  eos_token_id=tok.eos, pad_token_id=tok.eos))
+        correct += sum(list(row) == a for row, (_, a) in zip(new, chunk))
+    return correct / len(examples)
+
+
+def held_out_loss(apply, params, tokens, mask):
+    return float(jax.jit(lambda p: loss_fn(apply, p, tokens, mask))(params))
+
+
+# --------------------------------------------------------------------------------- steps
+
+def pretrained_base(args, out: Path):
+    """(model, params, tokenizer): --model, or the small base trained on task A (cached)."""
+    if args.model:
+        model, params = gpt2.from_pretrained(args.model)
+        directory = lorax.models.hub.resolve(args.model)
+        return model, params, HFTokenizer(directory, model.config.eos_token_id), None
+    tok = ByteTokenizer()
+    base_dir = out / "base"
+    stamp = json.dumps({"config": BASE_CONFIG, "task": task_a(12, 34), "steps": args.base_steps,
+                        "seed": args.seed}, sort_keys=True)
+    if (base_dir / "stamp.json").is_file() and (base_dir / "stamp.json").read_text() == stamp:
+        model, params = gpt2.from_pretrained(base_dir)
+        print(f"base: loaded the cached task-A model from {base_dir}")
+        return model, params, tok, None
+    model = gpt2.GPT2(gpt2.GPT2Config(**BASE_CONFIG))
+    params = model.init(jax.random.key(args.seed), jnp.zeros((1, 8), jnp.int32))["params"]
+    train_pairs, _ = number_pairs(args.seed, args.eval)
+    tokens, mask = rows_from_examples(task_examples(task_a, train_pairs, tok), args.seq,
+                                      tok.eos)
+    t0 = time.perf_counter()
+    params = train("base (task A, full)", lambda p, t, m: loss_fn(model.apply, p, t, m),
+                   params, batches(tokens, mask, args.batch, args.seed), args.base_steps,
+                   3e-3, args.batch * args.seq)
+    base_time = time.perf_counter() - t0
+    gpt2.save_pretrained(base_dir, model, params)
+    (base_dir / "stamp.json").write_text(stamp)
+    print(f"base: trained {args.base_steps} steps in {base_time:.0f}s, saved to {base_dir}")
+    return model, params, tok, base_time
+
+
+def tree_bytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def flat(tree) -> dict:
+    return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {}
+
+    model, params, tok, result["base_seconds"] = pretrained_base(args, out)
+    apply = lorax.lora(model.apply)
+
+    # the data of the adaptation: task B, or the user's text
+    if args.data:
+        tokens, mask = rows_from_text(Path(args.data).read_text(), tok, args.seq)
+        cut = max(1, len(tokens) // 10)
+        eval_rows, (tokens, mask) = (tokens[:cut], mask[:cut]), (tokens[cut:], mask[cut:])
+    else:
+        train_pairs, eval_pairs = number_pairs(args.seed, args.eval)
+        tokens, mask = rows_from_examples(task_examples(task_b, train_pairs, tok), args.seq,
+                                          tok.eos)
+        eval_b = task_examples(task_b, eval_pairs, tok)
+        eval_rows = rows_from_examples(eval_b, args.seq, tok.eos)
+        if not args.model:
+            result["task_a_accuracy"] = accuracy(model, params,
+                                                 task_examples(task_a, eval_pairs, tok), tok)
+            print(f"base on task A (held-out pairs): accuracy {result['task_a_accuracy']:.1%}")
+
+    base = lorax.quantize(params, "nf4") if args.qlora else params
+    wrap = lambda base: lorax.wrap(base, rank=args.rank, alpha=args.alpha,  # noqa: E731
+                                   targets=args.targets.split(","),
+                                   key=jax.random.key(args.seed + 1))
+    lp = wrap(base)
+    print(lorax.summary(lp))
+    trainable, frozen = lorax.split(lp)
+    n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
+    n_total = sum(x.size for x in jax.tree.leaves(params))
+    print(f"trainable parameters: {n_trainable:,}; the base model has {n_total:,} "
+          f"({100 * n_trainable / n_total:.2f}%)")
+
+    def metric(lp):
+        if args.data:
+            return "held-out loss", held_out_loss(apply, lp, *eval_rows)
+        return "task B accuracy (held-out pairs)", accuracy(model, lp, eval_b, tok)
+
+    name, before = metric(lp)
+    print(f"before LoRA: {name} {before:.4f}")
+    t0 = time.perf_counter()
+    loss = lambda t, x, m: loss_fn(apply, lorax.combine(t, frozen), x, m)  # noqa: E731
+    trainable = train("lora" + (" (nf4 base)" if args.qlora else ""), loss, trainable,
+                      batches(tokens, mask, args.batch, args.seed + 2), args.steps, args.lr,
+                      args.batch * args.seq)
+    result["lora_seconds"] = time.perf_counter() - t0
+    lp = lorax.combine(trainable, frozen)
+    _, after = metric(lp)
+    print(f"after LoRA:  {name} {after:.4f}   ({result['lora_seconds']:.0f}s)")
+    result.update(metric=name, before=before, after=after)
+
+    # save the adapter alone, then reload it into a fresh base and compare outputs
+    adapter_dir = (out / "adapter").absolute()
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(adapter_dir, flat(trainable))
+    result["adapter_bytes"], result["model_bytes"] = dir_bytes(adapter_dir), tree_bytes(params)
+    print(f"adapter checkpoint: {result['adapter_bytes'] / 1e6:.2f} MB on disk; the full "
+          f"model is {result['model_bytes'] / 1e6:.2f} MB "
+          f"({result['model_bytes'] / result['adapter_bytes']:.0f}x larger)")
+    fresh_trainable, fresh_frozen = lorax.split(wrap(
+        lorax.quantize(params, "nf4") if args.qlora else params))
+    with ocp.StandardCheckpointer() as ckpt:
+        restored = ckpt.restore(adapter_dir, jax.tree.map(
+            ocp.utils.to_shape_dtype_struct, flat(fresh_trainable)))
+    leaves, treedef = jax.tree_util.tree_flatten(fresh_trainable)
+    reloaded = lorax.combine(treedef.unflatten([restored[k] for k in flat(fresh_trainable)]),
+                             fresh_frozen)
+    x = jnp.asarray(eval_rows[0][:8, :-1])
+    same = np.array_equal(jax.jit(apply)({"params": reloaded}, x),
+                          jax.jit(apply)({"params": lp}, x))
+    result["reload_matches"] = bool(same)
+    print(f"reloaded adapter reproduces the outputs: {'yes' if same else 'NO'}")
+
+    # merge for deployment and show a few generations
+    merged = lorax.merge(lp)
+    prompts = ([p for p, _ in eval_b[:4]] if not args.data
+               else [list(r[:args.seq // 2]) for r in eval_rows[0][:2]])
+    for p in prompts:
+        new = generate(model, merged, jnp.array([p], jnp.int32), args.seq - len(p),
+                       eos_token_id=tok.eos, pad_token_id=tok.eos)[0]
+        text = tok.decode(list(new)).split(tok.decode([tok.eos]))[0] if not args.data \
+            else tok.decode(list(new))
+        print(f"  {tok.decode(p)!r} -> {text!r}")
+    result["seconds"] = time.perf_counter() - t_start
+    print(f"done in {result['seconds']:.0f}s")
+    return result
+
+
+if __name__ == "__main__":
+    main()
