@@ -20,6 +20,8 @@ from lorax.leaves import LoraxLeaf as LoraxLeaf
 from lorax.leaves import is_lorax_leaf as is_lorax_leaf
 from lorax.leaves import register_leaf as register_leaf
 from lorax.optim import optimizer as optimizer
+from lorax.peft import export_peft as export_peft
+from lorax.peft import import_peft as import_peft
 from lorax.quant import Int8Weight as Int8Weight
 from lorax.quant import NF4Weight as NF4Weight
 from lorax.quant import dequantize as dequantize

@@ -98,12 +98,13 @@ def _from_torch_order(flat: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 
 class QuantizedLeaf(LoraxLeaf):
-    """Shared behaviour of frozen quantized weights: a static ``compute_dtype`` field gives
-    the dtype, casts only change it, and products dequantize next to the use."""
+    """Shared behaviour of frozen quantized weights: dequantized to the static
+    ``compute_dtype``, then to ``cast_to`` when the model cast the weight (as a cast of the
+    dense array would round), and products dequantize next to the use."""
 
     @property
     def dtype(self) -> Any:
-        return jnp.dtype(self.compute_dtype)
+        return jnp.dtype(self.cast_to or self.compute_dtype)
 
     def dot_general(self, other, *, dimension_numbers, leaf_is_lhs, precision,
                     preferred_element_type, bind):
@@ -112,7 +113,7 @@ class QuantizedLeaf(LoraxLeaf):
     def astype(self, dtype):
         if not jnp.issubdtype(dtype, jnp.floating):
             return NotImplemented
-        return dataclasses.replace(self, compute_dtype=jnp.dtype(dtype).name)
+        return dataclasses.replace(self, cast_to=jnp.dtype(dtype).name)
 
 
 @register_leaf
@@ -136,6 +137,7 @@ class NF4Weight(QuantizedLeaf):
     layer_shape: tuple[int, ...] = static_field(default=())
     block_size: int = static_field(default=64)
     compute_dtype: str = static_field(default="bfloat16")
+    cast_to: str | None = static_field(default=None)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -171,7 +173,8 @@ class NF4Weight(QuantizedLeaf):
         values = jnp.asarray(NF4_CODE)[q.astype(jnp.int32)]
         values = values.reshape(values.shape[:-1] + (nblocks, self.block_size))
         values = (values * self.block_absmax()[..., None]).reshape(values.shape[:-2] + (-1,))
-        return _from_torch_order(values[..., :self.n], self.layer_shape).astype(self.dtype)
+        values = _from_torch_order(values[..., :self.n], self.layer_shape)
+        return values.astype(self.compute_dtype).astype(self.dtype)
 
 
 @register_leaf
@@ -181,13 +184,15 @@ class Int8Weight(QuantizedLeaf):
     codes: Any
     scale: Any
     compute_dtype: str = static_field(default="bfloat16")
+    cast_to: str | None = static_field(default=None)
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.codes.shape)
 
     def materialize(self) -> jax.Array:
-        return (self.codes.astype(jnp.float32) * self.scale).astype(self.dtype)
+        values = self.codes.astype(jnp.float32) * self.scale
+        return values.astype(self.compute_dtype).astype(self.dtype)
 
 
 def _dequantized_apply(leaf: LoraxLeaf, other: jax.Array, leaf_is_lhs: bool, bind) -> jax.Array:

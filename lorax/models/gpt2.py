@@ -21,7 +21,6 @@ import os
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from lorax.models import hub
