@@ -5,7 +5,7 @@ GPT-2-architecture model on task A (two-digit addition, "37+45=082") and caches 
 Hugging Face checkpoint, then adapts that pretrained base with LoRA to task B, the same sums
 asked with letters for digits ("dh+ef=082"), measured on number pairs neither task trained on. It
 prints trainable vs total parameters, exact-match accuracy before and after, saves the adapter
-with orbax (size beside the full model's), reloads it into a fresh base and checks the
+with lorax.save (orbax; size beside the full model's), reloads it into a fresh base and checks the
 outputs match, then merges the adapter and prints generated samples.
 
     python examples/finetune_gpt2.py                      # small base, tasks A -> B
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 import lorax
 from lorax.models import generate, gpt2
@@ -255,10 +253,6 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def flat(tree) -> dict:
-    return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     t_start = time.perf_counter()
@@ -315,28 +309,24 @@ def main(argv=None) -> dict:
     print(f"after LoRA:  {name} {after:.4f}   ({result['lora_seconds']:.0f}s)")
     result.update(metric=name, before=before, after=after)
 
-    # save the adapter alone, then reload it into a fresh base and compare outputs
-    adapter_dir = (out / "adapter").absolute()
-    shutil.rmtree(adapter_dir, ignore_errors=True)
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(adapter_dir, flat(trainable))
+    # save the adapter alone (lorax.save: orbax), reload it onto a freshly loaded base
+    adapter_dir = out / "adapter"
+    lorax.save(adapter_dir, lp, force=True)
     result["adapter_bytes"], result["model_bytes"] = dir_bytes(adapter_dir), tree_bytes(params)
     print(f"adapter checkpoint: {result['adapter_bytes'] / 1e6:.2f} MB on disk; the full "
           f"model is {result['model_bytes'] / 1e6:.2f} MB "
           f"({result['model_bytes'] / result['adapter_bytes']:.0f}x larger)")
-    fresh_trainable, fresh_frozen = lorax.split(wrap(
-        lorax.quantize(params, "nf4") if args.qlora else params))
-    with ocp.StandardCheckpointer() as ckpt:
-        restored = ckpt.restore(adapter_dir, jax.tree.map(
-            ocp.utils.to_shape_dtype_struct, flat(fresh_trainable)))
-    leaves, treedef = jax.tree_util.tree_flatten(fresh_trainable)
-    reloaded = lorax.combine(treedef.unflatten([restored[k] for k in flat(fresh_trainable)]),
-                             fresh_frozen)
+    _, fresh = gpt2.from_pretrained(args.model or out / "base")
+    reloaded = lorax.load(adapter_dir, lorax.quantize(fresh, "nf4") if args.qlora else fresh)
     x = jnp.asarray(eval_rows[0][:8, :-1])
     same = np.array_equal(jax.jit(apply)({"params": reloaded}, x),
                           jax.jit(apply)({"params": lp}, x))
     result["reload_matches"] = bool(same)
     print(f"reloaded adapter reproduces the outputs: {'yes' if same else 'NO'}")
+
+    peft_dir = lorax.export_peft(out / "peft_adapter", lp, model=model,
+                                 base_model_name=args.model or str(out / "base"))
+    print(f"Hugging Face PEFT copy (PeftModel.from_pretrained reads it): {peft_dir}")
 
     # merge for deployment and show a few generations
     merged = lorax.merge(lp)

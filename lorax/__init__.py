@@ -15,6 +15,8 @@ computes ``x @ W + s * (x @ A) @ B`` without ever forming ``W + s * A @ B``; see
 ``lorax/transform.py``.
 """
 
+from lorax.checkpoint import load as load
+from lorax.checkpoint import save as save
 from lorax.leaves import LoraWeight as LoraWeight
 from lorax.leaves import LoraxLeaf as LoraxLeaf
 from lorax.leaves import is_lorax_leaf as is_lorax_leaf
@@ -37,6 +39,7 @@ from lorax.tree import combine as combine
 from lorax.tree import mask as mask
 from lorax.tree import merge as merge
 from lorax.tree import split as split
+from lorax.weighted import add_weighted as add_weighted
 from lorax.wrap import wrap as wrap
 
 __version__ = "0.1.0"

@@ -80,10 +80,14 @@ class LoraxLeaf:
         return NotImplemented
 
 
+LEAF_KINDS: dict[str, type] = {}  # class name -> class, for checkpoints to rebuild leaves
+
+
 def register_leaf(cls: type) -> type:
     """Makes ``cls`` a frozen dataclass pytree; fields with ``metadata={"static": True}``
     become aux data, every other field a child (so key paths name the fields)."""
     cls = dataclasses.dataclass(frozen=True)(cls)
+    LEAF_KINDS[cls.__name__] = cls
     fields = dataclasses.fields(cls)
     data = [f.name for f in fields if not f.metadata.get("static", False)]
     meta = [f.name for f in fields if f.metadata.get("static", False)]
