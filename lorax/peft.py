@@ -150,7 +150,8 @@ def import_peft(directory: str | os.PathLike, params: Any, model: Any = "gpt2",
     """Puts the LoRA adapter in a Hugging Face PEFT directory onto ``params``.
 
     Args:
-      directory: holds adapter_config.json and adapter_model.safetensors.
+      directory: holds adapter_config.json and adapter_model.safetensors; or a Hub
+        repository name (downloaded when online, else read from the cache).
       params: the base parameters (dense or NF4), as from ``from_pretrained``.
       model: as for :func:`export_peft`.
       dtype: dtype of the factors; default: as stored.
@@ -164,6 +165,16 @@ def import_peft(directory: str | os.PathLike, params: Any, model: Any = "gpt2",
         or tensors that no parameter takes (nothing is dropped silently).
     """
     directory = Path(directory)
+    if not directory.is_dir() and not directory.exists():  # a Hub name: download or cache
+        try:
+            from huggingface_hub import snapshot_download
+            directory = Path(snapshot_download(str(directory),
+                                               allow_patterns=[CONFIG_FILE, WEIGHTS_FILE]))
+        except Exception as e:
+            raise FileNotFoundError(
+                f"lorax.import_peft: '{directory}' is not a local directory and the Hugging "
+                f"Face Hub could not provide it ({type(e).__name__}: {e}); download "
+                f"{CONFIG_FILE} and {WEIGHTS_FILE} and pass their directory") from e
     for file in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / file).is_file():
             raise FileNotFoundError(f"lorax.import_peft: no {file} in '{directory}'")

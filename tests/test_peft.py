@@ -109,7 +109,8 @@ def test_import_onto_nf4_base(bases, tmp_path):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
-def test_import_errors(bases, tmp_path):
+def test_import_errors(bases, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, params = gpt2.from_pretrained(bases["gpt2"])
     lp = randomize_b(lorax.wrap(params, rank=4, targets=["c_attn"]), jax.random.key(2))
     lorax.export_peft(tmp_path, lp)
@@ -128,7 +129,11 @@ def test_import_errors(bases, tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
     with pytest.raises(ValueError, match="not LORA"):
         lorax.import_peft(tmp_path, params)
+    missing = tmp_path / "missing"
+    missing.mkdir()
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
-        lorax.import_peft(tmp_path / "missing", params)
+        lorax.import_peft(missing, params)
+    with pytest.raises(FileNotFoundError, match="Hub could not provide"):
+        lorax.import_peft("lorax-test/no-such-adapter", params)
     with pytest.raises(ValueError, match="no LoRA leaves"):
         lorax.export_peft(tmp_path / "x", params)
