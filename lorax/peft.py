@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from lorax.dora import DoraWeight
 from lorax.leaves import LoraWeight, is_lorax_leaf
 from lorax.targets import path_str
 
@@ -94,15 +95,16 @@ def export_peft(directory: str | os.PathLike, tree: Any, model: Any = "gpt2",
         path the model's table does not know.
     """
     names = module_map(tree, model)
-    tensors, ranks, alphas = {}, {}, {}
+    tensors, ranks, alphas, kinds = {}, {}, {}, set()
     flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lorax_leaf)[0]
     for key_path, leaf in flat:
         if not is_lorax_leaf(leaf):
             continue
         path = path_str(key_path)
-        if type(leaf) is not LoraWeight:
+        if type(leaf) not in (LoraWeight, DoraWeight):
             raise ValueError(f"lorax.export_peft: '{path}' is a {type(leaf).__name__}; only "
-                             "LoRA leaves are exported")
+                             "LoRA and DoRA leaves are exported")
+        kinds.add(type(leaf))
         if path not in names:
             raise ValueError(f"lorax.export_peft: no Hugging Face module is known for "
                              f"'{path}'; pass model=... matching the tree, or a mapping")
@@ -114,16 +116,24 @@ def export_peft(directory: str | os.PathLike, tree: Any, model: Any = "gpt2",
                                  f"{lb.shape} per layer; PEFT stores 2-D Linear factors")
             tensors[f"{PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(la.T)
             tensors[f"{PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(lb.T)
+            if isinstance(leaf, DoraWeight):
+                m = np.asarray(jax.device_get(leaf.magnitude))
+                m = m if layer is None else m[layer]
+                tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = np.ascontiguousarray(m)
             ranks[name], alphas[name] = leaf.rank, leaf.scale * leaf.rank
     if not tensors:
         raise ValueError("lorax.export_peft: the tree has no LoRA leaves")
+    if len(kinds) > 1:
+        raise ValueError("lorax.export_peft: PEFT's use_dora applies to every module; the "
+                         "tree mixes LoRA and DoRA leaves")
     r = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank
     alpha = max(set(alphas.values()), key=list(alphas.values()).count)
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
         "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": "none",
         "fan_in_fan_out": model == "gpt2" or type(model).__name__ == "GPT2",
-        "use_rslora": False, "use_dora": False,  # alpha = scale * r reproduces any scaling
+        "use_rslora": False,  # lora_alpha = scale * r reproduces any scaling
+        "use_dora": DoraWeight in kinds,
         "rank_pattern": {n: v for n, v in ranks.items() if v != r},
         "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
         "base_model_name_or_path": base_model_name, "init_lora_weights": True,
@@ -182,7 +192,7 @@ def import_peft(directory: str | os.PathLike, params: Any, model: Any = "gpt2",
     if config.get("peft_type") != "LORA":
         raise ValueError(f"lorax.import_peft: peft_type {config.get('peft_type')!r} is not "
                          "LORA")
-    for option, ok in [("use_dora", False), ("bias", "none"), ("modules_to_save", None)]:
+    for option, ok in [("bias", "none"), ("modules_to_save", None)]:
         if config.get(option, ok) not in (ok, [] if ok is None else ok):
             raise ValueError(f"lorax.import_peft: {option}={config[option]!r} is not "
                              "supported yet")
@@ -190,6 +200,8 @@ def import_peft(directory: str | os.PathLike, params: Any, model: Any = "gpt2",
                for k, v in load_file(str(directory / WEIGHTS_FILE)).items()}
     tensors = {re.sub(r"\.lora_([AB])\.[^.]+\.weight$", r".lora_\1.weight", k): v
                for k, v in tensors.items()}  # keys saved with an adapter name
+    tensors = {re.sub(r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$",
+                      ".lora_magnitude_vector", k): v for k, v in tensors.items()}
     names = module_map(params, model)
     used: set[str] = set()
 
@@ -203,7 +215,8 @@ def import_peft(directory: str | os.PathLike, params: Any, model: Any = "gpt2",
         if len(found) != len(names[path]):
             raise ValueError(f"lorax.import_peft: the adapter covers {len(found)} of the "
                              f"{len(names[path])} layers stacked in '{path}'")
-        a_list, b_list, scales = [], [], set()
+        a_list, b_list, m_list, scales = [], [], [], set()
+        dora = bool(config.get("use_dora"))
         for name, _ in found:
             la, lb = tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"]
             used.update({f"{name}.lora_A.weight", f"{name}.lora_B.weight"})
@@ -212,6 +225,13 @@ def import_peft(directory: str | os.PathLike, params: Any, model: Any = "gpt2",
             scales.add(alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
             a_list.append(la.T)
             b_list.append(lb.T)
+            if dora:
+                key = f"{name}.lora_magnitude_vector"
+                if key not in tensors:
+                    raise ValueError(f"lorax.import_peft: use_dora is set but '{key}' is "
+                                     "missing")
+                used.add(key)
+                m_list.append(tensors[key])
         if len(scales) != 1:
             raise ValueError(f"lorax.import_peft: the layers stacked in '{path}' have "
                              f"different scalings {sorted(scales)}")
@@ -224,6 +244,9 @@ def import_peft(directory: str | os.PathLike, params: Any, model: Any = "gpt2",
                              f"{a_list[0].T.shape} and lora_B {b_list[0].T.shape}, which do "
                              f"not fit the base '{path}' of shape {tuple(leaf.shape)}")
         cast = (lambda x: jnp.asarray(x, dtype)) if dtype else jnp.asarray
+        if dora:
+            m = np.stack(m_list) if stacked else m_list[0]
+            return DoraWeight(leaf, cast(a), cast(b), scale=scales.pop(), magnitude=cast(m))
         return LoraWeight(leaf, cast(a), cast(b), scale=scales.pop())
 
     out = jax.tree_util.tree_map_with_path(attach, params, is_leaf=is_lorax_leaf)

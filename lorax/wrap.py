@@ -8,6 +8,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from lorax.dora import dora_from_lora
 from lorax.leaves import LoraWeight
 from lorax.targets import (FlatTree, Targets, infer_in_axes, infer_stack_axes, pattern_value,
                            select, stack_axes_for)
@@ -18,7 +19,8 @@ _INITS = ("kaiming", "gaussian")
 def wrap(params: Any, rank: int = 8, alpha: float | None = None, targets: Targets = None,
          key: jax.Array | None = None, rank_pattern: Mapping[str, int] | None = None,
          alpha_pattern: Mapping[str, float] | None = None, rslora: bool = False,
-         dtype: Any = None, init: str = "kaiming", stacked: Any = None) -> Any:
+         dtype: Any = None, init: str = "kaiming", stacked: Any = None,
+         method: str = "lora") -> Any:
     """Returns ``params`` with the targeted weights replaced by :class:`LoraWeight` leaves.
 
     Each LoRA leaf keeps the original weight as its frozen base (never copied) and adds
@@ -44,6 +46,8 @@ def wrap(params: Any, rank: int = 8, alpha: float | None = None, targets: Target
       stacked: leading layer axes of the targeted kernels: an int for all, a regex of the
         paths that carry one, or None to infer (modules flax names ``Scan*``, or a bias
         with the same leading axis).
+      method: ``"lora"``, or ``"dora"`` for :class:`lorax.DoraWeight` leaves (LoRA plus a
+        magnitude per output feature, initialised to the base's norms).
 
     Returns:
       A tree of the same structure with :class:`LoraWeight` leaves where targeted.
@@ -57,6 +61,8 @@ def wrap(params: Any, rank: int = 8, alpha: float | None = None, targets: Target
     """
     if init not in _INITS:
         raise ValueError(f"lorax.wrap: init must be one of {_INITS}; got {init!r}")
+    if method not in ("lora", "dora"):
+        raise ValueError(f"lorax.wrap: method must be 'lora' or 'dora'; got {method!r}")
     tree = FlatTree.of(params)
     chosen = select(targets, tree.paths, tree.leaves)
     key = jax.random.key(0) if key is None else key
@@ -69,6 +75,8 @@ def wrap(params: Any, rank: int = 8, alpha: float | None = None, targets: Target
         out[i] = make_lora_leaf(path, leaf, r, a_, k, siblings=tree.siblings(path),
                                 rslora=rslora, dtype=dtype, init=init, in_axes=spec.in_axes,
                                 stack_axes=stack_axes_for(stacked, spec.stack_axes, path))
+        if method == "dora":
+            out[i] = dora_from_lora(out[i])
     return tree.rebuild(out)
 
 
