@@ -8,12 +8,13 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from lorax import inits
 from lorax.dora import dora_from_lora
-from lorax.leaves import LoraWeight
+from lorax.leaves import LoraWeight, is_lorax_leaf
 from lorax.targets import (FlatTree, Targets, infer_in_axes, infer_stack_axes, pattern_value,
                            select, stack_axes_for)
 
-_INITS = ("kaiming", "gaussian")
+_INITS = ("kaiming", "gaussian", "pissa", "olora", "loftq")
 
 
 def wrap(params: Any, rank: int = 8, alpha: float | None = None, targets: Targets = None,
@@ -41,8 +42,10 @@ def wrap(params: Any, rank: int = 8, alpha: float | None = None, targets: Target
       alpha_pattern: per-path alpha overrides ``{name_or_regex: alpha}``.
       rslora: use rank-stabilized scaling ``alpha / sqrt(r)``.
       dtype: dtype of the factors; default the base's dtype promoted to at least float32.
-      init: ``"kaiming"`` (``A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, as peft) or
-        ``"gaussian"`` (``A ~ N(0, 1/r^2)``).
+      init: ``"kaiming"`` (``A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, as peft),
+        ``"gaussian"`` (``A ~ N(0, 1/r^2)``), or from the weight (see ``lorax/inits.py``):
+        ``"pissa"`` (top-r SVD, residual base), ``"olora"`` (QR, residual base),
+        ``"loftq"`` (an NF4 base plus factors that cancel most of its quantization error).
       stacked: leading layer axes of the targeted kernels: an int for all, a regex of the
         paths that carry one, or None to infer (modules flax names ``Scan*``, or a bias
         with the same leading axis).
@@ -106,6 +109,12 @@ def make_lora_leaf(path: str, base: Any, rank: int, alpha: float | None, key: ja
     scale = alpha / math.sqrt(rank) if rslora else alpha / rank
     if dtype is None:
         dtype = jnp.promote_types(base.dtype, jnp.float32)
+    if init in ("pissa", "olora", "loftq"):
+        if is_lorax_leaf(base):
+            raise TypeError(f"lorax.wrap: init={init!r} for '{path}' needs a dense base (it "
+                            "rewrites it); LoftQ quantizes a dense base itself")
+        make = {"pissa": inits.pissa, "olora": inits.olora, "loftq": inits.loftq}[init]
+        return make(base, rank, scale, ns, ni, dtype)
     a_shape = stack + ins + (rank,)
     if init == "kaiming":
         bound = 1.0 / math.sqrt(fan_in)
