@@ -18,6 +18,8 @@ computes ``x @ W + s * (x @ A) @ B`` without ever forming ``W + s * A @ B``; see
 from lorax.checkpoint import load as load
 from lorax.checkpoint import save as save
 from lorax.dora import DoraWeight as DoraWeight
+from lorax.ia3 import IA3Weight as IA3Weight
+from lorax.ia3 import ia3 as ia3
 from lorax.leaves import LoraWeight as LoraWeight
 from lorax.leaves import LoraxLeaf as LoraxLeaf
 from lorax.leaves import is_lorax_leaf as is_lorax_leaf
