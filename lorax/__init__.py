@@ -42,6 +42,8 @@ from lorax.tree import combine as combine
 from lorax.tree import mask as mask
 from lorax.tree import merge as merge
 from lorax.tree import split as split
+from lorax.unfrozen import Unfrozen as Unfrozen
+from lorax.unfrozen import unfreeze as unfreeze
 from lorax.weighted import add_weighted as add_weighted
 from lorax.wrap import wrap as wrap
 

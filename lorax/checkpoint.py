@@ -35,13 +35,13 @@ def adapter_state(tree: Any) -> tuple[dict[str, jax.Array], dict[str, Any]]:
         fields = dataclasses.fields(leaf)
         frozen = [f.name for f in fields if not f.metadata.get("static")
                   and f.name not in leaf.trainable_fields]
-        if frozen != ["base"]:
+        if frozen not in (["base"], []):
             raise ValueError(f"lorax.save: '{path}' ({type(leaf).__name__}) has frozen fields "
                              f"{frozen}; a checkpoint can rebuild leaves whose only frozen "
                              "field is 'base'")
         static = {f.name: getattr(leaf, f.name) for f in fields if f.metadata.get("static")}
-        entry = {"kind": type(leaf).__name__, "static": static,
-                 "base_shape": list(leaf.base.shape), "fields": {}}
+        entry = {"kind": type(leaf).__name__, "static": static, "has_base": bool(frozen),
+                 "base_shape": list(leaf.shape), "fields": {}}
         for name in leaf.trainable_fields:
             value = getattr(leaf, name)
             if value is None:
@@ -166,6 +166,8 @@ def attach(base: Any, entries: dict[str, Any], arrays: dict[str, Any], where: st
             raise ValueError(f"lorax.load: '{path}' is a {entry['kind']}, which this lorax "
                              "does not know")
         trained = {name: arrays[f"{path}/{name}"] for name in entry["fields"]}
+        if not entry.get("has_base", True):  # a fully trained weight replaces the base's
+            return cls(**trained, **entry["static"])
         return cls(base=leaf, **trained, **entry["static"])
 
     out = jax.tree_util.tree_map_with_path(rebuild, base, is_leaf=is_lorax_leaf)

@@ -79,7 +79,8 @@ class RuleContext:
         out = []
         for value, name in zip(invals, self.names):
             if is_lorax_leaf(value):
-                self._complain(value, name)
+                if not getattr(value, "dense", False):  # e.g. lorax.Unfrozen: free to use
+                    self._complain(value, name)
                 value = value.materialize()
             out.append(value)
         return out

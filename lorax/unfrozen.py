@@ -1,0 +1,77 @@
+"""Fully trained weights inside a wrapped tree: BitFit (biases only) and peft's
+"modules to save" (a classifier head, layer norms). An :class:`Unfrozen` leaf marks a plain
+array as trainable, so ``split`` / ``mask`` / ``optimizer`` / ``save`` / ``summary`` treat
+it like any adapter, and ``lorax.lora`` uses it as the array it is.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, ClassVar, Sequence
+
+import jax
+
+from lorax.leaves import LoraxLeaf, is_lorax_leaf, register_leaf
+from lorax.targets import FlatTree
+
+Selector = str | Sequence[str] | Callable[[str, Any], bool]
+
+
+@register_leaf
+class Unfrozen(LoraxLeaf):
+    """A weight trained in full. ``value`` is the array itself."""
+
+    value: Any
+
+    trainable_fields: ClassVar[tuple[str, ...]] = ("value",)
+    dense: ClassVar[bool] = True  # using it as an array costs nothing: no densify warning
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.value.shape)
+
+    @property
+    def dtype(self) -> Any:
+        return self.value.dtype
+
+    def materialize(self) -> jax.Array:
+        return self.value
+
+
+def unfreeze(params: Any, select: Selector) -> Any:
+    """Marks the chosen plain arrays of ``params`` as fully trainable.
+
+    Args:
+      params: a tree, wrapped or not (lorax leaves are left as they are).
+      select: a regex matched in full against the '/'-joined path, a list of path
+        components (``["bias"]`` for BitFit, ``["lm_head", "ln_f"]`` for modules to save),
+        or a callable ``(path, leaf) -> bool``.
+
+    Returns:
+      The tree with :class:`Unfrozen` leaves at the chosen paths.
+
+    Raises:
+      ValueError: ``select`` chooses nothing (the message lists the paths there are).
+
+    Example:
+      >>> import jax.numpy as jnp, lorax
+      >>> p = {"dense": {"kernel": jnp.ones((4, 4)), "bias": jnp.zeros(4)}}
+      >>> trainable, _ = lorax.split(lorax.unfreeze(p, ["bias"]))   # BitFit
+      >>> trainable["dense"]["bias"].value.shape, trainable["dense"]["kernel"]
+      ((4,), None)
+    """
+    tree = FlatTree.of(params)
+    if callable(select):
+        chosen = [select(p, leaf) for p, leaf in zip(tree.paths, tree.leaves)]
+    elif isinstance(select, str):
+        chosen = [re.fullmatch(select, p) is not None for p in tree.paths]
+    else:
+        names = set(select)
+        chosen = [bool(names & set(p.split("/"))) for p in tree.paths]
+    chosen = [c and not is_lorax_leaf(leaf) and hasattr(leaf, "shape")
+              for c, leaf in zip(chosen, tree.leaves)]
+    if not any(chosen):
+        raise ValueError(f"lorax.unfreeze: {select!r} selects no plain array; the paths are: "
+                         + ", ".join(tree.paths[:40]) + (" ..." if len(tree.paths) > 40 else ""))
+    return tree.rebuild([Unfrozen(leaf) if c else leaf
+                         for c, leaf in zip(chosen, tree.leaves)])
