@@ -6,6 +6,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import lorax
 
@@ -65,3 +66,22 @@ def _check(apply, wrapped, *args, rtol, atol, **kwargs):
     assert_tree_close(g_got, g_want, rtol=max(rtol, 1e-4), atol=max(atol, 1e-4))
     assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(g_got))
     return got
+
+
+def fit(loss, params, steps, lr=1e-2, tx=None):
+    """Minimizes ``loss(params)`` with ``tx`` (default Adam at ``lr``) in a jitted loop;
+    returns the final params and the loss at every step."""
+    tx = optax.adam(lr) if tx is None else tx
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state):
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, value
+
+    values = []
+    for _ in range(steps):
+        params, state, value = step(params, state)
+        values.append(float(value))
+    return params, values

@@ -5,9 +5,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import lorax
+from helpers import fit
 
 
 class _Layer(nn.Module):
@@ -73,19 +73,7 @@ def test_ia3_on_nf4_trains_and_round_trips(tmp_path):
     assert sum(v.size for v in jax.tree.leaves(trainable)) == 16 + 2 * 16 + 2 * 16 + 16
     apply = lorax.lora(model.apply)
     loss = lambda t: ((apply({"params": lorax.combine(t, frozen)}, x) - y) ** 2).mean()  # noqa
-    tx = optax.adam(5e-2)
-    state = tx.init(trainable)
-
-    @jax.jit
-    def step(t, state):
-        value, grads = jax.value_and_grad(loss)(t)
-        updates, state = tx.update(grads, state, t)
-        return optax.apply_updates(t, updates), state, value
-
-    values = []
-    for _ in range(60):
-        trainable, state, value = step(trainable, state)
-        values.append(float(value))
+    trainable, values = fit(loss, trainable, 60, lr=5e-2)
     assert values[-1] < 0.8 * values[0]
     tree = lorax.combine(trainable, frozen)
     lorax.save(tmp_path / "ia3", tree)

@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import lorax
+from helpers import fit
 
 
 class Net(nn.Module):
@@ -33,20 +34,8 @@ def test_bitfit_and_lora_train_only_what_they_should():
     assert any("bias" in n for n in names) and any(".a" in n for n in names)
     assert not any("head']['kernel" in n for n in names)
     apply = lorax.lora(model.apply)  # Unfrozen leaves cause no densify warning (conftest)
-    tx = lorax.optimizer(optax.adam(3e-2), tree)
-    state = tx.init(tree)
-
-    @jax.jit
-    def step(tree, state):
-        value, grads = jax.value_and_grad(
-            lambda t: ((apply({"params": t}, x) - y) ** 2).mean())(tree)
-        updates, state = tx.update(grads, state, tree)
-        return optax.apply_updates(tree, updates), state, value
-
-    new, values = tree, []
-    for _ in range(50):
-        new, state, value = step(new, state)
-        values.append(float(value))
+    new, values = fit(lambda t: ((apply({"params": t}, x) - y) ** 2).mean(), tree, 50,
+                      tx=lorax.optimizer(optax.adam(3e-2), tree))
     assert values[-1] < 0.8 * values[0]
     np.testing.assert_array_equal(new["head"]["kernel"], params["head"]["kernel"])
     np.testing.assert_array_equal(new["body"]["kernel"].base, params["body"]["kernel"])
