@@ -229,21 +229,13 @@ def from_pretrained(name_or_dir: str | os.PathLike, *, dtype: Any = jnp.float32,
     Returns:
       ``(model, params)``, with ``model.apply({"params": params}, input_ids)`` the logits.
     """
-    directory = hub.resolve(name_or_dir)
-    config = GPT2Config.from_hf(hub.read_config(directory))
-    model = GPT2(config, dtype, scan_layers, remat_policy, attention_impl)
-    tensors = hub.TensorFiles(directory)
-    try:
-        params = hub.params_from_tensors(hf_table(config, scan_layers), tensors,
-                                         hub.abstract_shapes(model), param_dtype or dtype,
-                                         strip_prefix=HF_PREFIX, ignore=HF_IGNORE)
-    finally:
-        tensors.close()
-    return model, params
+    return hub.load_model(name_or_dir, GPT2Config, GPT2, hf_table, dtype=dtype,
+                          param_dtype=param_dtype, strip_prefix=HF_PREFIX, ignore=HF_IGNORE,
+                          scan_layers=scan_layers, remat_policy=remat_policy,
+                          attention_impl=attention_impl)
 
 
 def save_pretrained(directory: str | os.PathLike, model: GPT2, params: dict) -> None:
     """Writes ``params`` (dense) as a Hugging Face GPT-2 checkpoint that both
     :func:`from_pretrained` and transformers' ``GPT2LMHeadModel.from_pretrained`` read."""
-    tensors = hub.tensors_from_params(hf_table(model.config, model.scan_layers), params)
-    hub.save_checkpoint(directory, model.config.to_hf(), tensors)
+    hub.save_model(directory, model, params, hf_table)

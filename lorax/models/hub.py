@@ -210,6 +210,31 @@ def save_checkpoint(directory: str | os.PathLike, config: Mapping[str, Any],
     return directory
 
 
+def load_model(name_or_dir: str | os.PathLike, config_cls: Any, model_cls: Any,
+               table: Any, *, dtype: Any, param_dtype: Any, strip_prefix: str,
+               ignore: Any, **model_options: Any) -> tuple[Any, dict]:
+    """The shared body of the models' ``from_pretrained``: config, model, then params
+    through ``table(config, scan_layers)``; ``ignore`` may be a function of the config."""
+    directory = resolve(name_or_dir)
+    config = config_cls.from_hf(read_config(directory))
+    model = model_cls(config, dtype=dtype, **model_options)
+    tensors = TensorFiles(directory)
+    try:
+        params = params_from_tensors(
+            table(config, model.scan_layers), tensors, abstract_shapes(model),
+            param_dtype or dtype, strip_prefix=strip_prefix,
+            ignore=ignore(config) if callable(ignore) else ignore)
+    finally:
+        tensors.close()
+    return model, params
+
+
+def save_model(directory: str | os.PathLike, model: Any, params: Mapping, table: Any) -> None:
+    """The shared body of the models' ``save_pretrained``."""
+    tensors = tensors_from_params(table(model.config, model.scan_layers), params)
+    save_checkpoint(directory, model.config.to_hf(), tensors)
+
+
 def abstract_shapes(model: Any, input_shape: tuple[int, int] = (1, 1)) -> dict[str, tuple]:
     """Every parameter path of ``model`` with its shape, without allocating anything."""
     tree = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(input_shape, jnp.int32))

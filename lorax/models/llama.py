@@ -251,6 +251,10 @@ HF_PREFIX = "model."
 HF_IGNORE = r"(rotary_emb\.inv_freq|^lm_head\.weight)$"  # buffers; only read when untied
 
 
+def _ignore(config: LlamaConfig) -> str:
+    return HF_IGNORE if config.tie_word_embeddings else r"rotary_emb\.inv_freq$"
+
+
 def hf_table(config: LlamaConfig, scan_layers: bool = False) -> list[hub.Entry]:
     """Every parameter's Flax path and Hugging Face ``LlamaForCausalLM`` tensor name."""
     layer_rows = list(_LAYER_ROWS)
@@ -278,21 +282,12 @@ def from_pretrained(name_or_dir: str | os.PathLike, *, dtype: Any = jnp.float32,
                     ) -> tuple[Llama, dict]:
     """Loads a Hugging Face Llama checkpoint (arguments as
     :func:`lorax.models.gpt2.from_pretrained`)."""
-    directory = hub.resolve(name_or_dir)
-    config = LlamaConfig.from_hf(hub.read_config(directory))
-    model = Llama(config, dtype, scan_layers, remat_policy, attention_impl)
-    ignore = HF_IGNORE if config.tie_word_embeddings else r"rotary_emb\.inv_freq$"
-    tensors = hub.TensorFiles(directory)
-    try:
-        params = hub.params_from_tensors(hf_table(config, scan_layers), tensors,
-                                         hub.abstract_shapes(model), param_dtype or dtype,
-                                         strip_prefix=HF_PREFIX, ignore=ignore)
-    finally:
-        tensors.close()
-    return model, params
+    return hub.load_model(name_or_dir, LlamaConfig, Llama, hf_table, dtype=dtype,
+                          param_dtype=param_dtype, strip_prefix=HF_PREFIX, ignore=_ignore,
+                          scan_layers=scan_layers, remat_policy=remat_policy,
+                          attention_impl=attention_impl)
 
 
 def save_pretrained(directory: str | os.PathLike, model: Llama, params: dict) -> None:
     """Writes ``params`` (dense) as a Hugging Face Llama checkpoint."""
-    tensors = hub.tensors_from_params(hf_table(model.config, model.scan_layers), params)
-    hub.save_checkpoint(directory, model.config.to_hf(), tensors)
+    hub.save_model(directory, model, params, hf_table)
