@@ -15,6 +15,8 @@ computes ``x @ W + s * (x @ A) @ B`` without ever forming ``W + s * A @ B``; see
 ``lorax/transform.py``.
 """
 
+from lorax.bottleneck import AdapterWeight as AdapterWeight
+from lorax.bottleneck import adapters as adapters
 from lorax.checkpoint import load as load
 from lorax.checkpoint import save as save
 from lorax.dora import DoraWeight as DoraWeight

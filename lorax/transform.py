@@ -81,7 +81,12 @@ class RuleContext:
             if is_lorax_leaf(value):
                 if not getattr(value, "dense", False):  # e.g. lorax.Unfrozen: free to use
                     self._complain(value, name)
-                value = value.materialize()
+                try:
+                    value = value.materialize()
+                except ValueError as e:  # a leaf with no dense form (bottleneck adapter)
+                    raise LoraxDensifyError(
+                        f"lorax: primitive '{self.eqn.primitive.name}' at {self.location} "
+                        f"needs the dense weight of '{name or '<unknown path>'}': {e}") from None
             out.append(value)
         return out
 

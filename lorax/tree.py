@@ -124,5 +124,12 @@ def merge(tree: Any) -> Any:
       >>> lorax.merge(lp)["w"].shape
       (8, 8)
     """
-    return jax.tree.map(lambda x: x.materialize() if is_lorax_leaf(x) else x, tree,
-                        is_leaf=is_lorax_leaf)
+    def dense(key_path, x):
+        if not is_lorax_leaf(x):
+            return x
+        try:
+            return x.materialize()
+        except ValueError as e:  # e.g. a bottleneck adapter: say where
+            raise type(e)(f"lorax.merge: '{path_str(key_path)}': {e}") from None
+
+    return jax.tree_util.tree_map_with_path(dense, tree, is_leaf=is_lorax_leaf)

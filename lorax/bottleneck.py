@@ -1,0 +1,144 @@
+"""Bottleneck adapters (Houlsby et al. 2019): a small down-projection, a nonlinearity and
+an up-projection (zero at init) added to a projection's output, either serially (fed by the
+projection's output) or in parallel (fed by its input, He et al. 2022). The nonlinearity
+makes them not mergeable: ``lorax.merge`` says so, and ``lorax.lora(apply)`` runs them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from lorax.leaves import LoraxLeaf, register_leaf, static_field
+from lorax.targets import FlatTree, Targets, infer_in_axes, infer_stack_axes, select
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu, "gelu": jax.nn.gelu, "silu": jax.nn.silu, "tanh": jnp.tanh}
+
+
+class NotMergeableError(ValueError):
+    """A lorax leaf whose computation is not a weight (e.g. a bottleneck adapter)."""
+
+
+@register_leaf
+class AdapterWeight(LoraxLeaf):
+    """A frozen 2-D (per layer) kernel ``W`` with a bottleneck adapter on its product:
+    serial ``y + f(y D) U`` or parallel ``y + f(x D) U``, where ``y = x W``.
+
+    Attributes:
+      base: the frozen kernel ``(*stack, in, out)``, an array or lorax leaf.
+      down: ``(*stack, out, m)`` (serial) or ``(*stack, in, m)`` (parallel).
+      up: ``(*stack, m, out)``; zero at init.
+      mode: "serial" or "parallel"; static.
+      activation: a key of ``ACTIVATIONS``; static.
+    """
+
+    base: Any
+    down: Any
+    up: Any
+    mode: str = static_field(default="serial")
+    activation: str = static_field(default="relu")
+
+    trainable_fields: ClassVar[tuple[str, ...]] = ("down", "up")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.base.shape)
+
+    @property
+    def dtype(self) -> Any:
+        return self.base.dtype
+
+    @property
+    def stack_ndim(self) -> int:
+        return len(self.shape) - 2
+
+    def materialize(self) -> jax.Array:
+        raise NotMergeableError(
+            f"a {self.mode} bottleneck adapter ({self.activation} between its projections) "
+            "is not a weight and cannot be merged or densified; run the model with "
+            "lorax.lora(apply), whose rules compute it")
+
+    def dot_general(self, other, *, dimension_numbers, leaf_is_lhs, precision,
+                    preferred_element_type, bind):
+        (lc, rc), (lb, rb) = dimension_numbers
+        if leaf_is_lhs or self.stack_ndim or lb or rb or tuple(int(c) for c in rc) != (0,):
+            return NotImplemented  # only x @ W with W's input axis contracted
+        base = self.base
+        if isinstance(base, LoraxLeaf):
+            y = base.dot_general(other, dimension_numbers=dimension_numbers, leaf_is_lhs=False,
+                                 precision=precision,
+                                 preferred_element_type=preferred_element_type, bind=bind)
+            if y is NotImplemented:
+                return NotImplemented
+        else:
+            y = bind(other, base)
+        if self.mode == "serial":
+            source = y
+        else:  # x with the contracted axis last
+            source = jnp.moveaxis(other, int(lc[0]), -1)
+        hidden = ACTIVATIONS[self.activation](source @ self.down.astype(source.dtype))
+        return y + (hidden @ self.up.astype(hidden.dtype)).astype(y.dtype)
+
+    def astype(self, dtype):
+        if not jnp.issubdtype(dtype, jnp.floating):
+            return NotImplemented
+        base = self.base.astype(dtype)
+        if base is NotImplemented:
+            return NotImplemented
+        return type(self)(base, self.down.astype(dtype), self.up.astype(dtype),
+                          mode=self.mode, activation=self.activation)
+
+
+def adapters(params: Any, targets: Targets, bottleneck: int = 16, mode: str = "serial",
+             activation: str = "relu", key: jax.Array | None = None, dtype: Any = None) -> Any:
+    """Returns ``params`` with bottleneck adapters on the targeted 2-D kernels.
+
+    Args:
+      params: the base parameters.
+      targets: as for ``lorax.wrap`` (e.g. ``["c_proj"]``, the attention and MLP outputs).
+      bottleneck: the adapter's hidden size ``m``.
+      mode: "serial" (fed by the projection's output, as Houlsby) or "parallel" (fed by
+        its input).
+      activation: one of ``ACTIVATIONS``.
+      key: PRNG key for the down-projections; default ``jax.random.key(0)``.
+      dtype: dtype of the adapter; default the base's promoted to at least float32.
+
+    Returns:
+      The tree with :class:`AdapterWeight` leaves; the model starts unchanged (up = 0).
+      The projection's bias, if any, is added after the adapter.
+
+    Example:
+      >>> import jax.numpy as jnp, lorax
+      >>> t = lorax.adapters({"proj": {"kernel": jnp.ones((8, 6))}}, ["proj"], bottleneck=2)
+      >>> t["proj"]["kernel"].down.shape, t["proj"]["kernel"].up.shape
+      ((6, 2), (2, 6))
+    """
+    if mode not in ("serial", "parallel"):
+        raise ValueError(f"lorax.adapters: mode must be 'serial' or 'parallel'; got {mode!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"lorax.adapters: activation must be one of {sorted(ACTIVATIONS)}")
+    if bottleneck < 1:
+        raise ValueError(f"lorax.adapters: bottleneck must be >= 1; got {bottleneck}")
+    tree = FlatTree.of(params)
+    chosen = select(targets, tree.paths, tree.leaves)
+    keys = jax.random.split(jax.random.key(0) if key is None else key, max(len(chosen), 1))
+    out = list(tree.leaves)
+    for k, i in zip(keys, sorted(chosen)):
+        path, leaf = tree.paths[i], tree.leaves[i]
+        siblings = tree.siblings(path)
+        ns = infer_stack_axes(path, leaf.shape, siblings)
+        if len(leaf.shape) - ns != 2 or infer_in_axes(leaf.shape, siblings, ns) != 1:
+            raise ValueError(f"lorax.adapters: '{path}' has shape {tuple(leaf.shape)}; "
+                             "adapters go on 2-D (per layer) kernels")
+        stack, (d_in, d_out) = tuple(leaf.shape[:ns]), tuple(leaf.shape[ns:])
+        fan = d_out if mode == "serial" else d_in
+        vdtype = dtype or jnp.promote_types(leaf.dtype, jnp.float32)
+        bound = 1.0 / math.sqrt(fan)
+        down = jax.random.uniform(k, stack + (fan, bottleneck), vdtype, -bound, bound)
+        up = jnp.zeros(stack + (bottleneck, d_out), vdtype)
+        out[i] = AdapterWeight(leaf, down, up, mode=mode, activation=activation)
+    return tree.rebuild(out)
