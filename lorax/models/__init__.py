@@ -17,3 +17,6 @@ from lorax.models import gpt2 as gpt2
 from lorax.models import llama as llama
 from lorax.models.generation import generate as generate
 from lorax.models.layers import KVCache as KVCache
+from lorax.models.prefix import init_prefix as init_prefix
+from lorax.models.prefix import init_prompt as init_prompt
+from lorax.models.prefix import prefix_cache as prefix_cache

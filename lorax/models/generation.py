@@ -11,13 +11,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lorax.models.layers import KVCache
+from lorax.models.prefix import extend_cache
 from lorax.transform import lora
 
 
 def generate(model: nn.Module, params: Any, input_ids: jax.Array, max_new_tokens: int, *,
              attention_mask: jax.Array | None = None, temperature: float = 0.0,
              top_k: int | None = None, key: jax.Array | None = None,
-             eos_token_id: int | None = None, pad_token_id: int = 0) -> jax.Array:
+             eos_token_id: int | None = None, pad_token_id: int = 0,
+             prefix: KVCache | None = None, prompt: jax.Array | None = None) -> jax.Array:
     """Continues ``input_ids`` by ``max_new_tokens`` tokens.
 
     Args:
@@ -32,6 +35,8 @@ def generate(model: nn.Module, params: Any, input_ids: jax.Array, max_new_tokens
       key: PRNG key for sampling (needed when ``temperature > 0``).
       eos_token_id: once a row emits it, the row continues with ``pad_token_id``.
       pad_token_id: what finished rows emit.
+      prefix: a KV cache holding a prefix for every row (``lorax.models.prefix_cache``).
+      prompt: soft-prompt embeddings ``[P, d]`` placed before the prompt tokens.
 
     Returns:
       ``[batch, max_new_tokens]`` new token ids.
@@ -51,7 +56,8 @@ def generate(model: nn.Module, params: Any, input_ids: jax.Array, max_new_tokens
         raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
     if temperature > 0 and key is None:
         raise ValueError("generate: sampling (temperature > 0) needs a PRNG key")
-    total = input_ids.shape[1] + max_new_tokens
+    total = (input_ids.shape[1] + max_new_tokens + (0 if prefix is None else prefix.max_len)
+             + (0 if prompt is None else prompt.shape[0]))
     limit = getattr(model, "max_positions", None)
     if limit is not None and total > limit:
         raise ValueError(f"generate: {input_ids.shape[1]} prompt + {max_new_tokens} new tokens "
@@ -60,7 +66,8 @@ def generate(model: nn.Module, params: Any, input_ids: jax.Array, max_new_tokens
         attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     key = jax.random.key(0) if key is None else key
     return _generate(model, params, jnp.asarray(input_ids), jnp.asarray(attention_mask), key,
-                     max_new_tokens, float(temperature), top_k, eos_token_id, pad_token_id)
+                     prefix, prompt, max_new_tokens, float(temperature), top_k, eos_token_id,
+                     pad_token_id)
 
 
 def _sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | None):
@@ -73,14 +80,16 @@ def _sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | 
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8, 9))
-def _generate(model, params, input_ids, attention_mask, key, max_new_tokens, temperature,
-              top_k, eos_token_id, pad_token_id):
+@functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10, 11))
+def _generate(model, params, input_ids, attention_mask, key, prefix, prompt, max_new_tokens,
+              temperature, top_k, eos_token_id, pad_token_id):
     apply = lora(model.apply)
     batch, t = input_ids.shape
-    cache = model.init_cache(batch, t + max_new_tokens)
+    room = t + max_new_tokens + (0 if prompt is None else prompt.shape[0])
+    cache = (model.init_cache(batch, room) if prefix is None
+             else extend_cache(prefix, prefix.max_len + room))
     logits, cache = apply({"params": params}, input_ids, attention_mask=attention_mask,
-                          cache=cache)
+                          cache=cache, prompt=prompt)
     keys = jax.random.split(key, max_new_tokens)
     first = _sample(logits[:, -1], keys[0], temperature, top_k)
     done = jnp.zeros(batch, bool) if eos_token_id is None else first == eos_token_id

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from lorax.models import hub
 from lorax.models.layers import (KVCache, StackOptions, attention, attention_context,
-                                 run_layers, updated_cache)
+                                 prepend_prompt, run_layers, updated_cache)
 
 ACTIVATIONS = {"gelu_new": functools.partial(nn.gelu, approximate=True),
                "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True),
@@ -143,8 +143,10 @@ class GPT2(nn.Module):
       attention_impl: passed to ``jax.nn.dot_product_attention`` (None, "xla", "cudnn").
 
     Call with ``input_ids [batch, T]`` and optionally ``attention_mask [batch, T]`` (1 for
-    real tokens, 0 for padding), ``positions`` and a ``cache`` from :meth:`init_cache`; with a
-    cache it returns ``(logits, new_cache)``.
+    real tokens, 0 for padding), ``positions``, a ``cache`` from :meth:`init_cache` (or a
+    prefix from ``lorax.models.prefix_cache``), and a soft ``prompt [P, d]`` placed before the
+    tokens (prompt tuning; the logits cover the tokens only). With a cache it returns
+    ``(logits, new_cache)``.
     """
 
     config: GPT2Config
@@ -164,26 +166,29 @@ class GPT2(nn.Module):
                              dtype or self.dtype)
 
     @nn.compact
-    def __call__(self, input_ids, *, attention_mask=None, positions=None, cache=None):
+    def __call__(self, input_ids, *, attention_mask=None, positions=None, cache=None,
+                 prompt=None):
         c = self.config
-        length = input_ids.shape[1] if cache is None else cache.max_len
-        if length > c.n_positions:
-            raise ValueError(f"GPT2: {length} positions requested; this model has "
-                             f"n_positions={c.n_positions}")
-        ctx = attention_context(input_ids, attention_mask, positions, cache, self.attention_impl)
         init = nn.initializers.normal(c.initializer_range)
         wte = nn.Embed(c.vocab_size, c.n_embd, dtype=self.dtype, embedding_init=init,
                        name="wte")
         wpe = nn.Embed(c.n_positions, c.n_embd, dtype=self.dtype, embedding_init=init,
                        name="wpe")
-        x = wte(input_ids) + wpe(ctx.positions)
+        x, attention_mask, n_prompt = prepend_prompt(wte(input_ids), prompt, attention_mask)
+        length = x.shape[1] if cache is None else cache.max_len
+        if length > c.n_positions:
+            raise ValueError(f"GPT2: {length} positions requested; this model has "
+                             f"n_positions={c.n_positions}")
+        ctx = attention_context(x.shape[:2], attention_mask, positions, cache,
+                                self.attention_impl)
+        x = x + wpe(ctx.positions)
         x, kv = run_layers(GPT2Block, dict(config=c, dtype=self.dtype), c.n_layer,
                            StackOptions(self.scan_layers, self.remat_policy), "h", x, ctx, cache)
         x = nn.LayerNorm(epsilon=c.layer_norm_epsilon, dtype=self.dtype, name="ln_f")(x)
-        logits = wte.attend(x).astype(jnp.float32)  # the head is tied to the embedding
+        logits = wte.attend(x[:, n_prompt:]).astype(jnp.float32)  # the head is tied
         if cache is None:
             return logits
-        return logits, updated_cache(cache, ctx, kv, input_ids.shape[1])
+        return logits, updated_cache(cache, ctx, kv, x.shape[1])
 
 
 _LAYER_ROWS = [  # (flax path inside a block, HF name inside a block); Conv1D is [in, out]

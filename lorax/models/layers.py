@@ -61,15 +61,15 @@ class AttentionContext:
     implementation: str | None = struct.field(pytree_node=False, default=None)
 
 
-def attention_context(input_ids: jax.Array, attention_mask: jax.Array | None,
+def attention_context(shape: tuple[int, int], attention_mask: jax.Array | None,
                       positions: jax.Array | None, cache: KVCache | None,
                       implementation: str | None = None) -> AttentionContext:
-    """Positions and masks for a call on ``input_ids`` ``[batch, T]``.
+    """Positions and masks for a call on ``shape = (batch, T)`` new tokens.
 
     Positions default to the count of real tokens before each one (so left-padded rows start
     at 0, as Hugging Face computes them); with a cache the count includes the cached slots.
     """
-    batch, t = input_ids.shape
+    batch, t = shape
     mask = (jnp.ones((batch, t), bool) if attention_mask is None
             else jnp.asarray(attention_mask).astype(bool))
     if cache is None:
@@ -189,6 +189,20 @@ def run_layers(block: type[nn.Module], block_kwargs: dict[str, Any], n_layers: i
             new_k.append(layer_cache[0])
             new_v.append(layer_cache[1])
     return x, (None if cache is None else (jnp.stack(new_k), jnp.stack(new_v)))
+
+
+def prepend_prompt(embeddings: jax.Array, prompt: jax.Array | None,
+                   attention_mask: jax.Array | None) -> tuple[jax.Array, jax.Array | None, int]:
+    """Soft-prompt tuning: ``prompt [P, d]`` before every row's token embeddings ``[B, T, d]``
+    (and ones before the mask). Returns the embeddings, the mask and ``P``."""
+    if prompt is None:
+        return embeddings, attention_mask, 0
+    batch, n = embeddings.shape[0], prompt.shape[0]
+    rows = jnp.broadcast_to(prompt[None].astype(embeddings.dtype), (batch,) + prompt.shape)
+    if attention_mask is not None:
+        attention_mask = jnp.concatenate(
+            [jnp.ones((batch, n), jnp.asarray(attention_mask).dtype), attention_mask], axis=1)
+    return jnp.concatenate([rows, embeddings], axis=1), attention_mask, n
 
 
 def updated_cache(cache: KVCache, ctx: AttentionContext, kv: tuple[jax.Array, jax.Array],

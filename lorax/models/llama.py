@@ -30,8 +30,8 @@ import jax.numpy as jnp
 
 from lorax.models import hub
 from lorax.models.layers import (KVCache, StackOptions, apply_rope, attention,
-                                 attention_context, rope_frequencies, rope_tables, run_layers,
-                                 updated_cache)
+                                 attention_context, prepend_prompt, rope_frequencies,
+                                 rope_tables, run_layers, updated_cache)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,26 +217,28 @@ class Llama(nn.Module):
                              dtype or self.dtype)
 
     @nn.compact
-    def __call__(self, input_ids, *, attention_mask=None, positions=None, cache=None):
+    def __call__(self, input_ids, *, attention_mask=None, positions=None, cache=None,
+                 prompt=None):
         c = self.config
-        ctx = attention_context(input_ids, attention_mask, positions, cache, self.attention_impl)
-        ctx = ctx.replace(rope=rope_tables(ctx.positions, rope_frequencies(
-            c.dims, c.rope_theta, c.scaling)))
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, name="embed_tokens",
                          embedding_init=nn.initializers.normal(c.initializer_range))
-        x = embed(input_ids)
+        x, attention_mask, n_prompt = prepend_prompt(embed(input_ids), prompt, attention_mask)
+        ctx = attention_context(x.shape[:2], attention_mask, positions, cache,
+                                self.attention_impl)
+        ctx = ctx.replace(rope=rope_tables(ctx.positions, rope_frequencies(
+            c.dims, c.rope_theta, c.scaling)))
         x, kv = run_layers(LlamaBlock, dict(config=c, dtype=self.dtype), c.num_hidden_layers,
                            StackOptions(self.scan_layers, self.remat_policy), "layers", x, ctx,
                            cache)
-        x = nn.RMSNorm(epsilon=c.rms_norm_eps, dtype=self.dtype, name="norm")(x)
+        h = nn.RMSNorm(epsilon=c.rms_norm_eps, dtype=self.dtype, name="norm")(x[:, n_prompt:])
         if c.tie_word_embeddings:
-            logits = embed.attend(x)
+            logits = embed.attend(h)
         else:
-            logits = _dense(c.vocab_size, False, c, self.dtype, "lm_head")(x)
+            logits = _dense(c.vocab_size, False, c, self.dtype, "lm_head")(h)
         logits = logits.astype(jnp.float32)
         if cache is None:
             return logits
-        return logits, updated_cache(cache, ctx, kv, input_ids.shape[1])
+        return logits, updated_cache(cache, ctx, kv, x.shape[1])
 
 
 _LAYER_ROWS = [  # (flax path inside a block, HF name inside a block, transposed)
