@@ -26,6 +26,8 @@ from lorax.leaves import LoraWeight as LoraWeight
 from lorax.leaves import LoraxLeaf as LoraxLeaf
 from lorax.leaves import is_lorax_leaf as is_lorax_leaf
 from lorax.leaves import register_leaf as register_leaf
+from lorax.multi import MultiLoraWeight as MultiLoraWeight
+from lorax.multi import stack as stack
 from lorax.optim import optimizer as optimizer
 from lorax.peft import export_peft as export_peft
 from lorax.peft import import_peft as import_peft

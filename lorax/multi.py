@@ -1,0 +1,145 @@
+"""Multi-adapter serving: one batch whose rows use different LoRA adapters over one base,
+computed in one pass without merging and without a Python loop over adapters:
+
+    y[row] = x[row] W + scale[k] * (x[row] A[k]) B[k],   k = index[row]
+
+``lorax.stack(trees, index)`` builds the tree; ``lorax.lora(apply)`` runs it. The factors of
+all adapters are gathered per row (ranks padded with zeros to the largest), so the cost is
+that of one LoRA per row, whatever the number of adapters.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from lorax.bottleneck import NotMergeableError
+from lorax.leaves import LoraWeight, LoraxLeaf, is_lorax_leaf, register_leaf
+from lorax.targets import path_str
+
+
+@register_leaf
+class MultiLoraWeight(LoraxLeaf):
+    """A frozen 2-D (per layer) kernel with ``n`` LoRA adapters and a per-row choice.
+
+    Attributes:
+      base: the frozen kernel ``(*stack, in, out)``.
+      a: ``(*stack, n, in, r)``; b: ``(*stack, n, r, out)``.
+      scales: ``(*stack, n)``, each adapter's ``alpha / r``.
+      index: ``(*stack, batch)`` int32, the adapter of each row (repeated along the stack
+        axes so that ``lax.scan`` slices it with the rest).
+    """
+
+    base: Any
+    a: Any
+    b: Any
+    scales: Any
+    index: Any
+
+    trainable_fields: ClassVar[tuple[str, ...]] = ()  # for serving
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.base.shape)
+
+    @property
+    def dtype(self) -> Any:
+        return self.base.dtype
+
+    @property
+    def stack_ndim(self) -> int:
+        return self.a.ndim - 3
+
+    def materialize(self) -> jax.Array:
+        raise NotMergeableError("each row uses its own adapter, so there is no single dense "
+                                "weight; merge the adapters one at a time instead")
+
+    def dot_general(self, other, *, dimension_numbers, leaf_is_lhs, precision,
+                    preferred_element_type, bind):
+        (lc, rc), (lb, rb) = dimension_numbers
+        if (leaf_is_lhs or self.stack_ndim or lb or rb or tuple(int(c) for c in rc) != (0,)
+                or tuple(int(c) for c in lc) != (other.ndim - 1,)
+                or other.shape[0] != self.index.shape[0]):
+            return NotImplemented  # only x [batch, ..., in] @ W
+        base = self.base
+        if isinstance(base, LoraxLeaf):
+            y = base.dot_general(other, dimension_numbers=dimension_numbers, leaf_is_lhs=False,
+                                 precision=precision,
+                                 preferred_element_type=preferred_element_type, bind=bind)
+            if y is NotImplemented:
+                return NotImplemented
+        else:
+            y = bind(other, base)
+        a = self.a[self.index].astype(other.dtype)                        # [batch, in, r]
+        b = self.b[self.index].astype(other.dtype)                        # [batch, r, out]
+        scale = self.scales[self.index].astype(other.dtype)               # [batch]
+        low = jnp.einsum("b...i,bir->b...r", other, a)
+        low = jnp.einsum("b...r,bro->b...o", low, b)
+        low = low * scale.reshape((-1,) + (1,) * (low.ndim - 1))
+        return y + low.astype(y.dtype)
+
+    def astype(self, dtype):
+        if not jnp.issubdtype(dtype, jnp.floating):
+            return NotImplemented
+        base = self.base.astype(dtype)
+        if base is NotImplemented:
+            return NotImplemented
+        return MultiLoraWeight(base, self.a.astype(dtype), self.b.astype(dtype),
+                               self.scales, self.index)
+
+
+def stack(trees: Sequence[Any], index: Any) -> Any:
+    """One tree serving several LoRA adapters of the same base, row by row.
+
+    Args:
+      trees: wrapped trees (``lorax.wrap`` / ``import_peft`` / ``load``) over the same base,
+        with LoRA leaves on the same 2-D (per layer) kernels.
+      index: ``[batch]`` ints, the adapter (position in ``trees``) of each row.
+
+    Returns:
+      A tree with :class:`MultiLoraWeight` leaves; run it with ``lorax.lora(apply)`` on a
+      batch of ``len(index)`` rows.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, lorax
+      >>> w = {"w": jnp.ones((6, 4))}
+      >>> t = lorax.stack([lorax.wrap(w, rank=2), lorax.wrap(w, rank=3)], jnp.array([1, 0]))
+      >>> t["w"].a.shape, t["w"].index.shape
+      ((2, 6, 3), (2,))
+    """
+    if not trees:
+        raise ValueError("lorax.stack: no trees")
+    index = jnp.asarray(index, jnp.int32)
+    if index.ndim != 1:
+        raise ValueError(f"lorax.stack: index must be [batch]; got shape {index.shape}")
+    flats = [jax.tree_util.tree_flatten_with_path(t, is_leaf=is_lorax_leaf) for t in trees]
+    treedef = flats[0][1]
+    if any(f[1] != treedef for f in flats[1:]):
+        raise ValueError("lorax.stack: the trees have different structures")
+    out = []
+    for column in zip(*(f[0] for f in flats)):
+        path, leaves = path_str(column[0][0]), [leaf for _, leaf in column]
+        if not any(isinstance(leaf, LoraWeight) for leaf in leaves):
+            out.append(leaves[0])
+            continue
+        if not all(type(leaf) is LoraWeight for leaf in leaves):
+            raise ValueError(f"lorax.stack: '{path}' is a LoRA leaf in some trees only (or "
+                             "another kind)")
+        ns = leaves[0].stack_ndim
+        if leaves[0].in_ndim != 1 or len(leaves[0].shape) - ns != 2:
+            raise ValueError(f"lorax.stack: '{path}' is not a 2-D (per layer) kernel")
+        r = max(leaf.rank for leaf in leaves)
+        pad_a = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, r - x.shape[-1])])  # noqa
+        pad_b = lambda x: jnp.pad(x, [(0, 0)] * ns + [(0, r - x.shape[ns])] + [(0, 0)])  # noqa
+        a = jnp.stack([pad_a(leaf.a) for leaf in leaves], axis=ns)
+        b = jnp.stack([pad_b(leaf.b) for leaf in leaves], axis=ns)
+        lead = tuple(leaves[0].shape[:ns])
+        scales = jnp.broadcast_to(jnp.asarray([leaf.scale for leaf in leaves], jnp.float32),
+                                  lead + (len(leaves),))
+        if int(index.max()) >= len(leaves) or int(index.min()) < 0:
+            raise ValueError(f"lorax.stack: index values must be in [0, {len(leaves)})")
+        out.append(MultiLoraWeight(leaves[0].base, a, b, scales,
+                                   jnp.broadcast_to(index, lead + index.shape)))
+    return jax.tree_util.tree_unflatten(treedef, out)
