@@ -60,7 +60,7 @@ class DoraWeight(LoraWeight):
         return (merged.astype(jnp.float32) * ratio).astype(merged.dtype)
 
     def dot_general(self, other, *, dimension_numbers, leaf_is_lhs, precision,
-                    preferred_element_type, bind):
+                    preferred_element_type, bind, rng=None):
         (lc, rc), (lb, rb) = dimension_numbers
         ns, ni = self.stack_ndim, self.in_ndim
         if (leaf_is_lhs or ns or lb or rb
@@ -68,7 +68,8 @@ class DoraWeight(LoraWeight):
             return NotImplemented  # only x @ W over W's input axes: outputs end in W's out axes
         out = LoraWeight.dot_general(self, other, dimension_numbers=dimension_numbers,
                                      leaf_is_lhs=False, precision=precision,
-                                     preferred_element_type=preferred_element_type, bind=bind)
+                                     preferred_element_type=preferred_element_type, bind=bind,
+                                     rng=rng)
         if out is NotImplemented:
             return NotImplemented
         ratio = self.norm_scale().astype(out.dtype)
@@ -99,7 +100,8 @@ class DoraWeight(LoraWeight):
 
 def dora_from_lora(leaf: LoraWeight) -> DoraWeight:
     """The DoRA leaf of a freshly initialised LoRA leaf: magnitude = the base's norm."""
-    dora = DoraWeight(leaf.base, leaf.a, leaf.b, scale=leaf.scale, magnitude=None)
+    dora = DoraWeight(leaf.base, leaf.a, leaf.b, scale=leaf.scale, dropout=leaf.dropout,
+                      magnitude=None)
     magnitude = _column_norm(dora).astype(leaf.a.dtype)
     return dora.replace_magnitude(magnitude)
 

@@ -134,12 +134,15 @@ class LoraWeight(LoraxLeaf):
       a: the down factor, ``(*stack, *in_axes, r)``.
       b: the up factor, ``(*stack, r, *out_axes)``; zero at init.
       scale: ``alpha / r`` (or ``alpha / sqrt(r)`` for rsLoRA); static.
+      dropout: the rate of dropout on the low-rank path's input, active only when
+        ``lorax.lora(fn)`` is called with a ``dropout_rng``; static.
     """
 
     base: Any
     a: Any
     b: Any
     scale: float = static_field(default=1.0)
+    dropout: float = static_field(default=0.0)
 
     trainable_fields: ClassVar[tuple[str, ...]] = ("a", "b")
 
@@ -182,7 +185,7 @@ class LoraWeight(LoraxLeaf):
 
     # ----- primitives -------------------------------------------------------------------
     def dot_general(self, other, *, dimension_numbers, leaf_is_lhs, precision,
-                    preferred_element_type, bind):
+                    preferred_element_type, bind, rng=None):
         if isinstance(self.base, LoraxLeaf):
             base_out = self.base.dot_general(
                 other, dimension_numbers=dimension_numbers, leaf_is_lhs=leaf_is_lhs,
@@ -191,6 +194,9 @@ class LoraWeight(LoraxLeaf):
                 return NotImplemented
         else:
             base_out = bind(self.base, other) if leaf_is_lhs else bind(other, self.base)
+        if rng is not None and self.dropout > 0:  # inverted dropout on the low-rank input
+            keep = jax.random.bernoulli(rng, 1.0 - self.dropout, other.shape)
+            other = jnp.where(keep, other / (1.0 - self.dropout), 0).astype(other.dtype)
         low = _lowrank_dot(self, other, dimension_numbers, leaf_is_lhs, precision,
                            preferred_element_type)
         return base_out + low.astype(base_out.dtype)

@@ -95,7 +95,7 @@ def export_peft(directory: str | os.PathLike, tree: Any, model: Any = "gpt2",
         path the model's table does not know.
     """
     names = module_map(tree, model)
-    tensors, ranks, alphas, kinds = {}, {}, {}, set()
+    tensors, ranks, alphas, kinds, dropouts = {}, {}, {}, set(), {0.0}
     flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lorax_leaf)[0]
     for key_path, leaf in flat:
         if not is_lorax_leaf(leaf):
@@ -105,6 +105,7 @@ def export_peft(directory: str | os.PathLike, tree: Any, model: Any = "gpt2",
             raise ValueError(f"lorax.export_peft: '{path}' is a {type(leaf).__name__}; only "
                              "LoRA and DoRA leaves are exported")
         kinds.add(type(leaf))
+        dropouts.add(leaf.dropout)
         if path not in names:
             raise ValueError(f"lorax.export_peft: no Hugging Face module is known for "
                              f"'{path}'; pass model=... matching the tree, or a mapping")
@@ -130,7 +131,7 @@ def export_peft(directory: str | os.PathLike, tree: Any, model: Any = "gpt2",
     alpha = max(set(alphas.values()), key=list(alphas.values()).count)
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
-        "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": "none",
+        "target_modules": sorted(ranks), "lora_dropout": max(dropouts), "bias": "none",
         "fan_in_fan_out": model == "gpt2" or type(model).__name__ == "GPT2",
         "use_rslora": False,  # lora_alpha = scale * r reproduces any scaling
         "use_dora": DoraWeight in kinds,
@@ -203,6 +204,7 @@ def import_peft(directory: str | os.PathLike, params: Any, model: Any = "gpt2",
     tensors = {re.sub(r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$",
                       ".lora_magnitude_vector", k): v for k, v in tensors.items()}
     names = module_map(params, model)
+    dropout = float(config.get("lora_dropout") or 0.0)
     used: set[str] = set()
 
     def attach(key_path, leaf):
@@ -246,8 +248,9 @@ def import_peft(directory: str | os.PathLike, params: Any, model: Any = "gpt2",
         cast = (lambda x: jnp.asarray(x, dtype)) if dtype else jnp.asarray
         if dora:
             m = np.stack(m_list) if stacked else m_list[0]
-            return DoraWeight(leaf, cast(a), cast(b), scale=scales.pop(), magnitude=cast(m))
-        return LoraWeight(leaf, cast(a), cast(b), scale=scales.pop())
+            return DoraWeight(leaf, cast(a), cast(b), scale=scales.pop(), dropout=dropout,
+                              magnitude=cast(m))
+        return LoraWeight(leaf, cast(a), cast(b), scale=scales.pop(), dropout=dropout)
 
     out = jax.tree_util.tree_map_with_path(attach, params, is_leaf=is_lorax_leaf)
     unused = sorted(set(tensors) - used)

@@ -30,6 +30,7 @@ import warnings
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lorax import _compat
@@ -60,6 +61,12 @@ class RuleContext:
     names: tuple[str | None, ...]
     strict: bool
     outer_location: str = ""
+    rng: Any = None   # the dropout key of the enclosing jaxpr (None: no dropout)
+    index: int = 0    # this equation's position in it
+
+    def key(self) -> Any:
+        """A dropout key for this equation alone (None when no ``dropout_rng`` was given)."""
+        return None if self.rng is None else jax.random.fold_in(self.rng, self.index)
 
     @property
     def location(self) -> str:
@@ -102,11 +109,13 @@ class RuleContext:
                       LoraxDensifyWarning, stacklevel=2)
 
     def eval_jaxpr(self, closed_or_open: Any, args: Sequence[Any],
-                   names: Sequence[str | None] | None = None) -> list[Any]:
-        """Evaluates an inner jaxpr with the lorax interpreter."""
+                   names: Sequence[str | None] | None = None, rng: Any = None) -> list[Any]:
+        """Evaluates an inner jaxpr with the lorax interpreter (its dropout keys derive from
+        ``rng``, by default this equation's key)."""
         jaxpr, consts = _compat.open_jaxpr(closed_or_open)
         names = tuple(names) if names is not None else (None,) * len(args)
-        return _eval_jaxpr(jaxpr, consts, list(args), names, self.strict, self.location)
+        return _eval_jaxpr(jaxpr, consts, list(args), names, self.strict, self.location,
+                           self.key() if rng is None else rng)
 
 
 Rule = Callable[[RuleContext, list], Any]
@@ -147,6 +156,8 @@ def lora(fn: Callable, strict: bool = False) -> Callable:
     Returns:
       A function with ``fn``'s signature. On arguments without lorax leaves it is ``fn``
       itself; otherwise it computes ``fn`` on the merged weights without merging them.
+      It also takes a keyword ``dropout_rng``: a PRNG key that turns on the LoRA dropout
+      of leaves wrapped with ``dropout > 0`` (training); without it there is no dropout.
 
     Example:
       >>> import jax, jax.numpy as jnp, flax.linen as nn, lorax
@@ -158,7 +169,7 @@ def lora(fn: Callable, strict: bool = False) -> Callable:
     """
 
     @functools.wraps(fn)
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
+    def wrapped(*args: Any, dropout_rng: Any = None, **kwargs: Any) -> Any:
         flat, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs),
                                                              is_leaf=is_lorax_leaf)
         if not any(is_lorax_leaf(leaf) for _, leaf in flat):
@@ -180,7 +191,7 @@ def lora(fn: Callable, strict: bool = False) -> Callable:
                       for i in dynamic)
         jaxpr, consts = _compat.open_jaxpr(closed)
         values = [_freeze(leaves[i]) for i in dynamic]
-        outs = _eval_jaxpr(jaxpr, consts, values, names, strict)
+        outs = _eval_jaxpr(jaxpr, consts, values, names, strict, "", dropout_rng)
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
     return wrapped
@@ -210,7 +221,8 @@ def _path_name(path: Sequence[Any]) -> str:
 
 
 def _eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any],
-                names: Sequence[str | None], strict: bool, where: str = "") -> list[Any]:
+                names: Sequence[str | None], strict: bool, where: str = "",
+                rng: Any = None) -> list[Any]:
     env: dict[Any, Any] = {}
     lazy_names: dict[Any, str | None] = {}
 
@@ -224,14 +236,14 @@ def _eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any],
         if is_lorax_leaf(val):
             lazy_names[v] = name
 
-    for eqn in jaxpr.eqns:
+    for index, eqn in enumerate(jaxpr.eqns):
         invals = [read(v) for v in eqn.invars]
         if not any(is_lorax_leaf(x) for x in invals):
             outvals = _compat.bind_equation(eqn, invals)
         else:
             in_names = tuple(lazy_names.get(v) if not isinstance(v, _compat.Literal) else None
                              for v in eqn.invars)
-            ctx = RuleContext(eqn, in_names, strict, where)
+            ctx = RuleContext(eqn, in_names, strict, where, rng, index)
             rule = _RULES.get(eqn.primitive.name, _densify_rule)
             with _compat.equation_context(eqn):
                 outvals = rule(ctx, invals)
@@ -266,11 +278,12 @@ def _dot_general_rule(ctx: RuleContext, invals: list) -> list:
         return _densify_rule(ctx, invals)
     leaf_is_lhs = is_lorax_leaf(lhs)
     leaf, other = (lhs, rhs) if leaf_is_lhs else (rhs, lhs)
+    dropout = {"rng": ctx.key()} if ctx.rng is not None and getattr(leaf, "dropout", 0) else {}
     out = leaf.dot_general(
         other, dimension_numbers=ctx.params["dimension_numbers"], leaf_is_lhs=leaf_is_lhs,
         precision=ctx.params.get("precision"),
         preferred_element_type=ctx.params.get("preferred_element_type"),
-        bind=lambda a, b: ctx.bind(a, b)[0])
+        bind=lambda a, b: ctx.bind(a, b)[0], **dropout)
     if out is not NotImplemented:
         out = out.astype(ctx.eqn.outvars[0].aval.dtype)
     return _leaf_or_densify(ctx, invals, out)
@@ -356,14 +369,19 @@ def _scan_rule(ctx: RuleContext, invals: list) -> list:
           if is_lorax_leaf(x) and getattr(x, "stack_ndim", 1) < 1 else x
           for i, x in enumerate(xs)]
 
-    def body(carry, x):
-        outs = ctx.eval_jaxpr(p["jaxpr"], [*consts, *carry, *x], names)
-        outs = _densify_outputs(ctx, outs)
-        return outs[:n_carry], outs[n_carry:]
+    key = ctx.key()
 
-    carry_out, ys = jax.lax.scan(body, carry, xs, length=p["length"], reverse=p["reverse"],
+    def body(carry, x):
+        step, carry = carry[0], carry[1:]  # each iteration gets its own dropout key
+        rng = None if key is None else jax.random.fold_in(key, step)
+        outs = ctx.eval_jaxpr(p["jaxpr"], [*consts, *carry, *x], names, rng=rng)
+        outs = _densify_outputs(ctx, outs)
+        return [step + 1, *outs[:n_carry]], outs[n_carry:]
+
+    carry_out, ys = jax.lax.scan(body, [jnp.zeros((), jnp.int32), *carry], xs,
+                                 length=p["length"], reverse=p["reverse"],
                                  unroll=p.get("unroll", 1))
-    return [*carry_out, *ys]
+    return [*carry_out[1:], *ys]
 
 
 def _densify_single(ctx: RuleContext, value: Any, name: str | None) -> Any:
@@ -388,14 +406,18 @@ def _while_rule(ctx: RuleContext, invals: list) -> list:
     init = [ctx.densify([c])[0] if is_lorax_leaf(c) else c for c in init]
     free = (None,) * len(init)
 
+    key = ctx.key()
+
     def cond_fun(carry):
-        return ctx.eval_jaxpr(p["cond_jaxpr"], [*cconsts, *carry], cnames + free)[0]
+        return ctx.eval_jaxpr(p["cond_jaxpr"], [*cconsts, *carry[1:]], cnames + free)[0]
 
     def body_fun(carry):
-        outs = ctx.eval_jaxpr(p["body_jaxpr"], [*bconsts, *carry], bnames + free)
-        return _densify_outputs(ctx, outs)
+        step, carry = carry[0], carry[1:]  # each iteration gets its own dropout key
+        rng = None if key is None else jax.random.fold_in(key, step)
+        outs = ctx.eval_jaxpr(p["body_jaxpr"], [*bconsts, *carry], bnames + free, rng=rng)
+        return [step + 1, *_densify_outputs(ctx, outs)]
 
-    return list(jax.lax.while_loop(cond_fun, body_fun, init))
+    return list(jax.lax.while_loop(cond_fun, body_fun, [jnp.zeros((), jnp.int32), *init])[1:])
 
 
 register_rule("dot_general", _dot_general_rule)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Mapping
 
@@ -21,7 +22,7 @@ def wrap(params: Any, rank: int = 8, alpha: float | None = None, targets: Target
          key: jax.Array | None = None, rank_pattern: Mapping[str, int] | None = None,
          alpha_pattern: Mapping[str, float] | None = None, rslora: bool = False,
          dtype: Any = None, init: str = "kaiming", stacked: Any = None,
-         method: str = "lora") -> Any:
+         method: str = "lora", dropout: float = 0.0) -> Any:
     """Returns ``params`` with the targeted weights replaced by :class:`LoraWeight` leaves.
 
     Each LoRA leaf keeps the original weight as its frozen base (never copied) and adds
@@ -49,6 +50,8 @@ def wrap(params: Any, rank: int = 8, alpha: float | None = None, targets: Target
       stacked: leading layer axes of the targeted kernels: an int for all, a regex of the
         paths that carry one, or None to infer (modules flax names ``Scan*``, or a bias
         with the same leading axis).
+      dropout: LoRA dropout rate on the low-rank path's input (as peft's ``lora_dropout``);
+        it is applied when the transformed function gets ``dropout_rng=key``.
       method: ``"lora"``, or ``"dora"`` for :class:`lorax.DoraWeight` leaves (LoRA plus a
         magnitude per output feature, initialised to the base's norms).
 
@@ -64,6 +67,8 @@ def wrap(params: Any, rank: int = 8, alpha: float | None = None, targets: Target
     """
     if init not in _INITS:
         raise ValueError(f"lorax.wrap: init must be one of {_INITS}; got {init!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"lorax.wrap: dropout must be in [0, 1); got {dropout!r}")
     if method not in ("lora", "dora"):
         raise ValueError(f"lorax.wrap: method must be 'lora' or 'dora'; got {method!r}")
     tree = FlatTree.of(params)
@@ -80,6 +85,8 @@ def wrap(params: Any, rank: int = 8, alpha: float | None = None, targets: Target
                                 stack_axes=stack_axes_for(stacked, spec.stack_axes, path))
         if method == "dora":
             out[i] = dora_from_lora(out[i])
+        if dropout:
+            out[i] = dataclasses.replace(out[i], dropout=float(dropout))
     return tree.rebuild(out)
 
 
