@@ -88,3 +88,20 @@ def test_adapters_are_not_mergeable_and_say_where(tmp_path):
                                   lorax.lora(model.apply)({"params": tree}, x))
     with pytest.raises(ValueError, match="2-D"):
         lorax.adapters({"k": {"kernel": jnp.ones((4, 2, 3)), "bias": jnp.ones((2, 3))}}, ["k"])
+
+
+def test_adapter_on_nf4_base():
+    model, x = Net(), jax.random.normal(jax.random.key(0), (4, 3, 12))
+    params = model.init(jax.random.key(1), x)["params"]
+    q = lorax.quantize(params, "nf4", targets=["proj", "inner"], compute_dtype=jnp.float32,
+                       block_size=32)
+    tree = lorax.adapters(q, ["proj"], bottleneck=4, key=jax.random.key(3))
+    trainable, frozen = lorax.split(tree)
+    trainable = jax.tree.map(lambda v: v + 0.3, trainable)
+    dense = lorax.adapters(lorax.merge(q), ["proj"], bottleneck=4, key=jax.random.key(3))
+    dense = lorax.combine(jax.tree.map(lambda v: v + 0.3, lorax.split(dense)[0]),
+                          lorax.split(dense)[1])
+    with jax.default_matmul_precision("highest"):
+        np.testing.assert_allclose(
+            lorax.lora(model.apply)({"params": lorax.combine(trainable, frozen)}, x),
+            lorax.lora(model.apply)({"params": dense}, x), atol=1e-5)

@@ -84,3 +84,17 @@ def test_prefix_and_prompt_train():
         prefix_cache(model, init_prefix(model, 4, jax.random.key(0)), 1, 2)
     with pytest.raises(ValueError, match="slots"):
         extend_cache(model.init_cache(1, 8), 4)
+
+
+def test_prefix_and_prompt_save_and_load(tmp_path):
+    """Prefixes and prompts are plain trainable trees: lorax.unfreeze lets lorax.save /
+    lorax.load keep them like any adapter."""
+    import lorax
+
+    model, _ = MODELS[1]
+    prefix = init_prefix(model, 3, jax.random.key(4), hidden=8)
+    lorax.save(tmp_path / "prefix", lorax.unfreeze(prefix, ".*"))
+    template = init_prefix(model, 3, jax.random.key(0), hidden=8)
+    loaded = lorax.merge(lorax.load(tmp_path / "prefix", template))
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(prefix)):
+        np.testing.assert_array_equal(a, b)
