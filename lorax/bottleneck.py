@@ -12,7 +12,7 @@ from typing import Any, Callable, ClassVar
 import jax
 import jax.numpy as jnp
 
-from lorax.leaves import LoraxLeaf, register_leaf, static_field
+from lorax.leaves import OverBase, register_leaf, static_field
 from lorax.targets import FlatTree, Targets, infer_in_axes, infer_stack_axes, select
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -24,7 +24,7 @@ class NotMergeableError(ValueError):
 
 
 @register_leaf
-class AdapterWeight(LoraxLeaf):
+class AdapterWeight(OverBase):
     """A frozen 2-D (per layer) kernel ``W`` with a bottleneck adapter on its product:
     serial ``y + f(y D) U`` or parallel ``y + f(x D) U``, where ``y = x W``.
 
@@ -43,14 +43,7 @@ class AdapterWeight(LoraxLeaf):
     activation: str = static_field(default="relu")
 
     trainable_fields: ClassVar[tuple[str, ...]] = ("down", "up")
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.base.shape)
-
-    @property
-    def dtype(self) -> Any:
-        return self.base.dtype
+    cast_fields: ClassVar[tuple[str, ...]] = ("down", "up")
 
     @property
     def stack_ndim(self) -> int:
@@ -67,30 +60,17 @@ class AdapterWeight(LoraxLeaf):
         (lc, rc), (lb, rb) = dimension_numbers
         if leaf_is_lhs or self.stack_ndim or lb or rb or tuple(int(c) for c in rc) != (0,):
             return NotImplemented  # only x @ W with W's input axis contracted
-        base = self.base
-        if isinstance(base, LoraxLeaf):
-            y = base.dot_general(other, dimension_numbers=dimension_numbers, leaf_is_lhs=False,
-                                 precision=precision,
-                                 preferred_element_type=preferred_element_type, bind=bind)
-            if y is NotImplemented:
-                return NotImplemented
-        else:
-            y = bind(other, base)
+        y = self.base_dot(other, dimension_numbers=dimension_numbers, leaf_is_lhs=False,
+                          precision=precision, preferred_element_type=preferred_element_type,
+                          bind=bind)
+        if y is NotImplemented:
+            return NotImplemented
         if self.mode == "serial":
             source = y
         else:  # x with the contracted axis last
             source = jnp.moveaxis(other, int(lc[0]), -1)
         hidden = ACTIVATIONS[self.activation](source @ self.down.astype(source.dtype))
         return y + (hidden @ self.up.astype(hidden.dtype)).astype(y.dtype)
-
-    def astype(self, dtype):
-        if not jnp.issubdtype(dtype, jnp.floating):
-            return NotImplemented
-        base = self.base.astype(dtype)
-        if base is NotImplemented:
-            return NotImplemented
-        return type(self)(base, self.down.astype(dtype), self.up.astype(dtype),
-                          mode=self.mode, activation=self.activation)
 
 
 def adapters(params: Any, targets: Targets, bottleneck: int = 16, mode: str = "serial",

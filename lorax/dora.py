@@ -47,6 +47,7 @@ class DoraWeight(LoraWeight):
     magnitude: Any = None
 
     trainable_fields: ClassVar[tuple[str, ...]] = ("a", "b", "magnitude")
+    cast_fields: ClassVar[tuple[str, ...]] = ("a", "b", "magnitude")
 
     def norm_scale(self) -> jax.Array:
         """``m / ||W + s A B||``, a constant for the backward pass through the norm."""
@@ -88,14 +89,6 @@ class DoraWeight(LoraWeight):
     def reshape(self, new_sizes):
         return NotImplemented
 
-    def astype(self, dtype):
-        cast = LoraWeight.astype(self, dtype)
-        if cast is NotImplemented:
-            return NotImplemented
-        return cast.replace_magnitude(self.magnitude.astype(dtype))
-
-    def replace_magnitude(self, magnitude: Any) -> "DoraWeight":
-        return dataclasses.replace(self, magnitude=magnitude)
 
 
 def dora_from_lora(leaf: LoraWeight) -> DoraWeight:
@@ -103,5 +96,5 @@ def dora_from_lora(leaf: LoraWeight) -> DoraWeight:
     dora = DoraWeight(leaf.base, leaf.a, leaf.b, scale=leaf.scale, dropout=leaf.dropout,
                       magnitude=None)
     magnitude = _column_norm(dora).astype(leaf.a.dtype)
-    return dora.replace_magnitude(magnitude)
+    return dataclasses.replace(dora, magnitude=magnitude)
 

@@ -6,19 +6,18 @@ scaled axis. Initialised to ones, so the model starts unchanged.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from typing import Any, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from lorax.leaves import LoraxLeaf, materialize, register_leaf, static_field
+from lorax.leaves import OverBase, materialize, register_leaf, static_field
 from lorax.targets import FlatTree, Targets, infer_in_axes, infer_stack_axes, select
 
 
 @register_leaf
-class IA3Weight(LoraxLeaf):
+class IA3Weight(OverBase):
     """A frozen base ``W`` whose output (or input) features are scaled by ``vector``.
 
     Attributes:
@@ -36,14 +35,7 @@ class IA3Weight(LoraxLeaf):
     on: str = static_field(default="out")
 
     trainable_fields: ClassVar[tuple[str, ...]] = ("vector",)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.base.shape)
-
-    @property
-    def dtype(self) -> Any:
-        return self.base.dtype
+    cast_fields: ClassVar[tuple[str, ...]] = ("vector",)
 
     @property
     def stack_ndim(self) -> int:
@@ -76,26 +68,14 @@ class IA3Weight(LoraxLeaf):
             if sorted(x_axes) != x_axes:
                 return NotImplemented
             other = other * vector.reshape(shape)
-        base = self.base
-        if isinstance(base, LoraxLeaf):
-            out = base.dot_general(other, dimension_numbers=dimension_numbers,
-                                   leaf_is_lhs=False, precision=precision,
-                                   preferred_element_type=preferred_element_type, bind=bind)
-            if out is NotImplemented:
-                return NotImplemented
-        else:
-            out = bind(other, base)
+        out = self.base_dot(other, dimension_numbers=dimension_numbers, leaf_is_lhs=False,
+                            precision=precision, preferred_element_type=preferred_element_type,
+                            bind=bind)
+        if out is NotImplemented:
+            return NotImplemented
         if self.on == "out":
             out = out * vector.reshape((1,) * (out.ndim - vector.ndim) + vector.shape)
         return out
-
-    def astype(self, dtype):
-        if not jnp.issubdtype(dtype, jnp.floating):
-            return NotImplemented
-        base = self.base.astype(dtype)
-        if base is NotImplemented:
-            return NotImplemented
-        return dataclasses.replace(self, base=base, vector=self.vector.astype(dtype))
 
 
 def ia3(params: Any, targets: Targets, feedforward: Sequence[str] | str | None = None,

@@ -80,6 +80,39 @@ class LoraxLeaf:
         return NotImplemented
 
 
+class OverBase(LoraxLeaf):
+    """A leaf made of a frozen ``base`` (array or lorax leaf, e.g. NF4) plus trainable parts:
+    shape and dtype are the base's, and ``cast_fields`` are the arrays a cast converts."""
+
+    cast_fields: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.base.shape)
+
+    @property
+    def dtype(self) -> Any:
+        return self.base.dtype
+
+    def base_dot(self, other: Array, *, dimension_numbers, leaf_is_lhs: bool, precision,
+                 preferred_element_type, bind: Bind) -> Array:
+        """``dot_general`` with the base alone (NotImplemented if a base leaf cannot)."""
+        if isinstance(self.base, LoraxLeaf):
+            return self.base.dot_general(
+                other, dimension_numbers=dimension_numbers, leaf_is_lhs=leaf_is_lhs,
+                precision=precision, preferred_element_type=preferred_element_type, bind=bind)
+        return bind(self.base, other) if leaf_is_lhs else bind(other, self.base)
+
+    def astype(self, dtype: Any) -> "LoraxLeaf":
+        if not jnp.issubdtype(dtype, jnp.floating):
+            return NotImplemented
+        base = self.base.astype(dtype)
+        if base is NotImplemented:
+            return NotImplemented
+        return dataclasses.replace(self, base=base, **{
+            name: getattr(self, name).astype(dtype) for name in self.cast_fields})
+
+
 LEAF_KINDS: dict[str, type] = {}  # class name -> class, for checkpoints to rebuild leaves
 
 
@@ -116,7 +149,7 @@ def _prod(sizes: Sequence[int]) -> int:
 
 
 @register_leaf
-class LoraWeight(LoraxLeaf):
+class LoraWeight(OverBase):
     """A frozen base ``W`` plus a trainable low-rank update ``scale * A @ B``.
 
     The dense weight's axes are ``(*stack, *in_axes, *out_axes)``: ``stack`` are leading
@@ -145,16 +178,9 @@ class LoraWeight(LoraxLeaf):
     dropout: float = static_field(default=0.0)
 
     trainable_fields: ClassVar[tuple[str, ...]] = ("a", "b")
+    cast_fields: ClassVar[tuple[str, ...]] = ("a", "b")
 
     # ----- layout ---------------------------------------------------------------------
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.base.shape)
-
-    @property
-    def dtype(self) -> Any:
-        return self.base.dtype
-
     @property
     def rank(self) -> int:
         return int(self.a.shape[-1])
@@ -186,14 +212,11 @@ class LoraWeight(LoraxLeaf):
     # ----- primitives -------------------------------------------------------------------
     def dot_general(self, other, *, dimension_numbers, leaf_is_lhs, precision,
                     preferred_element_type, bind, rng=None):
-        if isinstance(self.base, LoraxLeaf):
-            base_out = self.base.dot_general(
-                other, dimension_numbers=dimension_numbers, leaf_is_lhs=leaf_is_lhs,
-                precision=precision, preferred_element_type=preferred_element_type, bind=bind)
-            if base_out is NotImplemented:
-                return NotImplemented
-        else:
-            base_out = bind(self.base, other) if leaf_is_lhs else bind(other, self.base)
+        base_out = self.base_dot(other, dimension_numbers=dimension_numbers,
+                                 leaf_is_lhs=leaf_is_lhs, precision=precision,
+                                 preferred_element_type=preferred_element_type, bind=bind)
+        if base_out is NotImplemented:
+            return NotImplemented
         if rng is not None and self.dropout > 0:  # inverted dropout on the low-rank input
             keep = jax.random.bernoulli(rng, 1.0 - self.dropout, other.shape)
             other = jnp.where(keep, other / (1.0 - self.dropout), 0).astype(other.dtype)
@@ -246,15 +269,6 @@ class LoraWeight(LoraxLeaf):
         low = jnp.moveaxis(low, tuple(range(low.ndim - nq, low.ndim)),
                            tuple(range(q_out[0], q_out[0] + nq)))
         return base_out + low.astype(base_out.dtype)
-
-    def astype(self, dtype):
-        if not jnp.issubdtype(dtype, jnp.floating):
-            return NotImplemented
-        base = self.base.astype(dtype)
-        if base is NotImplemented:
-            return NotImplemented
-        return dataclasses.replace(self, base=base, a=self.a.astype(dtype),
-                                   b=self.b.astype(dtype))
 
     def transpose(self, permutation):
         perm = [int(p) for p in permutation]

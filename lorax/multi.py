@@ -16,12 +16,12 @@ import jax
 import jax.numpy as jnp
 
 from lorax.bottleneck import NotMergeableError
-from lorax.leaves import LoraWeight, LoraxLeaf, is_lorax_leaf, register_leaf
+from lorax.leaves import LoraWeight, OverBase, is_lorax_leaf, register_leaf
 from lorax.targets import path_str
 
 
 @register_leaf
-class MultiLoraWeight(LoraxLeaf):
+class MultiLoraWeight(OverBase):
     """A frozen 2-D (per layer) kernel with ``n`` LoRA adapters and a per-row choice.
 
     Attributes:
@@ -39,14 +39,7 @@ class MultiLoraWeight(LoraxLeaf):
     index: Any
 
     trainable_fields: ClassVar[tuple[str, ...]] = ()  # for serving
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.base.shape)
-
-    @property
-    def dtype(self) -> Any:
-        return self.base.dtype
+    cast_fields: ClassVar[tuple[str, ...]] = ("a", "b")
 
     @property
     def stack_ndim(self) -> int:
@@ -63,15 +56,11 @@ class MultiLoraWeight(LoraxLeaf):
                 or tuple(int(c) for c in lc) != (other.ndim - 1,)
                 or other.shape[0] != self.index.shape[0]):
             return NotImplemented  # only x [batch, ..., in] @ W
-        base = self.base
-        if isinstance(base, LoraxLeaf):
-            y = base.dot_general(other, dimension_numbers=dimension_numbers, leaf_is_lhs=False,
-                                 precision=precision,
-                                 preferred_element_type=preferred_element_type, bind=bind)
-            if y is NotImplemented:
-                return NotImplemented
-        else:
-            y = bind(other, base)
+        y = self.base_dot(other, dimension_numbers=dimension_numbers, leaf_is_lhs=False,
+                          precision=precision, preferred_element_type=preferred_element_type,
+                          bind=bind)
+        if y is NotImplemented:
+            return NotImplemented
         a = self.a[self.index].astype(other.dtype)                        # [batch, in, r]
         b = self.b[self.index].astype(other.dtype)                        # [batch, r, out]
         scale = self.scales[self.index].astype(other.dtype)               # [batch]
@@ -79,15 +68,6 @@ class MultiLoraWeight(LoraxLeaf):
         low = jnp.einsum("b...r,bro->b...o", low, b)
         low = low * scale.reshape((-1,) + (1,) * (low.ndim - 1))
         return y + low.astype(y.dtype)
-
-    def astype(self, dtype):
-        if not jnp.issubdtype(dtype, jnp.floating):
-            return NotImplemented
-        base = self.base.astype(dtype)
-        if base is NotImplemented:
-            return NotImplemented
-        return MultiLoraWeight(base, self.a.astype(dtype), self.b.astype(dtype),
-                               self.scales, self.index)
 
 
 def stack(trees: Sequence[Any], index: Any) -> Any:

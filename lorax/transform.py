@@ -370,18 +370,22 @@ def _scan_rule(ctx: RuleContext, invals: list) -> list:
           for i, x in enumerate(xs)]
 
     key = ctx.key()
+    counted = key is not None  # per-iteration dropout keys need the iteration number
 
     def body(carry, x):
-        step, carry = carry[0], carry[1:]  # each iteration gets its own dropout key
-        rng = None if key is None else jax.random.fold_in(key, step)
+        rng = None
+        if counted:
+            step, carry = carry[0], carry[1:]
+            rng = jax.random.fold_in(key, step)
         outs = ctx.eval_jaxpr(p["jaxpr"], [*consts, *carry, *x], names, rng=rng)
         outs = _densify_outputs(ctx, outs)
-        return [step + 1, *outs[:n_carry]], outs[n_carry:]
+        new = list(outs[:n_carry])
+        return ([step + 1, *new] if counted else new), outs[n_carry:]
 
-    carry_out, ys = jax.lax.scan(body, [jnp.zeros((), jnp.int32), *carry], xs,
-                                 length=p["length"], reverse=p["reverse"],
+    init = [jnp.zeros((), jnp.int32), *carry] if counted else list(carry)
+    carry_out, ys = jax.lax.scan(body, init, xs, length=p["length"], reverse=p["reverse"],
                                  unroll=p.get("unroll", 1))
-    return [*carry_out[1:], *ys]
+    return [*carry_out[int(counted):], *ys]
 
 
 def _densify_single(ctx: RuleContext, value: Any, name: str | None) -> Any:
@@ -407,17 +411,23 @@ def _while_rule(ctx: RuleContext, invals: list) -> list:
     free = (None,) * len(init)
 
     key = ctx.key()
+    counted = key is not None  # per-iteration dropout keys need the iteration number
 
     def cond_fun(carry):
-        return ctx.eval_jaxpr(p["cond_jaxpr"], [*cconsts, *carry[1:]], cnames + free)[0]
+        carry = carry[1:] if counted else carry
+        return ctx.eval_jaxpr(p["cond_jaxpr"], [*cconsts, *carry], cnames + free)[0]
 
     def body_fun(carry):
-        step, carry = carry[0], carry[1:]  # each iteration gets its own dropout key
-        rng = None if key is None else jax.random.fold_in(key, step)
-        outs = ctx.eval_jaxpr(p["body_jaxpr"], [*bconsts, *carry], bnames + free, rng=rng)
-        return [step + 1, *_densify_outputs(ctx, outs)]
+        rng = None
+        if counted:
+            step, carry = carry[0], carry[1:]
+            rng = jax.random.fold_in(key, step)
+        outs = _densify_outputs(ctx, ctx.eval_jaxpr(p["body_jaxpr"], [*bconsts, *carry],
+                                                    bnames + free, rng=rng))
+        return [step + 1, *outs] if counted else outs
 
-    return list(jax.lax.while_loop(cond_fun, body_fun, [jnp.zeros((), jnp.int32), *init])[1:])
+    init = [jnp.zeros((), jnp.int32), *init] if counted else list(init)
+    return list(jax.lax.while_loop(cond_fun, body_fun, init))[int(counted):]
 
 
 register_rule("dot_general", _dot_general_rule)

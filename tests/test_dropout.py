@@ -74,5 +74,16 @@ def test_dropout_differs_per_use_and_per_scan_iteration_and_trains():
                                                  dropout_rng=k) ** 2).sum()))(
         trainable, jax.random.key(8))
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
-    # the rate survives checkpoints and the PEFT export
-    assert lp["ScanLayers"]["d"]["kernel"].dropout == 0.5
+
+
+def test_dropout_rate_survives_checkpoints_and_peft(tmp_path):
+    import json
+
+    lp = _lp(dropout=0.25)
+    lorax.save(tmp_path / "ckpt", lp)
+    assert lorax.load(tmp_path / "ckpt", {"w": W})["w"].dropout == 0.25
+    lorax.export_peft(tmp_path / "peft", lp, model={"w": "proj"})
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["lora_dropout"] == 0.25
+    assert lorax.import_peft(tmp_path / "peft", {"w": W}, model={"w": "proj"})["w"].dropout \
+        == 0.25
