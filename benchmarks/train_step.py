@@ -9,6 +9,10 @@ float32 adapters, AdamW, donated buffers, layers under nn.scan, cuDNN attention 
     python benchmarks/train_step.py --model llama-1b --mode lora --remat dots_saveable
     python benchmarks/train_step.py --small --no-anchor   # CPU smoke test of the script
 
+The QLoRA anchor (shared/bench/anchor_qlora.py: peft + bitsandbytes NF4 on the Llama-1B
+shape) runs too when QLoRA on llama-1b is measured and bitsandbytes imports; see
+benchmarks/NOTES.md for carrying its wheel to the GPU machine.
+
 Each (model, mode) runs in its own process so that its peak memory is its own; results go
 to --out (JSON lines) and a markdown table with the ratios to the anchor is printed last.
 MFU counts, as ANCHORS.md, 6N (full) or 4N (LoRA, QLoRA) FLOPs per token plus attention
@@ -29,7 +33,8 @@ PEAK_FLOPS = 800e12
 SHAPES = {"gpt2-124m": ("gpt2", 8, 1024, ["c_attn"]),
           "llama-1b": ("llama-1b-anchor", 4, 2048, ["q_proj", "k_proj", "v_proj", "o_proj"])}
 MODES = ("full", "lora", "qlora")
-ANCHOR = Path(__file__).resolve().parents[1].parent / "shared" / "bench" / "anchor_peft.py"
+BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "bench"
+ANCHOR, ANCHOR_QLORA = BENCH / "anchor_peft.py", BENCH / "anchor_qlora.py"
 
 
 def build(name: str, small: bool, remat: str | None):
@@ -52,7 +57,8 @@ def build(name: str, small: bool, remat: str | None):
     return model, batch, seq, targets
 
 
-def measure(name: str, mode: str, small: bool, remat: str | None, steps: int) -> dict:
+def measure(name: str, mode: str, small: bool, remat: str | None, steps: int,
+            profile: str | None = None) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
@@ -103,6 +109,16 @@ def measure(name: str, mode: str, small: bool, remat: str | None, steps: int) ->
     final = float(value)  # one host sync, after the timed loop
     seconds = (time.perf_counter() - start) / steps
     stats = jax.devices()[0].memory_stats() or {}
+    summary = None
+    if profile:  # a separate traced run, so that tracing costs nothing in the timing above
+        from profile_summary import summarize
+
+        trace_dir = os.path.join(profile, f"trace-{name}-{mode}")
+        with jax.profiler.trace(trace_dir):
+            for _ in range(3):
+                trainable, opt_state, value = step(trainable, opt_state, *extra)
+            float(value)
+        summary = summarize(trace_dir, steps=3)
     c = model.config
     layers = getattr(c, "n_layer", None) or c.num_hidden_layers
     width = getattr(c, "n_embd", None) or c.hidden_size
@@ -113,24 +129,62 @@ def measure(name: str, mode: str, small: bool, remat: str | None, steps: int) ->
                                                           4),
                 peak_gib=round(stats.get("peak_bytes_in_use", 0) / 2**30, 2),
                 params=n_params, trainable=n_trainable, loss=final, remat=remat,
-                backend=jax.default_backend(), device=jax.devices()[0].device_kind)
+                backend=jax.default_backend(), device=jax.devices()[0].device_kind,
+                **({"profile": summary} if summary else {}))
 
 
 def table(rows: list[dict], anchors: list[dict]) -> str:
     by = {(a["model"], a["mode"]): a for a in anchors}
+    ours = {(r["model"], r["mode"]): r for r in rows}
     lines = ["| model | mode | tokens/s | step ms | MFU | peak GiB | vs peft eager | "
-             "vs peft+compile |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "vs peft+compile | vs bnb QLoRA |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         eager = by.get((r["model"], "lora" if r["mode"] != "full" else "full"))
-        compiled = by.get((r["model"], "lora+compile"))
+        compiled = by.get((r["model"], "lora+compile")) if r["mode"] != "full" else None
+        bnb = by.get((r["model"], "qlora-bnb")) if r["mode"] == "qlora" else None
         ratio = lambda a: f"{r['tok_s'] / a['tok_s']:.2f}x" if a else "-"  # noqa: E731
         lines.append(f"| {r['model']} | {r['mode']} | {r['tok_s']:,} | {r['step_ms']} | "
                      f"{100 * r['mfu']:.1f}% | {r['peak_gib']} | {ratio(eager)} | "
-                     f"{ratio(compiled) if r['mode'] != 'full' else '-'} |")
+                     f"{ratio(compiled)} | {ratio(bnb)} |")
     for a in anchors:
         lines.append(f"| {a['model']} | peft {a['mode']} | {a['tok_s']:,} | {a['step_ms']} | "
-                     f"- | {a['peak_gib']} | | |")
+                     f"- | {a['peak_gib']} | | | |")
+    for model in SHAPES:
+        lora, qlora = ours.get((model, "lora")), ours.get((model, "qlora"))
+        if lora and qlora:
+            lines.append(f"\n{model}: our QLoRA step / our LoRA step = "
+                         f"{qlora['step_ms'] / lora['step_ms']:.3f}")
     return "\n".join(lines)
+
+
+def run_anchors(models: list[str], modes: list[str]) -> list[dict]:
+    """The PyTorch anchors in child processes; their JSON lines as rows of the table."""
+    anchors = []
+    done = subprocess.run([sys.executable, str(ANCHOR), *models], capture_output=True,
+                          text=True)
+    anchors += [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode:
+        print(f"anchor failed:\n{done.stderr[-3000:]}", file=sys.stderr)
+    if "llama-1b" not in models or "qlora" not in modes:
+        return anchors
+    if subprocess.run([sys.executable, "-c", "import bitsandbytes"],
+                      capture_output=True).returncode:
+        print("QLoRA anchor skipped: bitsandbytes does not import (benchmarks/NOTES.md)",
+              file=sys.stderr)
+        return anchors
+    done = subprocess.run([sys.executable, str(ANCHOR_QLORA)], capture_output=True, text=True)
+    for line in done.stdout.splitlines():
+        if line.startswith("{") and '"qlora-anchor"' in line:
+            row = json.loads(line)
+            anchors.append(dict(model="llama-1b", mode=f"{row['mode']}-bnb",
+                                tok_s=row["tok_s"], step_ms=row["step_ms"],
+                                peak_gib=row["peak_gib"], weights_gib=row["weights_gib"]))
+        elif line.startswith("{"):
+            print(line, file=sys.stderr)  # bitsandbytes' NF4 against the numpy reference
+    if done.returncode:
+        print(f"QLoRA anchor failed:\n{done.stderr[-3000:]}", file=sys.stderr)
+    return anchors
 
 
 def main(argv=None):
@@ -141,39 +195,44 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke test)")
     p.add_argument("--no-anchor", action="store_true", help="skip the PyTorch peft anchor")
+    p.add_argument("--profile", action="store_true",
+                   help="trace 3 more steps of each mode and report time per XLA op")
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="where results.jsonl goes")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child process
     args = p.parse_args(argv)
     models, modes = args.model or sorted(SHAPES), args.mode or list(MODES)
     if args.one:
-        print(json.dumps(measure(models[0], modes[0], args.small, args.remat, args.steps)))
+        print(json.dumps(measure(models[0], modes[0], args.small, args.remat, args.steps,
+                                 args.out if args.profile else None)))
         return
     rows = []
     for model in models:
         for mode in modes:
             cmd = [sys.executable, __file__, "--one", "--model", model, "--mode", mode,
                    "--steps", str(args.steps)] + (["--small"] if args.small else []) + (
-                ["--remat", args.remat] if args.remat else [])
+                ["--remat", args.remat] if args.remat else []) + (
+                ["--profile", "--out", args.out] if args.profile else [])
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 print(f"{model} {mode} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
                 continue
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
-    anchors = []
-    if not args.no_anchor:
-        done = subprocess.run([sys.executable, str(ANCHOR), *models], capture_output=True,
-                              text=True)
-        anchors = [json.loads(line) for line in done.stdout.splitlines()
-                   if line.startswith("{")]
-        if done.returncode:
-            print(f"anchor failed:\n{done.stderr[-3000:]}", file=sys.stderr)
+    anchors = [] if args.no_anchor else run_anchors(models, modes)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.jsonl", "a") as f:
         for r in rows + [{"anchor": True, **a} for a in anchors]:
             f.write(json.dumps(r) + "\n")
     print(table(rows, anchors))
+    for r in rows:
+        if "profile" in r:
+            prof = r["profile"]
+            kinds = ", ".join(f"{k} {v:.2f}" for k, v in prof["kinds"].items())
+            print(f"\n{r['model']} {r['mode']}: ops busy {prof['busy_ms']:.2f} of "
+                  f"{r['step_ms']} ms per step ({kinds})")
+            for op, kind, ms, share in prof["top"][:8]:
+                print(f"  {ms:8.3f} ms  {100 * share:5.1f}%  {kind:10s} {op}")
 
 
 if __name__ == "__main__":

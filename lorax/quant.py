@@ -173,8 +173,10 @@ class NF4Weight(QuantizedLeaf):
         values = jnp.asarray(NF4_CODE)[q.astype(jnp.int32)]
         values = values.reshape(values.shape[:-1] + (nblocks, self.block_size))
         values = (values * self.block_absmax()[..., None]).reshape(values.shape[:-2] + (-1,))
-        values = _from_torch_order(values[..., :self.n], self.layer_shape)
-        return values.astype(self.compute_dtype).astype(self.dtype)
+        # Round before reordering: the transpose to the Flax layout then moves compute_dtype
+        # values (half the bytes of float32 for bf16); rounding and reordering commute.
+        values = values[..., :self.n].astype(self.compute_dtype)
+        return _from_torch_order(values, self.layer_shape).astype(self.dtype)
 
 
 @register_leaf
