@@ -2,6 +2,7 @@
 (their timings are never asserted)."""
 
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
@@ -100,3 +101,70 @@ def test_train_step_counts_and_table(tmp_path):
     assert float(cells[6][:-1]) == pytest.approx(row["tok_s"] / (row["tok_s"] // 2), abs=0.01)
     assert float(cells[7][:-1]) == pytest.approx(0.5, abs=0.01)
     assert cells[8] == "-"
+
+
+@pytest.mark.parametrize("mode", ["lora", "qlora"])
+def test_gpu_train_step_lowers_with_cudnn_flash_attention(mode, monkeypatch):
+    """The benchmarks' GPU program, lowered for CUDA on this CPU machine: lorax.lora passes
+    the cuDNN fused attention (a custom_vjp around custom calls) through, forward and
+    backward, inside nn.scan and remat, over LoRA and NF4 leaves."""
+    import optax
+
+    from lorax.models import llama
+
+    fused = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
+    for name in ("check_cudnn_version", "check_compute_capability",
+                 "is_cuda_compute_capability_equal"):
+        if not hasattr(fused, name):
+            pytest.skip(f"this JAX has no {name}: the cuDNN checks moved")
+    # what a CUDA backend would answer; only the trace and the StableHLO lowering run here
+    monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(fused, "check_compute_capability", lambda capability: True)
+    monkeypatch.setattr(fused, "is_cuda_compute_capability_equal", lambda c: c == "9.0")
+
+    config = llama.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, vocab_size=1000)
+    model = llama.Llama(config, jnp.bfloat16, scan_layers=True,
+                        remat_policy="nothing_saveable", attention_impl="cudnn")
+    params = jax.eval_shape(lambda: jax.tree.map(
+        lambda x: x.astype(jnp.bfloat16),
+        model.clone(attention_impl=None).init(jax.random.key(0),
+                                              jnp.zeros((1, 8), jnp.int32))["params"]))
+
+    def build(p):
+        if mode == "qlora":
+            p = lorax.quantize(p, "nf4", targets=r".*ScanLayers/.*kernel")
+        return lorax.split(lorax.wrap(p, rank=8, targets=["q_proj", "k_proj", "v_proj",
+                                                         "o_proj"], dtype=jnp.float32))
+
+    trainable, frozen = jax.eval_shape(build, params)
+    tx = optax.adamw(1e-4)
+
+    def loss(t, f, tokens):
+        logits = lorax.lora(model.apply)({"params": lorax.combine(t, f)}, tokens[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(
+            logits.astype(jnp.float32), tokens[:, 1:]).mean()
+
+    def step(t, s, f, tokens):
+        value, grads = jax.value_and_grad(loss)(t, f, tokens)
+        updates, s = tx.update(grads, s, t)
+        return optax.apply_updates(t, updates), s, value
+
+    tokens = jax.ShapeDtypeStruct((2, 129), jnp.int32)
+    lowered = jax.jit(step, donate_argnums=(0, 1)).trace(
+        trainable, jax.eval_shape(tx.init, trainable), frozen, tokens).lower(
+        lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    assert "__cudnn$fmhaSoftmax" in text and "__cudnn$fmhaSoftmaxBackward" in text
+    # no dense [layers, d, d] update of a frozen weight: only the factors get gradients
+    out_shapes = [x.shape for x in jax.tree.leaves(lowered.out_info)]
+    assert max(math.prod(s) for s in out_shapes) < 256 * 256
+
+
+def test_multi_adapter_benchmark_runs_every_mode(tmp_path):
+    results = load("multi_adapter").main(["--small", "--repeats", "1", "--adapters", "3",
+                                          "--batch", "4", "--out", str(tmp_path)])
+    assert [r["mode"] for r in results] == ["merged", "single", "multi"]
+    assert [r["adapters"] for r in results] == [1, 1, 3]
+    assert all(r["prefill_tok_s"] > 0 and r["generate_tok_s"] > 0 for r in results)
+    assert (tmp_path / "multi_adapter.jsonl").read_text().count("\n") == 3
