@@ -46,7 +46,8 @@ def test_layer_by_layer_nf4_equals_quantizing_the_dense_stack(qlora_65b):
 
 
 def test_qlora_65b_small_run_trains_every_projection(qlora_65b, tmp_path):
-    result = qlora_65b.main(["--small", "--steps", "3", "--out", str(tmp_path)])
+    result = qlora_65b.main(["--small", "--steps", "3", "--seq", "64",
+                             "--out", str(tmp_path)])
     d, ff, layers, r = 256, 688, 4, 16  # the --small config; no GQA
     per_layer = r * (4 * (d + d) + 3 * (d + ff))  # q, k, v, o; gate, up, down
     assert result["trainable_params"] == layers * per_layer
@@ -163,7 +164,8 @@ def test_gpu_train_step_lowers_with_cudnn_flash_attention(mode, monkeypatch):
 
 def test_multi_adapter_benchmark_runs_every_mode(tmp_path):
     results = load("multi_adapter").main(["--small", "--repeats", "1", "--adapters", "3",
-                                          "--batch", "4", "--out", str(tmp_path)])
+                                          "--batch", "4", "--prompt", "16", "--new", "4",
+                                          "--out", str(tmp_path)])
     assert [r["mode"] for r in results] == ["merged", "single", "multi"]
     assert [r["adapters"] for r in results] == [1, 1, 3]
     assert all(r["prefill_tok_s"] > 0 and r["generate_tok_s"] > 0 for r in results)
