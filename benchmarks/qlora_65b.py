@@ -63,15 +63,17 @@ def make_base(model, key):
     import jax
     import jax.numpy as jnp
 
+    from lorax.targets import path_str
+
     shapes = jax.eval_shape(model.init, key, jnp.zeros((1, 8), jnp.int32))["params"]
     paths = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    make_layers = jax.jit(nf4_layers, static_argnums=(1, 2, 3))
     leaves = []
     for i, (path, sds) in enumerate(paths):
-        name = "/".join(str(getattr(p, "key", p)) for p in path)
+        name = path_str(path)
         k = jax.random.fold_in(key, i)
         if "ScanLayers" in name and name.endswith("kernel"):
-            make = jax.jit(nf4_layers, static_argnums=(1, 2, 3))
-            leaves.append(make(k, sds.shape[0], tuple(sds.shape[1:]), 0.02))
+            leaves.append(make_layers(k, sds.shape[0], tuple(sds.shape[1:]), 0.02))
         elif name.endswith(("scale", "weight")):  # RMSNorm gains
             leaves.append(jnp.ones(sds.shape, jnp.bfloat16))
         else:

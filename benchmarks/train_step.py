@@ -58,7 +58,7 @@ def build(name: str, small: bool, remat: str | None):
 
 
 def measure(name: str, mode: str, small: bool, remat: str | None, steps: int,
-            profile: str | None = None) -> dict:
+            profile: bool = False) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
@@ -111,9 +111,11 @@ def measure(name: str, mode: str, small: bool, remat: str | None, steps: int,
     stats = jax.devices()[0].memory_stats() or {}
     summary = None
     if profile:  # a separate traced run, so that tracing costs nothing in the timing above
+        import tempfile
+
         from profile_summary import summarize
 
-        trace_dir = os.path.join(profile, f"trace-{name}-{mode}")
+        trace_dir = tempfile.mkdtemp(prefix=f"trace-{name}-{mode}-")  # traces stay out of --out
         with jax.profiler.trace(trace_dir):
             for _ in range(3):
                 trainable, opt_state, value = step(trainable, opt_state, *extra)
@@ -203,7 +205,7 @@ def main(argv=None):
     models, modes = args.model or sorted(SHAPES), args.mode or list(MODES)
     if args.one:
         print(json.dumps(measure(models[0], modes[0], args.small, args.remat, args.steps,
-                                 args.out if args.profile else None)))
+                                 args.profile)))
         return
     rows = []
     for model in models:
@@ -211,7 +213,7 @@ def main(argv=None):
             cmd = [sys.executable, __file__, "--one", "--model", model, "--mode", mode,
                    "--steps", str(args.steps)] + (["--small"] if args.small else []) + (
                 ["--remat", args.remat] if args.remat else []) + (
-                ["--profile", "--out", args.out] if args.profile else [])
+                ["--profile"] if args.profile else [])
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 print(f"{model} {mode} failed:\n{done.stderr[-3000:]}", file=sys.stderr)

@@ -58,7 +58,6 @@ def test_qlora_65b_small_run_trains_every_projection(qlora_65b, tmp_path):
 
 def test_qlora_65b_analyze_accounts_for_every_argument(qlora_65b, tmp_path):
     result = qlora_65b.main(["--small", "--analyze", "--out", str(tmp_path)])
-    model = qlora_65b.config_for(type("Args", (), {"small": True, "layers": None})())
     # frozen NF4 + bf16 tree, then float32 factors and AdamW's two moments, the tokens
     trainable_bytes = 3 * 4 * result["trainable_params"]
     tokens_bytes = 4 * result["batch"] * (result["seq"] + 1)
@@ -66,7 +65,6 @@ def test_qlora_65b_analyze_accounts_for_every_argument(qlora_65b, tmp_path):
     assert result["arguments_gb"] * 1e9 == pytest.approx(expected, abs=2e6)
     assert result["aliased_gb"] == pytest.approx(trainable_bytes / 1e9, abs=2e-3)
     assert result["predicted_peak_gb"] > result["arguments_gb"]
-    assert model.num_hidden_layers == result["layers"]
 
 
 def test_profile_summary_attributes_time_to_ops(tmp_path):
