@@ -20,6 +20,10 @@ from lorax.bottleneck import adapters as adapters
 from lorax.checkpoint import load as load
 from lorax.checkpoint import save as save
 from lorax.dora import DoraWeight as DoraWeight
+from lorax.errors import CheckpointError as CheckpointError
+from lorax.errors import LoraxError as LoraxError
+from lorax.errors import NonFiniteError as NonFiniteError
+from lorax.errors import NotMergeableError as NotMergeableError
 from lorax.ia3 import IA3Weight as IA3Weight
 from lorax.ia3 import ia3 as ia3
 from lorax.leaves import LoraWeight as LoraWeight

@@ -12,15 +12,12 @@ from typing import Any, Callable, ClassVar
 import jax
 import jax.numpy as jnp
 
+from lorax.errors import LoraxValueError, NotMergeableError
 from lorax.leaves import OverBase, register_leaf, static_field
 from lorax.targets import FlatTree, Targets, infer_in_axes, infer_stack_axes, select
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu, "gelu": jax.nn.gelu, "silu": jax.nn.silu, "tanh": jnp.tanh}
-
-
-class NotMergeableError(ValueError):
-    """A lorax leaf whose computation is not a weight (e.g. a bottleneck adapter)."""
 
 
 @register_leaf
@@ -98,11 +95,11 @@ def adapters(params: Any, targets: Targets, bottleneck: int = 16, mode: str = "s
       ((6, 2), (2, 6))
     """
     if mode not in ("serial", "parallel"):
-        raise ValueError(f"lorax.adapters: mode must be 'serial' or 'parallel'; got {mode!r}")
+        raise LoraxValueError(f"lorax.adapters: mode must be 'serial' or 'parallel'; got {mode!r}")
     if activation not in ACTIVATIONS:
-        raise ValueError(f"lorax.adapters: activation must be one of {sorted(ACTIVATIONS)}")
+        raise LoraxValueError(f"lorax.adapters: activation must be one of {sorted(ACTIVATIONS)}")
     if bottleneck < 1:
-        raise ValueError(f"lorax.adapters: bottleneck must be >= 1; got {bottleneck}")
+        raise LoraxValueError(f"lorax.adapters: bottleneck must be >= 1; got {bottleneck}")
     tree = FlatTree.of(params)
     chosen = select(targets, tree.paths, tree.leaves)
     keys = jax.random.split(jax.random.key(0) if key is None else key, max(len(chosen), 1))
@@ -112,8 +109,8 @@ def adapters(params: Any, targets: Targets, bottleneck: int = 16, mode: str = "s
         siblings = tree.siblings(path)
         ns = infer_stack_axes(path, leaf.shape, siblings)
         if len(leaf.shape) - ns != 2 or infer_in_axes(leaf.shape, siblings, ns) != 1:
-            raise ValueError(f"lorax.adapters: '{path}' has shape {tuple(leaf.shape)}; "
-                             "adapters go on 2-D (per layer) kernels")
+            raise LoraxValueError(f"lorax.adapters: '{path}' has shape {tuple(leaf.shape)}; "
+                                  "adapters go on 2-D (per layer) kernels")
         stack, (d_in, d_out) = tuple(leaf.shape[:ns]), tuple(leaf.shape[ns:])
         fan = d_out if mode == "serial" else d_in
         vdtype = dtype or jnp.promote_types(leaf.dtype, jnp.float32)

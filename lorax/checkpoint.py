@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lorax.errors import LoraxFileNotFoundError, LoraxValueError
 from lorax.leaves import LEAF_KINDS, is_lorax_leaf
 from lorax.targets import path_str
 
@@ -36,23 +37,23 @@ def adapter_state(tree: Any) -> tuple[dict[str, jax.Array], dict[str, Any]]:
         frozen = [f.name for f in fields if not f.metadata.get("static")
                   and f.name not in leaf.trainable_fields]
         if frozen not in (["base"], []):
-            raise ValueError(f"lorax.save: '{path}' ({type(leaf).__name__}) has frozen fields "
-                             f"{frozen}; a checkpoint can rebuild leaves whose only frozen "
-                             "field is 'base'")
+            raise LoraxValueError(f"lorax.save: '{path}' ({type(leaf).__name__}) has frozen fields "
+                                  f"{frozen}; a checkpoint can rebuild leaves whose only frozen "
+                                  "field is 'base'")
         static = {f.name: getattr(leaf, f.name) for f in fields if f.metadata.get("static")}
         entry = {"kind": type(leaf).__name__, "static": static, "has_base": bool(frozen),
                  "base_shape": list(leaf.shape), "fields": {}}
         for name in leaf.trainable_fields:
             value = getattr(leaf, name)
             if value is None:
-                raise ValueError(f"lorax.save: '{path}' has no '{name}'; save the combined "
-                                 "tree (lorax.combine(trainable, frozen)), not one half")
+                raise LoraxValueError(f"lorax.save: '{path}' has no '{name}'; save the combined "
+                                      "tree (lorax.combine(trainable, frozen)), not one half")
             arrays[f"{path}/{name}"] = value
             entry["fields"][name] = {"shape": list(value.shape), "dtype": str(value.dtype)}
         leaves[path] = entry
     if not leaves:
-        raise ValueError("lorax.save: the tree has no adapter leaves (nothing trainable to "
-                         "save); wrap it with lorax.wrap first")
+        raise LoraxValueError("lorax.save: the tree has no adapter leaves (nothing trainable to "
+                              "save); wrap it with lorax.wrap first")
     return arrays, {"format": FORMAT, "version": VERSION, "leaves": leaves}
 
 
@@ -79,7 +80,7 @@ def save(target: str | os.PathLike | ocp.CheckpointManager, tree: Any,
                               lorax=ocp.args.JsonSave(metadata))
     if isinstance(target, ocp.CheckpointManager):
         if step is None:
-            raise ValueError("lorax.save: a CheckpointManager needs step=")
+            raise LoraxValueError("lorax.save: a CheckpointManager needs step=")
         target.save(step, args=args)
         return
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
@@ -108,14 +109,14 @@ def load(source: str | os.PathLike | ocp.CheckpointManager, base: Any,
     if manager is not None:
         step = manager.latest_step() if step is None else step
         if step is None or step not in manager.all_steps():
-            raise FileNotFoundError(f"lorax.load: no checkpoint for step {step} in "
-                                    f"{manager.directory} (steps: {manager.all_steps()})")
+            raise LoraxFileNotFoundError(f"lorax.load: no checkpoint for step {step} in "
+                                         f"{manager.directory} (steps: {manager.all_steps()})")
         where = f"{manager.directory} step {step}"
         restore = lambda args: manager.restore(step, args=args)  # noqa: E731
     else:
         path = Path(source).absolute()
         if not path.is_dir():
-            raise FileNotFoundError(f"lorax.load: no checkpoint directory at '{path}'")
+            raise LoraxFileNotFoundError(f"lorax.load: no checkpoint directory at '{path}'")
         where = str(path)
 
         def restore(args):
@@ -125,13 +126,13 @@ def load(source: str | os.PathLike | ocp.CheckpointManager, base: Any,
     try:
         metadata = restore(ocp.args.Composite(lorax=ocp.args.JsonRestore()))["lorax"]
     except Exception as e:
-        raise ValueError(f"lorax.load: '{where}' is not a lorax adapter checkpoint (no "
-                         f"readable 'lorax' metadata): {type(e).__name__}: {e}") from e
+        raise LoraxValueError(f"lorax.load: '{where}' is not a lorax adapter checkpoint (no "
+                              f"readable 'lorax' metadata): {type(e).__name__}: {e}") from e
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-        raise ValueError(f"lorax.load: '{where}' holds metadata of another format")
+        raise LoraxValueError(f"lorax.load: '{where}' holds metadata of another format")
     if metadata.get("version", 0) > VERSION:
-        raise ValueError(f"lorax.load: '{where}' was written by a newer lorax (format "
-                         f"version {metadata['version']} > {VERSION})")
+        raise LoraxValueError(f"lorax.load: '{where}' was written by a newer lorax (format "
+                              f"version {metadata['version']} > {VERSION})")
     entries = metadata["leaves"]
     abstract = {f"{path}/{name}": jax.ShapeDtypeStruct(tuple(f["shape"]), np.dtype(f["dtype"]))
                 for path, entry in entries.items() for name, f in entry["fields"].items()}
@@ -139,8 +140,9 @@ def load(source: str | os.PathLike | ocp.CheckpointManager, base: Any,
         arrays = restore(ocp.args.Composite(adapter=ocp.args.StandardRestore(abstract)))
         arrays = arrays["adapter"]
     except Exception as e:
-        raise ValueError(f"lorax.load: the adapter arrays in '{where}' cannot be read (corrupt "
-                         f"or incomplete checkpoint): {type(e).__name__}: {e}") from e
+        raise LoraxValueError(f"lorax.load: the adapter arrays in '{where}' cannot be read "
+                              f"(corrupt or incomplete checkpoint): {type(e).__name__}: {e}"
+                              ) from e
     return attach(base, entries, arrays, where)
 
 
@@ -155,16 +157,16 @@ def attach(base: Any, entries: dict[str, Any], arrays: dict[str, Any], where: st
             return leaf
         found.add(path)
         if is_lorax_leaf(leaf) and getattr(leaf, "trainable_fields", ()):
-            raise ValueError(f"lorax.load: '{path}' of the base already has an adapter; pass "
-                             "the base parameters")
+            raise LoraxValueError(f"lorax.load: '{path}' of the base already has an adapter; pass "
+                                  "the base parameters")
         if tuple(leaf.shape) != tuple(entry["base_shape"]):
-            raise ValueError(f"lorax.load: the adapter for '{path}' was trained on a base of "
-                             f"shape {tuple(entry['base_shape'])}; this base has "
-                             f"{tuple(leaf.shape)} there")
+            raise LoraxValueError(f"lorax.load: the adapter for '{path}' was trained on a base of "
+                                  f"shape {tuple(entry['base_shape'])}; this base has "
+                                  f"{tuple(leaf.shape)} there")
         cls = LEAF_KINDS.get(entry["kind"])
         if cls is None:
-            raise ValueError(f"lorax.load: '{path}' is a {entry['kind']}, which this lorax "
-                             "does not know")
+            raise LoraxValueError(f"lorax.load: '{path}' is a {entry['kind']}, which this lorax "
+                                  "does not know")
         trained = {name: arrays[f"{path}/{name}"] for name in entry["fields"]}
         if not entry.get("has_base", True):  # a fully trained weight replaces the base's
             return cls(**trained, **entry["static"])
@@ -173,6 +175,6 @@ def attach(base: Any, entries: dict[str, Any], arrays: dict[str, Any], where: st
     out = jax.tree_util.tree_map_with_path(rebuild, base, is_leaf=is_lorax_leaf)
     missing = sorted(set(entries) - found)
     if missing:
-        raise ValueError(f"lorax.load: the checkpoint '{where}' has adapters for {missing[:5]}"
-                         f"{' ...' if len(missing) > 5 else ''}, which the base does not have")
+        raise LoraxValueError(f"lorax.load: the checkpoint '{where}' has adapters for {missing[:5]}"
+                              f"{' ...' if len(missing) > 5 else ''}, which the base does not have")
     return out

@@ -15,7 +15,8 @@ from typing import Any, ClassVar, Sequence
 import jax
 import jax.numpy as jnp
 
-from lorax.bottleneck import NotMergeableError
+from lorax.errors import NotMergeableError
+from lorax.errors import LoraxValueError
 from lorax.leaves import LoraWeight, OverBase, is_lorax_leaf, register_leaf
 from lorax.targets import path_str
 
@@ -90,14 +91,14 @@ def stack(trees: Sequence[Any], index: Any) -> Any:
       ((2, 6, 3), (2,))
     """
     if not trees:
-        raise ValueError("lorax.stack: no trees")
+        raise LoraxValueError("lorax.stack: no trees")
     index = jnp.asarray(index, jnp.int32)
     if index.ndim != 1:
-        raise ValueError(f"lorax.stack: index must be [batch]; got shape {index.shape}")
+        raise LoraxValueError(f"lorax.stack: index must be [batch]; got shape {index.shape}")
     flats = [jax.tree_util.tree_flatten_with_path(t, is_leaf=is_lorax_leaf) for t in trees]
     treedef = flats[0][1]
     if any(f[1] != treedef for f in flats[1:]):
-        raise ValueError("lorax.stack: the trees have different structures")
+        raise LoraxValueError("lorax.stack: the trees have different structures")
     out = []
     for column in zip(*(f[0] for f in flats)):
         path, leaves = path_str(column[0][0]), [leaf for _, leaf in column]
@@ -105,11 +106,11 @@ def stack(trees: Sequence[Any], index: Any) -> Any:
             out.append(leaves[0])
             continue
         if not all(type(leaf) is LoraWeight for leaf in leaves):
-            raise ValueError(f"lorax.stack: '{path}' is a LoRA leaf in some trees only (or "
-                             "another kind)")
+            raise LoraxValueError(f"lorax.stack: '{path}' is a LoRA leaf in some trees only (or "
+                                  "another kind)")
         ns = leaves[0].stack_ndim
         if leaves[0].in_ndim != 1 or len(leaves[0].shape) - ns != 2:
-            raise ValueError(f"lorax.stack: '{path}' is not a 2-D (per layer) kernel")
+            raise LoraxValueError(f"lorax.stack: '{path}' is not a 2-D (per layer) kernel")
         r = max(leaf.rank for leaf in leaves)
         pad_a = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, r - x.shape[-1])])  # noqa
         pad_b = lambda x: jnp.pad(x, [(0, 0)] * ns + [(0, r - x.shape[ns])] + [(0, 0)])  # noqa
@@ -119,7 +120,7 @@ def stack(trees: Sequence[Any], index: Any) -> Any:
         scales = jnp.broadcast_to(jnp.asarray([leaf.scale for leaf in leaves], jnp.float32),
                                   lead + (len(leaves),))
         if int(index.max()) >= len(leaves) or int(index.min()) < 0:
-            raise ValueError(f"lorax.stack: index values must be in [0, {len(leaves)})")
+            raise LoraxValueError(f"lorax.stack: index values must be in [0, {len(leaves)})")
         out.append(MultiLoraWeight(leaves[0].base, a, b, scales,
                                    jnp.broadcast_to(index, lead + index.shape)))
     return jax.tree_util.tree_unflatten(treedef, out)

@@ -23,6 +23,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from lorax.dora import DoraWeight
+from lorax.errors import LoraxFileNotFoundError, LoraxValueError
 from lorax.leaves import LoraWeight, is_lorax_leaf
 from lorax.targets import path_str
 
@@ -51,8 +52,8 @@ def module_map(params: Any, model: Any) -> dict[str, list[tuple[str, int | None]
         scan = any(p.startswith("ScanLayers/") for p in paths)
         config = _config_from_paths(module, params, paths, scan)
     else:
-        raise ValueError(f"lorax.peft: model must be 'gpt2', 'llama', a reference model or a "
-                         f"mapping {{flax_path: module_name}}; got {model!r}")
+        raise LoraxValueError(f"lorax.peft: model must be 'gpt2', 'llama', a reference model or a "
+                              f"mapping {{flax_path: module_name}}; got {model!r}")
     out: dict[str, list[tuple[str, int | None]]] = {}
     for entry in module.hf_table(config, scan):
         if entry.path.endswith("/kernel") and entry.name.endswith(".weight"):
@@ -102,19 +103,19 @@ def export_peft(directory: str | os.PathLike, tree: Any, model: Any = "gpt2",
             continue
         path = path_str(key_path)
         if type(leaf) not in (LoraWeight, DoraWeight):
-            raise ValueError(f"lorax.export_peft: '{path}' is a {type(leaf).__name__}; only "
-                             "LoRA and DoRA leaves are exported")
+            raise LoraxValueError(f"lorax.export_peft: '{path}' is a {type(leaf).__name__}; only "
+                                  "LoRA and DoRA leaves are exported")
         kinds.add(type(leaf))
         dropouts.add(leaf.dropout)
         if path not in names:
-            raise ValueError(f"lorax.export_peft: no Hugging Face module is known for "
-                             f"'{path}'; pass model=... matching the tree, or a mapping")
+            raise LoraxValueError(f"lorax.export_peft: no Hugging Face module is known for "
+                                  f"'{path}'; pass model=... matching the tree, or a mapping")
         a, b = np.asarray(jax.device_get(leaf.a)), np.asarray(jax.device_get(leaf.b))
         for name, layer in names[path]:
             la, lb = (a, b) if layer is None else (a[layer], b[layer])
             if la.ndim != 2 or lb.ndim != 2:
-                raise ValueError(f"lorax.export_peft: '{path}' has factors {la.shape} / "
-                                 f"{lb.shape} per layer; PEFT stores 2-D Linear factors")
+                raise LoraxValueError(f"lorax.export_peft: '{path}' has factors {la.shape} / "
+                                      f"{lb.shape} per layer; PEFT stores 2-D Linear factors")
             tensors[f"{PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(la.T)
             tensors[f"{PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(lb.T)
             if isinstance(leaf, DoraWeight):
@@ -123,10 +124,10 @@ def export_peft(directory: str | os.PathLike, tree: Any, model: Any = "gpt2",
                 tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = np.ascontiguousarray(m)
             ranks[name], alphas[name] = leaf.rank, leaf.scale * leaf.rank
     if not tensors:
-        raise ValueError("lorax.export_peft: the tree has no LoRA leaves")
+        raise LoraxValueError("lorax.export_peft: the tree has no LoRA leaves")
     if len(kinds) > 1:
-        raise ValueError("lorax.export_peft: PEFT's use_dora applies to every module; the "
-                         "tree mixes LoRA and DoRA leaves")
+        raise LoraxValueError("lorax.export_peft: PEFT's use_dora applies to every module; the "
+                              "tree mixes LoRA and DoRA leaves")
     r = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank
     alpha = max(set(alphas.values()), key=list(alphas.values()).count)
     config = {
@@ -182,21 +183,21 @@ def import_peft(directory: str | os.PathLike, params: Any, model: Any = "gpt2",
             directory = Path(snapshot_download(str(directory),
                                                allow_patterns=[CONFIG_FILE, WEIGHTS_FILE]))
         except Exception as e:
-            raise FileNotFoundError(
+            raise LoraxFileNotFoundError(
                 f"lorax.import_peft: '{directory}' is not a local directory and the Hugging "
                 f"Face Hub could not provide it ({type(e).__name__}: {e}); download "
                 f"{CONFIG_FILE} and {WEIGHTS_FILE} and pass their directory") from e
     for file in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / file).is_file():
-            raise FileNotFoundError(f"lorax.import_peft: no {file} in '{directory}'")
+            raise LoraxFileNotFoundError(f"lorax.import_peft: no {file} in '{directory}'")
     config = json.loads((directory / CONFIG_FILE).read_text())
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"lorax.import_peft: peft_type {config.get('peft_type')!r} is not "
-                         "LORA")
+        raise LoraxValueError(f"lorax.import_peft: peft_type {config.get('peft_type')!r} is not "
+                              "LORA")
     for option, ok in [("bias", "none"), ("modules_to_save", None)]:
         if config.get(option, ok) not in (ok, [] if ok is None else ok):
-            raise ValueError(f"lorax.import_peft: {option}={config[option]!r} is not "
-                             "supported yet")
+            raise LoraxValueError(f"lorax.import_peft: {option}={config[option]!r} is not "
+                                  "supported yet")
     tensors = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v
                for k, v in load_file(str(directory / WEIGHTS_FILE)).items()}
     tensors = {re.sub(r"\.lora_([AB])\.[^.]+\.weight$", r".lora_\1.weight", k): v
@@ -215,8 +216,8 @@ def import_peft(directory: str | os.PathLike, params: Any, model: Any = "gpt2",
         if not found:
             return leaf
         if len(found) != len(names[path]):
-            raise ValueError(f"lorax.import_peft: the adapter covers {len(found)} of the "
-                             f"{len(names[path])} layers stacked in '{path}'")
+            raise LoraxValueError(f"lorax.import_peft: the adapter covers {len(found)} of the "
+                                  f"{len(names[path])} layers stacked in '{path}'")
         a_list, b_list, m_list, scales = [], [], [], set()
         dora = bool(config.get("use_dora"))
         for name, _ in found:
@@ -230,21 +231,21 @@ def import_peft(directory: str | os.PathLike, params: Any, model: Any = "gpt2",
             if dora:
                 key = f"{name}.lora_magnitude_vector"
                 if key not in tensors:
-                    raise ValueError(f"lorax.import_peft: use_dora is set but '{key}' is "
-                                     "missing")
+                    raise LoraxValueError(f"lorax.import_peft: use_dora is set but '{key}' is "
+                                          "missing")
                 used.add(key)
                 m_list.append(tensors[key])
         if len(scales) != 1:
-            raise ValueError(f"lorax.import_peft: the layers stacked in '{path}' have "
-                             f"different scalings {sorted(scales)}")
+            raise LoraxValueError(f"lorax.import_peft: the layers stacked in '{path}' have "
+                                  f"different scalings {sorted(scales)}")
         stacked = found[0][1] is not None
         a = np.stack(a_list) if stacked else a_list[0]
         b = np.stack(b_list) if stacked else b_list[0]
         per_layer = tuple(leaf.shape[1:] if stacked else leaf.shape)
         if (a.shape[-2], b.shape[-1]) != per_layer or a.shape[-1] != b.shape[-2]:
-            raise ValueError(f"lorax.import_peft: '{found[0][0]}' has lora_A "
-                             f"{a_list[0].T.shape} and lora_B {b_list[0].T.shape}, which do "
-                             f"not fit the base '{path}' of shape {tuple(leaf.shape)}")
+            raise LoraxValueError(f"lorax.import_peft: '{found[0][0]}' has lora_A "
+                                  f"{a_list[0].T.shape} and lora_B {b_list[0].T.shape}, which do "
+                                  f"not fit the base '{path}' of shape {tuple(leaf.shape)}")
         cast = (lambda x: jnp.asarray(x, dtype)) if dtype else jnp.asarray
         if dora:
             m = np.stack(m_list) if stacked else m_list[0]
@@ -255,6 +256,6 @@ def import_peft(directory: str | os.PathLike, params: Any, model: Any = "gpt2",
     out = jax.tree_util.tree_map_with_path(attach, params, is_leaf=is_lorax_leaf)
     unused = sorted(set(tensors) - used)
     if unused:
-        raise ValueError(f"lorax.import_peft: {len(unused)} adapter tensors fit no parameter "
-                         f"of this model, e.g. {unused[:4]}")
+        raise LoraxValueError(f"lorax.import_peft: {len(unused)} adapter tensors fit no parameter "
+                              f"of this model, e.g. {unused[:4]}")
     return out

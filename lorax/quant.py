@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorax.errors import LoraxKeyError, LoraxValueError
 from lorax.leaves import LoraxLeaf, is_lorax_leaf, register_leaf, static_field
 from lorax.targets import (FlatTree, Targets, infer_in_axes, infer_stack_axes, select,
                            stack_axes_for)
@@ -224,8 +225,8 @@ def quantize_nf4(w: jax.Array, block_size: int = 64, double_quant: bool = True,
       ((1024,), 'uint8', 'uint8')
     """
     if not 32 <= block_size <= 4096 or block_size & (block_size - 1):
-        raise ValueError(f"lorax.quantize: block_size must be a power of two in [32, 4096]; "
-                         f"got {block_size}")
+        raise LoraxValueError(f"lorax.quantize: block_size must be a power of two in [32, 4096]; "
+                              f"got {block_size}")
     layer_shape = tuple(int(s) for s in w.shape[stack:])
     flat = _to_torch_order(jnp.asarray(w, jnp.float32), stack)
     n = flat.shape[-1]
@@ -292,15 +293,15 @@ def quantize(params: Any, method: str = "nf4", block_size: int = 64, double_quan
       ('NF4Weight', (64, 64))
     """
     if method not in ("nf4", "int8"):
-        raise ValueError(f"lorax.quantize: method must be 'nf4' or 'int8'; got {method!r}")
+        raise LoraxValueError(f"lorax.quantize: method must be 'nf4' or 'int8'; got {method!r}")
     tree = FlatTree.of(params)
     chosen = select(targets, tree.paths, tree.leaves)
     out = list(tree.leaves)
     for i, spec in chosen.items():
         path, leaf = tree.paths[i], tree.leaves[i]
         if is_lorax_leaf(leaf):
-            raise ValueError(f"lorax.quantize: '{path}' is already a {type(leaf).__name__}; "
-                             "quantize the dense tree before wrapping it")
+            raise LoraxValueError(f"lorax.quantize: '{path}' is already a {type(leaf).__name__}; "
+                                  "quantize the dense tree before wrapping it")
         siblings = tree.siblings(path)
         stack = stack_axes_for(stacked, spec.stack_axes, path)
         stack = infer_stack_axes(path, leaf.shape, siblings) if stack is None else stack
@@ -343,8 +344,8 @@ def nf4_to_bnb(leaf: NF4Weight, prefix: str) -> dict[str, np.ndarray]:
     import json
 
     if leaf.codes.ndim != 1 or len(leaf.layer_shape) != 2:
-        raise ValueError(f"lorax: '{prefix}': the bitsandbytes layout holds one 2-D Linear "
-                         f"weight; got a leaf of shape {leaf.shape} (slice stacked layers)")
+        raise LoraxValueError(f"lorax: '{prefix}': the bitsandbytes layout holds one 2-D Linear "
+                              f"weight; got a leaf of shape {leaf.shape} (slice stacked layers)")
     d_in, d_out = leaf.layer_shape
     state = {"quant_type": "nf4", "blocksize": leaf.block_size,
              "dtype": jnp.dtype(leaf.compute_dtype).name, "shape": [d_out, d_in]}
@@ -368,34 +369,34 @@ def nf4_from_bnb(tensors: Any, prefix: str, compute_dtype: Any = None) -> NF4Wei
     def get(key: str) -> np.ndarray:
         full = f"{prefix}.{key}"
         if full not in tensors:
-            raise KeyError(f"lorax: bitsandbytes tensor '{full}' is missing")
+            raise LoraxKeyError(f"lorax: bitsandbytes tensor '{full}' is missing")
         return np.asarray(tensors[full])
 
     try:
         state = json.loads(bytes(get(_QUANT_STATE_KEY).astype(np.uint8)).decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"lorax: '{prefix}.{_QUANT_STATE_KEY}' is not a JSON quant state"
-                         ) from err
+        raise LoraxValueError(f"lorax: '{prefix}.{_QUANT_STATE_KEY}' is not a JSON quant state"
+                              ) from err
     if state.get("quant_type") != "nf4":
-        raise ValueError(f"lorax: '{prefix}' has quant_type {state.get('quant_type')!r}; "
-                         "only 'nf4' is supported")
+        raise LoraxValueError(f"lorax: '{prefix}' has quant_type {state.get('quant_type')!r}; "
+                              "only 'nf4' is supported")
     d_out, d_in = (int(s) for s in state["shape"])
     block = int(state["blocksize"])
     n = d_out * d_in
     codes = get("weight").reshape(-1).astype(np.uint8)
     absmax = get("weight.absmax")
     if codes.size != (n + 1) // 2 or absmax.size != -(-n // block):
-        raise ValueError(f"lorax: '{prefix}': {codes.size} code bytes and {absmax.size} "
-                         f"scales do not fit shape {[d_out, d_in]} with block {block}")
+        raise LoraxValueError(f"lorax: '{prefix}': {codes.size} code bytes and {absmax.size} "
+                              f"scales do not fit shape {[d_out, d_in]} with block {block}")
     if not np.array_equal(get("weight.quant_map").astype(np.float32), NF4_CODE):
-        raise ValueError(f"lorax: '{prefix}.weight.quant_map' is not the NF4 code table")
+        raise LoraxValueError(f"lorax: '{prefix}.weight.quant_map' is not the NF4 code table")
     absmax2 = offset = None
     if "nested_blocksize" in state:
         if int(state["nested_blocksize"]) != NESTED_BLOCK:
-            raise ValueError(f"lorax: '{prefix}': nested_blocksize must be {NESTED_BLOCK}")
+            raise LoraxValueError(f"lorax: '{prefix}': nested_blocksize must be {NESTED_BLOCK}")
         if not np.array_equal(get("weight.nested_quant_map").astype(np.float32), DYNAMIC_MAP):
-            raise ValueError(f"lorax: '{prefix}.weight.nested_quant_map' is not the signed "
-                             "8-bit dynamic map")
+            raise LoraxValueError(f"lorax: '{prefix}.weight.nested_quant_map' is not the signed "
+                                  "8-bit dynamic map")
         absmax2 = jnp.asarray(get("weight.nested_absmax"), jnp.float32)
         offset = jnp.asarray(state["nested_offset"], jnp.float32)
         absmax = absmax.astype(np.uint8)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorax.errors import LoraxTypeError, LoraxValueError
 from lorax.leaves import LoraWeight, is_lorax_leaf
 
 #: Path components that name embedding tables, which the default targets leave alone.
@@ -103,7 +104,7 @@ def select(targets: Targets, paths: Sequence[str], leaves: Sequence[Any],
                     default_excludes.fullmatch(c) for c in p.split("/")):
                 chosen[i] = LoraSpec()
         if not chosen:
-            raise ValueError(_nothing_matched("the default targets", paths, leaves))
+            raise LoraxValueError(_nothing_matched("the default targets", paths, leaves))
         return chosen
 
     if isinstance(targets, str):
@@ -115,39 +116,41 @@ def select(targets: Targets, paths: Sequence[str], leaves: Sequence[Any],
     elif isinstance(targets, (list, tuple, set, frozenset)):
         names = list(targets)
         if not all(isinstance(n, str) for n in names):
-            raise TypeError(f"lorax: targets must be module names (str); got {names!r}")
+            raise LoraxTypeError(f"lorax: targets must be module names (str); got {names!r}")
         unmatched = [n for n in names if not any(
             n in p.split("/") and is_weight_path(p)
             and (is_floating_weight(leaf) or isinstance(leaf, LoraWeight))
             for p, leaf in zip(paths, leaves))]
         if unmatched:
-            raise ValueError(_nothing_matched(f"the target names {unmatched!r}", paths, leaves))
+            raise LoraxValueError(_nothing_matched(f"the target names {unmatched!r}", paths,
+                                                   leaves))
         decide = lambda p, leaf: any(n in p.split("/") for n in names)  # noqa: E731
         what = f"the target names {names!r}"
     else:
-        raise TypeError("lorax: targets must be None, a regex string, a list of names or a "
-                        f"callable (path, leaf) -> bool | LoraSpec; got {type(targets).__name__}")
+        raise LoraxTypeError("lorax: targets must be None, a regex string, a list of names or "
+                             "a callable (path, leaf) -> bool | LoraSpec; got "
+                             f"{type(targets).__name__}")
 
     for i, (p, leaf) in enumerate(zip(paths, leaves)):
         verdict = decide(p, leaf)
         if verdict is False or verdict is None:
             continue
         if isinstance(leaf, LoraWeight):
-            raise ValueError(f"lorax: '{p}' is already a LoRA leaf; merge it or target "
-                             "another weight.")
+            raise LoraxValueError(f"lorax: '{p}' is already a LoRA leaf; merge it or target "
+                                  "another weight.")
         is_array = is_lorax_leaf(leaf) or isinstance(leaf, (jax.Array, np.ndarray))
         if not is_array:
-            raise TypeError(f"lorax: {what} selects '{p}', which is a "
-                            f"{type(leaf).__name__}, not an array; only floating weights "
-                            "can be adapted.")
+            raise LoraxTypeError(f"lorax: {what} selects '{p}', which is a "
+                                 f"{type(leaf).__name__}, not an array; only floating weights "
+                                 "can be adapted.")
         if len(leaf.shape) < 2 or not is_weight_path(p):
             continue  # biases, norm scales: left alone by design
         if not jnp.issubdtype(leaf.dtype, jnp.floating):
-            raise TypeError(f"lorax: {what} selects '{p}', a {describe(leaf)} array; only "
-                            "floating weights can be adapted.")
+            raise LoraxTypeError(f"lorax: {what} selects '{p}', a {describe(leaf)} array; only "
+                                 "floating weights can be adapted.")
         chosen[i] = verdict if isinstance(verdict, LoraSpec) else LoraSpec()
     if not chosen:
-        raise ValueError(_nothing_matched(what, paths, leaves))
+        raise LoraxValueError(_nothing_matched(what, paths, leaves))
     return chosen
 
 
@@ -237,4 +240,4 @@ def stack_axes_for(stacked: Any, explicit: int | None, path: str) -> int | None:
         return stacked
     if isinstance(stacked, str):
         return 1 if re.fullmatch(stacked, path) else 0
-    raise TypeError(f"lorax: stacked must be None, an int or a regex; got {stacked!r}")
+    raise LoraxTypeError(f"lorax: stacked must be None, an int or a regex; got {stacked!r}")

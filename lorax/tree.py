@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 
+from lorax.errors import LoraxValueError
 from lorax.leaves import LoraxLeaf, is_lorax_leaf
 from lorax.targets import path_str
 
@@ -67,8 +68,8 @@ def combine(trainable: Any, frozen: Any) -> Any:
 
     def pick(path, t, f):
         if t is not None and f is not None:
-            raise ValueError(f"lorax.combine: '{path_str(path)}' is set in both trees; "
-                             "expected it in exactly one (trees from lorax.split)")
+            raise LoraxValueError(f"lorax.combine: '{path_str(path)}' is set in both trees; "
+                                  "expected it in exactly one (trees from lorax.split)")
         return f if t is None else t
 
     try:
@@ -80,8 +81,8 @@ def combine(trainable: Any, frozen: Any) -> Any:
             raise
         t_flat, t_def = jax.tree_util.tree_flatten_with_path(trainable, is_leaf=is_hole)
         f_flat, f_def = jax.tree_util.tree_flatten_with_path(frozen, is_leaf=is_hole)
-        raise ValueError("lorax.combine: the trainable and frozen trees do not line up: "
-                         + _first_difference(t_flat, f_flat, t_def, f_def)) from None
+        raise LoraxValueError("lorax.combine: the trainable and frozen trees do not line up: "
+                              + _first_difference(t_flat, f_flat, t_def, f_def)) from None
 
 
 def _first_difference(t_flat, f_flat, t_def, f_def) -> str:

@@ -11,6 +11,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import jax
 
+from lorax.errors import LoraxValueError
 from lorax.leaves import LoraxLeaf, is_lorax_leaf, register_leaf
 from lorax.targets import FlatTree
 
@@ -71,7 +72,8 @@ def unfreeze(params: Any, select: Selector) -> Any:
     chosen = [c and not is_lorax_leaf(leaf) and hasattr(leaf, "shape")
               for c, leaf in zip(chosen, tree.leaves)]
     if not any(chosen):
-        raise ValueError(f"lorax.unfreeze: {select!r} selects no plain array; the paths are: "
-                         + ", ".join(tree.paths[:40]) + (" ..." if len(tree.paths) > 40 else ""))
+        raise LoraxValueError(f"lorax.unfreeze: {select!r} selects no plain array; the paths "
+                              "are: " + ", ".join(tree.paths[:40])
+                              + (" ..." if len(tree.paths) > 40 else ""))
     return tree.rebuild([Unfrozen(leaf) if c else leaf
                          for c, leaf in zip(chosen, tree.leaves)])

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
+from lorax.errors import LoraxValueError
 from lorax.leaves import LoraWeight, is_lorax_leaf
 from lorax.targets import path_str
 
@@ -27,11 +28,11 @@ def _combine_leaf(path: str, leaves: Sequence[LoraWeight], weights: Sequence[flo
     ns, ni = _layout(first)
     if method == "linear":
         if len({leaf.rank for leaf in leaves}) != 1:
-            raise ValueError(f"lorax.add_weighted: 'linear' needs equal ranks; '{path}' has "
-                             f"{[leaf.rank for leaf in leaves]} (use 'cat' or 'svd')")
+            raise LoraxValueError(f"lorax.add_weighted: 'linear' needs equal ranks; '{path}' has "
+                                  f"{[leaf.rank for leaf in leaves]} (use 'cat' or 'svd')")
         if any(w * leaf.scale < 0 for w, leaf in zip(weights, leaves)):
-            raise ValueError("lorax.add_weighted: 'linear' scales both factors by "
-                             "sqrt(weight * scale); negative weights need 'cat' or 'svd'")
+            raise LoraxValueError("lorax.add_weighted: 'linear' scales both factors by "
+                                  "sqrt(weight * scale); negative weights need 'cat' or 'svd'")
         c = [math.sqrt(w * leaf.scale) for w, leaf in zip(weights, leaves)]
         a = sum(ci * leaf.a for ci, leaf in zip(c, leaves))
         b = sum(ci * leaf.b for ci, leaf in zip(c, leaves))
@@ -46,8 +47,8 @@ def _combine_leaf(path: str, leaves: Sequence[LoraWeight], weights: Sequence[flo
     outs = first.b.shape[ns + 1:]
     fan_in, fan_out = math.prod(ins), math.prod(outs)
     if not 1 <= r <= min(fan_in, fan_out):
-        raise ValueError(f"lorax.add_weighted: rank {r} for '{path}' must be in "
-                         f"[1, {min(fan_in, fan_out)}]")
+        raise LoraxValueError(f"lorax.add_weighted: rank {r} for '{path}' must be in "
+                              f"[1, {min(fan_in, fan_out)}]")
     delta = sum(w * leaf.scale * jnp.matmul(
         leaf.a.reshape(stack + (fan_in, leaf.rank)).astype(jnp.float32),
         leaf.b.reshape(stack + (leaf.rank, fan_out)).astype(jnp.float32))
@@ -86,16 +87,17 @@ def add_weighted(trees: Sequence[Any], weights: Sequence[float], method: str = "
       5
     """
     if method not in METHODS:
-        raise ValueError(f"lorax.add_weighted: method must be one of {METHODS}; got {method!r}")
+        raise LoraxValueError(f"lorax.add_weighted: method must be one of {METHODS}; "
+                              f"got {method!r}")
     if len(trees) == 0 or len(trees) != len(weights):
-        raise ValueError(f"lorax.add_weighted: need one weight per tree; got {len(trees)} "
-                         f"trees and {len(weights)} weights")
+        raise LoraxValueError(f"lorax.add_weighted: need one weight per tree; got {len(trees)} "
+                              f"trees and {len(weights)} weights")
     flats = [jax.tree_util.tree_flatten_with_path(t, is_leaf=is_lorax_leaf) for t in trees]
     treedef = flats[0][1]
     for i, (_, other) in enumerate(flats[1:], 1):
         if other != treedef:
-            raise ValueError(f"lorax.add_weighted: tree {i} has another structure than tree 0 "
-                             "(LoRA leaves at other paths, or another base)")
+            raise LoraxValueError(f"lorax.add_weighted: tree {i} has another structure than tree 0 "
+                                  "(LoRA leaves at other paths, or another base)")
     out = []
     for column in zip(*(flat for flat, _ in flats)):
         path = path_str(column[0][0])
@@ -104,10 +106,10 @@ def add_weighted(trees: Sequence[Any], weights: Sequence[float], method: str = "
         if kinds == {LoraWeight}:
             shapes = {tuple(leaf.shape) for leaf in leaves}
             if len(shapes) != 1:
-                raise ValueError(f"lorax.add_weighted: '{path}' has bases of shapes {shapes}")
+                raise LoraxValueError(f"lorax.add_weighted: '{path}' has bases of shapes {shapes}")
             out.append(_combine_leaf(path, leaves, list(weights), method, rank))
         elif LoraWeight in kinds:
-            raise ValueError(f"lorax.add_weighted: '{path}' is a LoRA leaf in some trees only")
+            raise LoraxValueError(f"lorax.add_weighted: '{path}' is a LoRA leaf in some trees only")
         else:
             out.append(leaves[0])
     return jax.tree_util.tree_unflatten(treedef, out)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from lorax import inits
 from lorax.dora import dora_from_lora
+from lorax.errors import LoraxTypeError, LoraxValueError
 from lorax.leaves import LoraWeight, is_lorax_leaf
 from lorax.targets import (FlatTree, Targets, infer_in_axes, infer_stack_axes, pattern_value,
                            select, stack_axes_for)
@@ -66,11 +67,11 @@ def wrap(params: Any, rank: int = 8, alpha: float | None = None, targets: Target
       ((16, 4), (4, 32))
     """
     if init not in _INITS:
-        raise ValueError(f"lorax.wrap: init must be one of {_INITS}; got {init!r}")
+        raise LoraxValueError(f"lorax.wrap: init must be one of {_INITS}; got {init!r}")
     if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"lorax.wrap: dropout must be in [0, 1); got {dropout!r}")
+        raise LoraxValueError(f"lorax.wrap: dropout must be in [0, 1); got {dropout!r}")
     if method not in ("lora", "dora"):
-        raise ValueError(f"lorax.wrap: method must be 'lora' or 'dora'; got {method!r}")
+        raise LoraxValueError(f"lorax.wrap: method must be 'lora' or 'dora'; got {method!r}")
     tree = FlatTree.of(params)
     chosen = select(targets, tree.paths, tree.leaves)
     key = jax.random.key(0) if key is None else key
@@ -98,28 +99,28 @@ def make_lora_leaf(path: str, base: Any, rank: int, alpha: float | None, key: ja
     siblings = siblings or {}
     shape = tuple(base.shape)
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-        raise ValueError(f"lorax.wrap: rank for '{path}' must be a positive int; got {rank!r}")
+        raise LoraxValueError(f"lorax.wrap: rank for '{path}' must be a positive int; got {rank!r}")
     ns = infer_stack_axes(path, shape, siblings) if stack_axes is None else stack_axes
     if not 0 <= ns <= len(shape) - 2:
-        raise ValueError(f"lorax.wrap: '{path}' of shape {shape} cannot have {ns} stack axes "
-                         "(at least two axes must remain)")
+        raise LoraxValueError(f"lorax.wrap: '{path}' of shape {shape} cannot have {ns} stack axes "
+                              "(at least two axes must remain)")
     ni = infer_in_axes(shape, siblings, ns) if in_axes is None else in_axes
     if not 1 <= ni <= len(shape) - ns - 1:
-        raise ValueError(f"lorax.wrap: in_axes={ni} for '{path}' of shape {shape} (stack "
-                         f"axes {ns}) must leave at least one input and one output axis")
+        raise LoraxValueError(f"lorax.wrap: in_axes={ni} for '{path}' of shape {shape} (stack "
+                              f"axes {ns}) must leave at least one input and one output axis")
     stack, ins, outs = shape[:ns], shape[ns:ns + ni], shape[ns + ni:]
     fan_in, fan_out = math.prod(ins), math.prod(outs)
     if rank > min(fan_in, fan_out):
-        raise ValueError(f"lorax.wrap: rank {rank} for '{path}' exceeds min(in, out) = "
-                         f"min({fan_in}, {fan_out}) of its weight {shape}")
+        raise LoraxValueError(f"lorax.wrap: rank {rank} for '{path}' exceeds min(in, out) = "
+                              f"min({fan_in}, {fan_out}) of its weight {shape}")
     alpha = float(rank if alpha is None else alpha)
     scale = alpha / math.sqrt(rank) if rslora else alpha / rank
     if dtype is None:
         dtype = jnp.promote_types(base.dtype, jnp.float32)
     if init in ("pissa", "olora", "loftq"):
         if is_lorax_leaf(base):
-            raise TypeError(f"lorax.wrap: init={init!r} for '{path}' needs a dense base (it "
-                            "rewrites it); LoftQ quantizes a dense base itself")
+            raise LoraxTypeError(f"lorax.wrap: init={init!r} for '{path}' needs a dense base (it "
+                                 "rewrites it); LoftQ quantizes a dense base itself")
         make = {"pissa": inits.pissa, "olora": inits.olora, "loftq": inits.loftq}[init]
         return make(base, rank, scale, ns, ni, dtype)
     a_shape = stack + ins + (rank,)

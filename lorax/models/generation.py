@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lorax.errors import LoraxValueError
 from lorax.models.layers import KVCache
 from lorax.models.prefix import extend_cache
 from lorax.transform import lora
@@ -51,17 +52,17 @@ def generate(model: nn.Module, params: Any, input_ids: jax.Array, max_new_tokens
       (2, 5)
     """
     if max_new_tokens < 1:
-        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise LoraxValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
-        raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
+        raise LoraxValueError(f"generate: temperature must be >= 0, got {temperature}")
     if temperature > 0 and key is None:
-        raise ValueError("generate: sampling (temperature > 0) needs a PRNG key")
+        raise LoraxValueError("generate: sampling (temperature > 0) needs a PRNG key")
     total = (input_ids.shape[1] + max_new_tokens + (0 if prefix is None else prefix.max_len)
              + (0 if prompt is None else prompt.shape[0]))
     limit = getattr(model, "max_positions", None)
     if limit is not None and total > limit:
-        raise ValueError(f"generate: {input_ids.shape[1]} prompt + {max_new_tokens} new tokens "
-                         f"exceed the model's {limit} positions")
+        raise LoraxValueError(f"generate: {input_ids.shape[1]} prompt + {max_new_tokens} new "
+                              f"tokens exceed the model's {limit} positions")
     if attention_mask is None:
         attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     key = jax.random.key(0) if key is None else key

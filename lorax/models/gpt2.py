@@ -23,6 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from lorax.errors import LoraxValueError
 from lorax.models import hub
 from lorax.models.layers import (KVCache, StackOptions, attention, attention_context,
                                  prepend_prompt, run_layers, updated_cache)
@@ -52,11 +53,11 @@ class GPT2Config:
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
-            raise ValueError(f"GPT2Config: n_embd {self.n_embd} is not a multiple of "
-                             f"n_head {self.n_head}")
+            raise LoraxValueError(f"GPT2Config: n_embd {self.n_embd} is not a multiple of "
+                                  f"n_head {self.n_head}")
         if self.activation_function not in ACTIVATIONS:
-            raise ValueError(f"GPT2Config: activation_function {self.activation_function!r} "
-                             f"is not one of {sorted(ACTIVATIONS)}")
+            raise LoraxValueError(f"GPT2Config: activation_function {self.activation_function!r} "
+                                  f"is not one of {sorted(ACTIVATIONS)}")
 
     @property
     def inner(self) -> int:
@@ -177,8 +178,8 @@ class GPT2(nn.Module):
         x, attention_mask, n_prompt = prepend_prompt(wte(input_ids), prompt, attention_mask)
         length = x.shape[1] if cache is None else cache.max_len
         if length > c.n_positions:
-            raise ValueError(f"GPT2: {length} positions requested; this model has "
-                             f"n_positions={c.n_positions}")
+            raise LoraxValueError(f"GPT2: {length} positions requested; this model has "
+                                  f"n_positions={c.n_positions}")
         ctx = attention_context(x.shape[:2], attention_mask, positions, cache,
                                 self.attention_impl)
         x = x + wpe(ctx.positions)

@@ -19,6 +19,9 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from lorax.errors import (LoraxFileNotFoundError, LoraxKeyError,
+                          LoraxNotADirectoryError, LoraxValueError)
+
 CHECKPOINT_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json",
                     "model-*.safetensors", "generation_config.json", "tokenizer.json",
                     "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -55,8 +58,8 @@ def resolve(name_or_dir: str | os.PathLike) -> Path:
     if path.is_dir():
         return path
     if path.exists():
-        raise NotADirectoryError(f"lorax.models: '{path}' is a file; pass the directory that "
-                                 "holds config.json and model.safetensors.")
+        raise LoraxNotADirectoryError(f"lorax.models: '{path}' is a file; pass the directory that "
+                                      "holds config.json and model.safetensors.")
     how = (f"Provide the files as a local directory: on a machine with network run "
            f"`huggingface-cli download {name_or_dir} config.json model.safetensors` (or "
            f"huggingface_hub.snapshot_download('{name_or_dir}')) and pass the directory it "
@@ -64,12 +67,12 @@ def resolve(name_or_dir: str | os.PathLike) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError as e:
-        raise FileNotFoundError(f"lorax.models: '{name_or_dir}' is not a local directory and "
-                                f"huggingface_hub is not installed. {how}") from e
+        raise LoraxFileNotFoundError(f"lorax.models: '{name_or_dir}' is not a local directory and "
+                                     f"huggingface_hub is not installed. {how}") from e
     try:
         return Path(snapshot_download(str(name_or_dir), allow_patterns=CHECKPOINT_FILES))
     except Exception as e:  # offline, not cached, no such repository, gated, ...
-        raise FileNotFoundError(
+        raise LoraxFileNotFoundError(
             f"lorax.models: '{name_or_dir}' is not a local directory, and the Hugging Face Hub "
             f"could not provide it (offline and not in the cache, or no such repository): "
             f"{type(e).__name__}: {e}. {how}") from e
@@ -79,8 +82,8 @@ def read_config(directory: Path) -> dict[str, Any]:
     """The checkpoint's config.json as a dict."""
     file = directory / "config.json"
     if not file.is_file():
-        raise FileNotFoundError(f"lorax.models: no config.json in '{directory}' (it has: "
-                                f"{sorted(p.name for p in directory.iterdir())}).")
+        raise LoraxFileNotFoundError(f"lorax.models: no config.json in '{directory}' (it has: "
+                                     f"{sorted(p.name for p in directory.iterdir())}).")
     return json.loads(file.read_text())
 
 
@@ -98,7 +101,7 @@ class TensorFiles:
             with safe_open(single, framework="numpy") as f:
                 self.file_of = {name: single for name in f.keys()}
         else:
-            raise FileNotFoundError(
+            raise LoraxFileNotFoundError(
                 f"lorax.models: no model.safetensors or model.safetensors.index.json in "
                 f"'{directory}' (it has: {sorted(p.name for p in directory.iterdir())}). "
                 "Only safetensors checkpoints are read; convert a pytorch_model.bin with "
@@ -155,18 +158,19 @@ def params_from_tensors(table: Iterable[Entry], tensors: TensorFiles,
         expected = shapes[entry.path]
         layer_shape = expected[1:] if entry.layer is not None else expected
         if tuple(array.shape) != tuple(layer_shape):
-            raise ValueError(f"lorax.models: checkpoint tensor '{name}' has shape "
-                             f"{tuple(array.shape)} (after transpose: {entry.transpose}) but "
-                             f"parameter '{entry.path}' of this config needs "
-                             f"{tuple(layer_shape)}; does config.json match the weights?")
+            raise LoraxValueError(f"lorax.models: checkpoint tensor '{name}' has shape "
+                                  f"{tuple(array.shape)} (after transpose: {entry.transpose}) but "
+                                  f"parameter '{entry.path}' of this config needs "
+                                  f"{tuple(layer_shape)}; does config.json match the weights?")
         values.setdefault(entry.path, {})[entry.layer] = array
     if missing:
-        raise KeyError(f"lorax.models: the checkpoint lacks {len(missing)} tensors this config "
-                       f"needs, e.g. {missing[:5]}; it has e.g. {sorted(available)[:5]}.")
+        raise LoraxKeyError(f"lorax.models: the checkpoint lacks {len(missing)} tensors this "
+                            f"config needs, e.g. {missing[:5]}; it has e.g. "
+                            f"{sorted(available)[:5]}.")
     unused = sorted(n for n in available - used if not (ignore and re.search(ignore, n)))
     if unused:
-        raise KeyError(f"lorax.models: the checkpoint has {len(unused)} tensors this config "
-                       f"does not use, e.g. {unused[:5]}; does config.json match the weights?")
+        raise LoraxKeyError(f"lorax.models: the checkpoint has {len(unused)} tensors this config "
+                            f"does not use, e.g. {unused[:5]}; does config.json match the weights?")
     params: dict = {}
     for path, by_layer in values.items():
         if None in by_layer:
@@ -189,8 +193,8 @@ def tensors_from_params(table: Iterable[Entry], params: Mapping) -> dict[str, np
         node = params
         for part in entry.path.split("/"):
             if part not in node:
-                raise KeyError(f"lorax.models: params have no '{entry.path}' (needed for "
-                               f"'{entry.name}'); pass dense params (lorax.merge first).")
+                raise LoraxKeyError(f"lorax.models: params have no '{entry.path}' (needed for "
+                                    f"'{entry.name}'); pass dense params (lorax.merge first).")
             node = node[part]
         array = np.asarray(jax.device_get(node))
         array = array[entry.layer] if entry.layer is not None else array

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from lorax.errors import LoraxValueError
+
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "everything_saveable")
 
@@ -156,8 +158,8 @@ class StackOptions:
 
     def __post_init__(self):
         if self.remat_policy is not None and self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"lorax.models: remat_policy must be None or one of "
-                             f"{REMAT_POLICIES}; got {self.remat_policy!r}")
+            raise LoraxValueError(f"lorax.models: remat_policy must be None or one of "
+                                  f"{REMAT_POLICIES}; got {self.remat_policy!r}")
 
 
 def run_layers(block: type[nn.Module], block_kwargs: dict[str, Any], n_layers: int,

@@ -28,6 +28,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from lorax.errors import LoraxValueError
 from lorax.models import hub
 from lorax.models.layers import (KVCache, StackOptions, apply_rope, attention,
                                  attention_context, prepend_prompt, rope_frequencies,
@@ -58,11 +59,12 @@ class LlamaConfig:
 
     def __post_init__(self):
         if self.num_attention_heads % self.kv_heads:
-            raise ValueError(f"LlamaConfig: num_attention_heads {self.num_attention_heads} is "
-                             f"not a multiple of num_key_value_heads {self.kv_heads}")
+            raise LoraxValueError(f"LlamaConfig: num_attention_heads {self.num_attention_heads} is "
+                                  f"not a multiple of num_key_value_heads {self.kv_heads}")
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"LlamaConfig: hidden_size {self.hidden_size} is not a multiple "
-                             f"of num_attention_heads {self.num_attention_heads}; set head_dim")
+            raise LoraxValueError(f"LlamaConfig: hidden_size {self.hidden_size} is not a "
+                                  "multiple of num_attention_heads "
+                                  f"{self.num_attention_heads}; set head_dim")
         if isinstance(self.rope_scaling, dict):  # accept HF's dict, store it hashable
             object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
         rope_frequencies(self.dims, self.rope_theta, self.scaling)  # unsupported type: raise

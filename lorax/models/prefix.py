@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lorax.errors import LoraxValueError
 from lorax.models.layers import KVCache
 
 
@@ -43,7 +44,7 @@ def init_prefix(model: Any, length: int, key: jax.Array, hidden: int | None = No
       ``{"keys", "values"}`` ``[layers, P, kv_heads, head_dim]``, or the MLP's parameters.
     """
     if length < 1:
-        raise ValueError(f"init_prefix: length must be >= 1, got {length}")
+        raise LoraxValueError(f"init_prefix: length must be >= 1, got {length}")
     layers, heads, dims = _kv_shape(model)
     k1, k2, k3, k4 = jax.random.split(key, 4)
     if hidden is None:
@@ -75,7 +76,7 @@ def prefix_cache(model: Any, prefix: dict, batch: int, max_len: int,
     keys, values = prefix_kv(model, prefix)
     length = keys.shape[1]
     if max_len < length:
-        raise ValueError(f"prefix_cache: max_len {max_len} < prefix length {length}")
+        raise LoraxValueError(f"prefix_cache: max_len {max_len} < prefix length {length}")
     cache = model.init_cache(batch, max_len, dtype)
     fill = lambda buf, kv: buf.at[:, :, :length].set(  # noqa: E731
         jnp.broadcast_to(kv[:, None], (kv.shape[0], batch) + kv.shape[1:]).astype(buf.dtype))
@@ -87,7 +88,8 @@ def extend_cache(cache: KVCache, max_len: int) -> KVCache:
     """``cache`` with room for ``max_len`` slots in all (its filled slots kept)."""
     grow = max_len - cache.max_len
     if grow < 0:
-        raise ValueError(f"extend_cache: the cache already has {cache.max_len} > {max_len} slots")
+        raise LoraxValueError(f"extend_cache: the cache already has {cache.max_len} > "
+                              f"{max_len} slots")
     pad = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, grow), (0, 0), (0, 0)])  # noqa: E731
     return KVCache(pad(cache.keys), pad(cache.values),
                    jnp.pad(cache.valid, [(0, 0), (0, grow)]), cache.length)
