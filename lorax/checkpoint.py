@@ -10,16 +10,25 @@ CheckpointManager`` instead of a path for step-numbered checkpoints (``max_to_ke
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import glob
+import json
 import os
+import re
+import shutil
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lorax.errors import LoraxFileNotFoundError, LoraxValueError
+from lorax.errors import (CheckpointError, LoraxFileNotFoundError, LoraxValueError,
+                          NonFiniteError)
 from lorax.leaves import LEAF_KINDS, is_lorax_leaf
 from lorax.targets import path_str
 
@@ -33,6 +42,10 @@ def adapter_state(tree: Any) -> tuple[dict[str, jax.Array], dict[str, Any]]:
         if not is_lorax_leaf(leaf) or not getattr(leaf, "trainable_fields", ()):
             continue  # dense or quantized base weights are not written
         path = path_str(key_path)
+        if getattr(leaf, "base", ()) is None:
+            raise LoraxValueError(f"lorax.save: '{path}' has no base (the trainable half of "
+                                  "lorax.split?); save the combined tree "
+                                  "(lorax.combine(trainable, frozen))")
         fields = dataclasses.fields(leaf)
         frozen = [f.name for f in fields if not f.metadata.get("static")
                   and f.name not in leaf.trainable_fields]
@@ -58,33 +71,199 @@ def adapter_state(tree: Any) -> tuple[dict[str, jax.Array], dict[str, Any]]:
 
 
 def save(target: str | os.PathLike | ocp.CheckpointManager, tree: Any,
-         step: int | None = None, *, force: bool = False) -> None:
+         step: int | None = None, *, force: bool = False, check_finite: bool = True) -> None:
     """Saves the adapter of ``tree`` (never its base weights).
 
+    A save never loses the checkpoint it replaces: the new one is written completely beside
+    the target and then swapped in with a rename, so at every instant, even if the process
+    is killed, the path holds one complete checkpoint (the old or the new) that
+    :func:`load` reads.
+
     Args:
-      target: a directory, or an ``orbax.checkpoint.CheckpointManager``.
+      target: a directory, or an ``orbax.checkpoint.CheckpointManager`` (whose directory
+        must be absolute, as orbax requires).
       tree: a wrapped tree (``lorax.wrap``, or ``lorax.combine(trainable, frozen)``).
       step: the step number; required with a manager.
-      force: overwrite an existing directory (plain paths only).
+      force: replace an existing lorax checkpoint at ``target`` (plain paths only). A file,
+        or a directory that is not a lorax checkpoint, is never replaced.
+      check_finite: refuse adapter arrays holding inf or NaN (a diverged run must not
+        overwrite a good checkpoint).
+
+    Raises:
+      CheckpointError: the target exists (without ``force``), is not a lorax checkpoint,
+        the manager already has ``step``, or its directory is relative.
+      NonFiniteError: an adapter array holds inf or NaN (naming its path).
 
     Example:
       >>> import jax.numpy as jnp, lorax, tempfile
       >>> lp = lorax.wrap({"w": jnp.ones((8, 8))}, rank=2)
       >>> path = tempfile.mkdtemp() + "/adapter"
       >>> lorax.save(path, lp)
+      >>> lorax.save(path, lp, force=True)        # replaces it atomically
       >>> lorax.load(path, {"w": jnp.ones((8, 8))})["w"].a.shape
       (8, 2)
     """
     arrays, metadata = adapter_state(tree)
+    if check_finite:
+        _check_finite(arrays)
     args = ocp.args.Composite(adapter=ocp.args.StandardSave(arrays),
                               lorax=ocp.args.JsonSave(metadata))
     if isinstance(target, ocp.CheckpointManager):
+        _check_manager(target, "save")
         if step is None:
             raise LoraxValueError("lorax.save: a CheckpointManager needs step=")
+        if force:
+            raise LoraxValueError("lorax.save: force=True is for plain paths; to replace a "
+                                  "step of a CheckpointManager, delete it first "
+                                  "(manager.delete(step))")
+        if step in target.all_steps():
+            raise CheckpointError(f"lorax.save: step {step} already exists in "
+                                  f"'{target.directory}'; the manager would keep the old one "
+                                  "and drop this save. Save another step, or delete it first "
+                                  "(manager.delete(step)).")
         target.save(step, args=args)
         return
+    _save_to_path(Path(target).absolute(), args, force)
+
+
+def _check_finite(arrays: dict[str, jax.Array]) -> None:
+    for name, value in arrays.items():
+        if jnp.issubdtype(value.dtype, jnp.inexact) and not bool(jnp.isfinite(value).all()):
+            raise NonFiniteError(f"lorax.save: '{name}' holds inf or NaN; nothing was written "
+                                 "(pass check_finite=False to save it anyway)")
+
+
+def _check_manager(manager: ocp.CheckpointManager, verb: str) -> None:
+    # orbax fails on relative paths deep inside (and, saving asynchronously, only logs it)
+    if not Path(str(manager.directory)).is_absolute():
+        raise CheckpointError(
+            f"lorax.{verb}: the CheckpointManager's directory '{manager.directory}' is "
+            "relative; orbax needs an absolute one: "
+            f"CheckpointManager(os.path.abspath('{manager.directory}'), ...)")
+
+
+# --------------------------------------------------------------------------------------
+# Writing a plain path: complete beside the target, then swapped in by rename
+# --------------------------------------------------------------------------------------
+#
+# The new checkpoint goes to ``<name>.lorax-new-<n>`` (orbax itself writes there through a
+# temporary directory it renames when complete), then replaces ``<name>``: in one atomic
+# exchange where the OS has one (Linux renameat2), else in two renames (old aside to
+# ``<name>.lorax-old-<n>``, new into place). A process killed between those two renames
+# leaves no ``<name>`` but two complete siblings; :func:`_recovered` finds the newest
+# (load reads it; the next save moves it back into place).
+
+_SIBLING = re.compile(r"\.lorax-(new|old)-(\d+)$")
+
+
+def _save_to_path(path: Path, args: Any, force: bool) -> None:
+    _restore_interrupted(path)
+    if path.exists() or path.is_symlink():
+        if not (path.is_dir() and not any(path.iterdir())):  # an empty directory: no loss
+            if not force:
+                raise CheckpointError(f"lorax.save: '{path}' already exists; pass force=True "
+                                      "to replace the lorax checkpoint there")
+            if not is_checkpoint(path):
+                raise CheckpointError(
+                    f"lorax.save: refusing to replace '{path}': it is "
+                    f"{'a file' if not path.is_dir() else 'a directory'} that is not a lorax "
+                    "checkpoint (force=True replaces lorax checkpoints only)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = path.with_name(f"{path.name}.lorax-new-{time.time_ns()}")
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        checkpointer.save(Path(target).absolute(), args=args, force=force)
+        checkpointer.save(new, args=args)
+    if path.is_dir() and any(path.iterdir()):
+        _replace_dir(new, path)
+    else:
+        if path.is_dir():
+            path.rmdir()
+        os.rename(new, path)
+    _remove_leftovers(path)
+
+
+def _replace_dir(new: Path, path: Path) -> None:
+    """Puts the complete directory ``new`` at ``path`` and deletes the old one there."""
+    if _exchange(new, path):  # ``new`` now holds the old checkpoint
+        shutil.rmtree(new)
+        return
+    old = path.with_name(f"{path.name}.lorax-old-{time.time_ns()}")
+    os.rename(path, old)
+    os.rename(new, path)
+    shutil.rmtree(old)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swaps two directories (Linux renameat2 RENAME_EXCHANGE); False where the
+    platform or file system cannot."""
+    if _renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if _renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    return False
+
+
+def _find_renameat2() -> Any:
+    if sys.platform != "linux":
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_renameat2 = _find_renameat2()
+
+
+def _siblings(path: Path) -> list[tuple[bool, int, Path]]:
+    """The ``<name>.lorax-{new,old}-<n>`` directories beside ``path``: new ones (the save
+    that was under way) first, then old ones, newest first."""
+    if not path.parent.is_dir():
+        return []
+    found = []
+    for p in path.parent.iterdir():
+        m = _SIBLING.fullmatch(p.name[len(path.name):]) if p.name.startswith(path.name) else None
+        if m:
+            found.append((m.group(1) == "new", int(m.group(2)), p))
+    return sorted(found, reverse=True)
+
+
+def _recovered(path: Path) -> Path | None:
+    """Where the checkpoint of ``path`` is when a save was killed mid-swap: the newest
+    complete sibling (None if there is none)."""
+    for _, _, p in _siblings(path):
+        if is_checkpoint(p):
+            return p
+    return None
+
+
+def _restore_interrupted(path: Path) -> None:
+    if not path.exists() and (found := _recovered(path)) is not None:
+        os.rename(found, path)
+        _remove_leftovers(path)
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Siblings of an interrupted save (``path`` itself is complete when this runs)."""
+    for _, _, p in _siblings(path):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in path.parent.glob(f"{glob.escape(path.name)}.lorax-new-*.orbax-checkpoint-tmp*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a directory holding a complete lorax adapter checkpoint."""
+    path = Path(path)
+    try:
+        metadata = json.loads((path / "lorax" / "metadata").read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(metadata, dict) and metadata.get("format") == FORMAT
+            and (path / "adapter").is_dir())
 
 
 def load(source: str | os.PathLike | ocp.CheckpointManager, base: Any,
@@ -107,6 +286,7 @@ def load(source: str | os.PathLike | ocp.CheckpointManager, base: Any,
     """
     manager = source if isinstance(source, ocp.CheckpointManager) else None
     if manager is not None:
+        _check_manager(manager, "load")
         step = manager.latest_step() if step is None else step
         if step is None or step not in manager.all_steps():
             raise LoraxFileNotFoundError(f"lorax.load: no checkpoint for step {step} in "
@@ -115,6 +295,8 @@ def load(source: str | os.PathLike | ocp.CheckpointManager, base: Any,
         restore = lambda args: manager.restore(step, args=args)  # noqa: E731
     else:
         path = Path(source).absolute()
+        if not path.exists() and (found := _recovered(path)) is not None:
+            path = found  # a save was killed mid-swap: its complete sibling
         if not path.is_dir():
             raise LoraxFileNotFoundError(f"lorax.load: no checkpoint directory at '{path}'")
         where = str(path)
