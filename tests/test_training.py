@@ -1,10 +1,12 @@
-"""Only adapters train: split/combine, optax.masked and multi_transform leave the base as is."""
+"""Only adapters train: split/combine, lorax.optimizer, masked + set_to_zero and multi_transform
+leave every frozen leaf (bases, biases) bit-equal."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import lorax
 
@@ -59,11 +61,54 @@ def test_split_combine_trains_only_adapters():
     assert out["fc1"]["kernel"].base is params["fc1"]["kernel"]
 
 
-def test_optax_masked_leaves_base_exactly_unchanged():
-    # optax.masked passes unmasked gradients through; the base's is exactly zero.
-    params, lp, loss = _setup(use_bias=False)
-    tx = optax.masked(optax.adamw(1e-2, weight_decay=0.1), lorax.mask(lp))
-    _masked_steps(params, lp, loss, tx, biases=False)
+def _not(mask):
+    return jax.tree.map(lambda m: not m, mask)
+
+
+# Every recipe the README and docstrings show for optimizing a whole wrapped tree.
+RECIPES = {
+    "lorax.optimizer": lambda tx, lp: lorax.optimizer(tx, lp),
+    "masked + set_to_zero": lambda tx, lp: optax.chain(
+        optax.masked(tx, lorax.mask(lp)), optax.masked(optax.set_to_zero(), _not(lorax.mask(lp)))),
+    "multi_transform": lambda tx, lp: optax.multi_transform(
+        {"train": tx, "freeze": optax.set_to_zero()},
+        jax.tree.map(lambda m: "train" if m else "freeze", lorax.mask(lp))),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_no_frozen_leaf_moves_under_any_documented_recipe(recipe):
+    """Biases, norm scales and bases stay bit-equal after several AdamW steps (weight decay
+    included); optax.masked alone would move every unmasked leaf by its raw gradient."""
+    params, lp, loss = _setup()
+    tx = RECIPES[recipe](optax.adamw(1e-2, weight_decay=0.1), lp)
+    state = tx.init(lp)
+
+    @jax.jit
+    def step(lp, state):
+        grads = jax.grad(loss)(lp)
+        updates, state = tx.update(grads, state, lp)
+        return optax.apply_updates(lp, updates), state
+
+    before = lp
+    for _ in range(5):
+        lp, state = step(lp, state)
+    mask = lorax.mask(before)
+    for m, old, new in zip(jax.tree.leaves(mask), jax.tree.leaves(before), jax.tree.leaves(lp)):
+        if not m:
+            np.testing.assert_array_equal(new, old)
+    assert float(loss(lp)) < float(loss(before))
+    assert float(jnp.abs(lp["fc1"]["kernel"].b).max()) > 0
+
+
+def test_raw_optax_masked_is_not_a_recipe():
+    """Why the recipes pair the mask with set_to_zero: optax.masked passes the raw gradient
+    through where the mask is False, so biases move (README, lorax.mask docstring)."""
+    params, lp, loss = _setup()
+    tx = optax.masked(optax.adamw(1e-2), lorax.mask(lp))
+    grads = jax.jit(jax.grad(loss))(lp)
+    updates, _ = tx.update(grads, tx.init(lp), lp)
+    np.testing.assert_array_equal(updates["fc1"]["bias"], grads["fc1"]["bias"])
 
 
 def test_lorax_optimizer_freezes_everything_but_adapters():
