@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,27 @@ BASE_CONFIG = dict(vocab_size=256, n_positions=128, n_embd=128, n_layer=4, n_hea
                    bos_token_id=10, eos_token_id=10)
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number; got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number; got {text}")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,18 +79,20 @@ def parse_args(argv=None):
                    "default: train a small base on task A (cached in --out)")
     p.add_argument("--data", help="a text file to fine-tune on instead of task B")
     p.add_argument("--qlora", action="store_true", help="store the base in NF4 (QLoRA)")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--rank", type=positive_int, default=8)
+    p.add_argument("--alpha", type=finite_float, default=16.0)
     p.add_argument("--targets", default="c_attn,c_proj,c_fc",
                    help="comma-separated module names to adapt (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=400, help="LoRA steps (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=1e-2, help="LoRA peak learning rate")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--seq", type=int, default=None,
+    p.add_argument("--steps", type=positive_int, default=400,
+                   help="LoRA steps (default: %(default)s)")
+    p.add_argument("--lr", type=positive_float, default=1e-2, help="LoRA peak learning rate")
+    p.add_argument("--batch", type=positive_int, default=64)
+    p.add_argument("--seq", type=positive_int, default=None,
                    help="tokens per row (default: 16 for the tasks, 64 for --data)")
-    p.add_argument("--base-steps", type=int, default=1500,
+    p.add_argument("--base-steps", type=positive_int, default=1500,
                    help="steps to train the small base on task A")
-    p.add_argument("--eval", type=int, default=300, help="examples to measure accuracy on")
+    p.add_argument("--eval", type=positive_int, default=300,
+                   help="examples to measure accuracy on")
     p.add_argument("--out", default="runs/finetune_gpt2", help="where base and adapter go")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -133,6 +157,18 @@ def rows_from_examples(examples, seq, pad):
     return tokens, mask
 
 
+def read_text(path: str) -> str:
+    """The --data file as text; a missing or binary file stops with a message."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        sys.exit(f"--data: no file '{path}'")
+    except IsADirectoryError:
+        sys.exit(f"--data: '{path}' is a directory; pass a text file")
+    except UnicodeDecodeError as e:
+        sys.exit(f"--data: '{path}' is not UTF-8 text (byte {e.start}); pass a text file")
+
+
 def rows_from_text(text, tok, seq):
     """A text file cut into windows of seq + 1 tokens; every token is a target."""
     ids = np.array(tok.encode(text), np.int32)
@@ -159,7 +195,8 @@ def loss_fn(apply, params, tokens, mask):
 
 
 class Progress:
-    """One line per update: step, bar, loss, tokens/s (syncs with the device only here)."""
+    """One line per update: step, bar, loss, tokens/s (syncs with the device only here;
+    ``update`` says whether it did)."""
 
     def __init__(self, label, total, tokens_per_step):
         self.label, self.total, self.tps = label, total, tokens_per_step
@@ -167,7 +204,7 @@ class Progress:
 
     def update(self, step, loss):
         if not (self.tty or step == self.total or step % max(self.total // 5, 1) == 0):
-            return
+            return False
         loss = float(loss)  # waits for the step
         elapsed = time.perf_counter() - self.t0
         bar = "#" * int(24 * step / self.total)
@@ -175,6 +212,7 @@ class Progress:
                 f"{self.tps * step / max(elapsed, 1e-9):,.0f} tok/s")
         print(("\r" if self.tty else "") + line, end="\n" if not self.tty or
               step == self.total else "", flush=True)
+        return True
 
 
 def train(label, loss, trainable, data, steps, lr, tokens_per_step):
@@ -190,11 +228,22 @@ def train(label, loss, trainable, data, steps, lr, tokens_per_step):
         return optax.apply_updates(trainable, updates), opt_state, value
 
     progress = Progress(label, steps, tokens_per_step)
+    finite = jnp.array(True)  # on the device: no sync per step
     for i in range(1, steps + 1):
         tokens, mask = next(data)
         trainable, opt_state, value = step(trainable, opt_state, tokens, mask)
-        progress.update(i, value)
+        finite = finite & jnp.isfinite(value)
+        if progress.update(i, value) or i == steps:
+            stop_unless_finite(label, finite, value, i, lr)
     return trainable
+
+
+def stop_unless_finite(label, finite, value, step, lr):
+    """Ends the run (exit status 1) once a loss was inf or NaN: nothing is saved, so the
+    adapter of the last good run stays as it was."""
+    if not bool(finite):
+        sys.exit(f"{label}: the loss was not finite at or before step {step} (now "
+                 f"{float(value)}); stopping without saving anything. Lower --lr (now {lr}).")
 
 
 def accuracy(model, params, examples, tok, batch=100):
@@ -261,11 +310,13 @@ def main(argv=None) -> dict:
     result = {}
 
     model, params, tok, result["base_seconds"] = pretrained_base(args, out)
+    if args.seq > model.config.n_positions:  # positions past the table would be clamped
+        sys.exit(f"--seq {args.seq} exceeds the model's {model.config.n_positions} positions")
     apply = lorax.lora(model.apply)
 
     # the data of the adaptation: task B, or the user's text
     if args.data:
-        tokens, mask = rows_from_text(Path(args.data).read_text(), tok, args.seq)
+        tokens, mask = rows_from_text(read_text(args.data), tok, args.seq)
         cut = max(1, len(tokens) // 10)
         eval_rows, (tokens, mask) = (tokens[:cut], mask[:cut]), (tokens[cut:], mask[cut:])
     else:
