@@ -13,7 +13,9 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import glob
+import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -28,7 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lorax.errors import (CheckpointError, LoraxFileNotFoundError, LoraxValueError,
-                          NonFiniteError)
+                          NonFiniteError, NotMergeableError)
 from lorax.leaves import LEAF_KINDS, is_lorax_leaf
 from lorax.targets import path_str
 
@@ -67,7 +69,21 @@ def adapter_state(tree: Any) -> tuple[dict[str, jax.Array], dict[str, Any]]:
     if not leaves:
         raise LoraxValueError("lorax.save: the tree has no adapter leaves (nothing trainable to "
                               "save); wrap it with lorax.wrap first")
-    return arrays, {"format": FORMAT, "version": VERSION, "leaves": leaves}
+    metadata = {"format": FORMAT, "version": VERSION, "leaves": leaves}
+    if all(getattr(x, "is_fully_addressable", True) for x in arrays.values()):
+        metadata["digest"] = digest(leaves, arrays)
+    return arrays, metadata
+
+
+def digest(leaves: dict[str, Any], arrays: dict[str, Any]) -> str:
+    """SHA-256 of the metadata and every array's bytes: a checkpoint edited or corrupted
+    after it was written no longer matches it."""
+    h = hashlib.sha256(json.dumps(leaves, sort_keys=True).encode())
+    for name in sorted(arrays):
+        value = np.asarray(jax.device_get(arrays[name]))
+        h.update(f"{name}|{value.dtype.str}|{value.shape}|".encode())
+        h.update(np.ascontiguousarray(value).tobytes())
+    return h.hexdigest()
 
 
 def save(target: str | os.PathLike | ocp.CheckpointManager, tree: Any,
@@ -281,8 +297,10 @@ def load(source: str | os.PathLike | ocp.CheckpointManager, base: Any,
 
     Raises:
       FileNotFoundError: no checkpoint there.
-      ValueError: not a lorax checkpoint, a corrupt one, a base of other shapes, or adapter
-        paths the base lacks (each error names the path).
+      CheckpointError: a corrupt checkpoint, or one whose metadata or arrays were edited
+        after the save (a SHA-256 digest of both is written with them).
+      ValueError: not a lorax checkpoint, a base of other shapes or of an integer dtype, or
+        adapter paths the base lacks (each error names the path).
     """
     manager = source if isinstance(source, ocp.CheckpointManager) else None
     if manager is not None:
@@ -315,17 +333,96 @@ def load(source: str | os.PathLike | ocp.CheckpointManager, base: Any,
     if metadata.get("version", 0) > VERSION:
         raise LoraxValueError(f"lorax.load: '{where}' was written by a newer lorax (format "
                               f"version {metadata['version']} > {VERSION})")
-    entries = metadata["leaves"]
+    entries = _checked_entries(metadata.get("leaves"), where)
     abstract = {f"{path}/{name}": jax.ShapeDtypeStruct(tuple(f["shape"]), np.dtype(f["dtype"]))
                 for path, entry in entries.items() for name, f in entry["fields"].items()}
     try:
         arrays = restore(ocp.args.Composite(adapter=ocp.args.StandardRestore(abstract)))
-        arrays = arrays["adapter"]
+        arrays = dict(arrays["adapter"])
     except Exception as e:
-        raise LoraxValueError(f"lorax.load: the adapter arrays in '{where}' cannot be read "
+        raise CheckpointError(f"lorax.load: the adapter arrays in '{where}' cannot be read "
                               f"(corrupt or incomplete checkpoint): {type(e).__name__}: {e}"
                               ) from e
+    if set(arrays) != set(abstract) or any(
+            tuple(arrays[k].shape) != a.shape or arrays[k].dtype != a.dtype
+            for k, a in abstract.items()):
+        raise CheckpointError(f"lorax.load: the adapter arrays in '{where}' are not those its "
+                              "metadata lists (corrupt or edited checkpoint)")
+    if "digest" in metadata and metadata["digest"] != digest(entries, arrays):
+        raise CheckpointError(f"lorax.load: '{where}' does not match the digest written with "
+                              "it: its metadata or arrays were edited or corrupted after the "
+                              "save")
     return attach(base, entries, arrays, where)
+
+
+def _checked_entries(entries: Any, where: str) -> dict[str, Any]:
+    """The metadata's leaf entries, each checked for what rebuilding a leaf relies on."""
+    def bad(path: str, what: str) -> CheckpointError:
+        return CheckpointError(f"lorax.load: the metadata of '{where}' for '{path}' {what} "
+                               "(corrupt or edited checkpoint)")
+
+    if not isinstance(entries, dict) or not entries:
+        raise CheckpointError(f"lorax.load: the metadata of '{where}' lists no adapter leaves")
+    for path, entry in entries.items():
+        if not isinstance(entry, dict) or not {"kind", "static", "base_shape",
+                                               "fields"} <= set(entry):
+            raise bad(path, "lacks kind / static / base_shape / fields")
+        cls = LEAF_KINDS.get(entry["kind"]) if isinstance(entry["kind"], str) else None
+        if cls is None:
+            raise bad(path, f"names the leaf kind {entry['kind']!r}, which this lorax does "
+                            f"not know (known: {sorted(LEAF_KINDS)})")
+        fields, static = entry["fields"], entry["static"]
+        if not isinstance(fields, dict) or set(fields) != set(cls.trainable_fields):
+            listed = sorted(fields) if isinstance(fields, dict) else fields
+            raise bad(path, f"lists the fields {listed!r}; a {cls.__name__} trains "
+                            f"{sorted(cls.trainable_fields)}")
+        for name, f in fields.items():
+            shape, dtype = (f.get("shape"), f.get("dtype")) if isinstance(f, dict) else (0, 0)
+            if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+                raise bad(path, f"gives '{name}' the shape {shape!r}")
+            try:
+                floating = jnp.issubdtype(np.dtype(dtype), jnp.floating)
+            except TypeError:
+                floating = False
+            if not floating:
+                raise bad(path, f"gives '{name}' the dtype {dtype!r}; adapters are floating")
+        statics = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("static")}
+        if not isinstance(static, dict) or not set(static) <= set(statics):
+            raise bad(path, f"has static fields {static!r}; a {cls.__name__} has "
+                            f"{sorted(statics)}")
+        for name, value in static.items():
+            default = statics[name].default
+            if isinstance(default, float) and not (
+                    type(value) in (int, float) and math.isfinite(value)):
+                raise bad(path, f"gives {name} the value {value!r}; a finite number is needed")
+            if isinstance(default, (str, bool)) and type(value) is not type(default):
+                raise bad(path, f"gives {name} the value {value!r}; a "
+                                f"{type(default).__name__} is needed")
+        if static.get("scale", 1.0) == 0 or not 0 <= static.get("dropout", 0.0) < 1:
+            raise bad(path, f"has scale {static.get('scale')!r} / dropout "
+                            f"{static.get('dropout')!r}; a nonzero scale and a dropout in "
+                            "[0, 1) are needed")
+        shape = entry["base_shape"]
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise bad(path, f"gives the base the shape {shape!r}")
+    return entries
+
+
+def _check_fits(leaf: Any, path: str, where: str) -> None:
+    """The rebuilt leaf computes a weight of its base's shape and dtype (factor shapes that
+    do not fit each other or the base fail here, by path, not later inside a model)."""
+    try:
+        out = jax.eval_shape(lambda x: x.materialize(), leaf)
+    except NotMergeableError:
+        return  # e.g. a bottleneck adapter: no dense form to check against
+    except Exception as e:
+        raise CheckpointError(f"lorax.load: the arrays saved for '{path}' in '{where}' do not "
+                              f"fit together or with the base {tuple(leaf.shape)}: "
+                              f"{type(e).__name__}: {e}") from None
+    if tuple(out.shape) != tuple(leaf.shape):
+        raise CheckpointError(f"lorax.load: the arrays saved for '{path}' in '{where}' make a "
+                              f"weight of shape {tuple(out.shape)}, not the base's "
+                              f"{tuple(leaf.shape)}")
 
 
 def attach(base: Any, entries: dict[str, Any], arrays: dict[str, Any], where: str) -> Any:
@@ -345,14 +442,17 @@ def attach(base: Any, entries: dict[str, Any], arrays: dict[str, Any], where: st
             raise LoraxValueError(f"lorax.load: the adapter for '{path}' was trained on a base of "
                                   f"shape {tuple(entry['base_shape'])}; this base has "
                                   f"{tuple(leaf.shape)} there")
-        cls = LEAF_KINDS.get(entry["kind"])
-        if cls is None:
-            raise LoraxValueError(f"lorax.load: '{path}' is a {entry['kind']}, which this lorax "
-                                  "does not know")
+        cls = LEAF_KINDS[entry["kind"]]
         trained = {name: arrays[f"{path}/{name}"] for name in entry["fields"]}
         if not entry.get("has_base", True):  # a fully trained weight replaces the base's
             return cls(**trained, **entry["static"])
-        return cls(base=leaf, **trained, **entry["static"])
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            raise LoraxValueError(f"lorax.load: the base at '{path}' is {jnp.dtype(leaf.dtype)}"
+                                  "; an adapter goes on a floating weight (or an NF4 / int8 "
+                                  "leaf from lorax.quantize)")
+        rebuilt = cls(base=leaf, **trained, **entry["static"])
+        _check_fits(rebuilt, path, where)
+        return rebuilt
 
     out = jax.tree_util.tree_map_with_path(rebuild, base, is_leaf=is_lorax_leaf)
     missing = sorted(set(entries) - found)

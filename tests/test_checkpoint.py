@@ -2,6 +2,8 @@
 checkpoints with a CheckpointManager, a failed save that leaves the last good one, and
 errors that name the path."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -201,3 +203,64 @@ def test_add_weighted_stacked_and_errors():
         lorax.add_weighted([lp, other], [1.0])
     with pytest.raises(ValueError, match="another structure"):
         lorax.add_weighted([lp, {"x": 1}], [1.0, 1.0])
+
+
+def _edit_metadata(path, edit, keep_digest=False):
+    file = path / "lorax" / "metadata"
+    metadata = json.loads(file.read_text())
+    edit(metadata["leaves"]["attn/kernel"])
+    if not keep_digest:
+        metadata.pop("digest")
+    file.write_text(json.dumps(metadata))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda e: e["static"].update(scale=3.0), "digest"),  # any edit breaks the digest
+])
+def test_edited_checkpoint_breaks_its_digest(tmp_path, edit, message):
+    params, lp = _small()
+    lorax.save(tmp_path / "ckpt", lp)
+    _edit_metadata(tmp_path / "ckpt", edit, keep_digest=True)
+    with pytest.raises(lorax.CheckpointError, match=message):
+        lorax.load(tmp_path / "ckpt", params)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda e: e["static"].update(scale="2"), "'attn/kernel'.*scale.*finite number"),
+    (lambda e: e["static"].update(scale=float("nan")), "'attn/kernel'.*scale.*finite"),
+    (lambda e: e["static"].update(scale=0.0), "'attn/kernel'.*nonzero scale"),
+    (lambda e: e["static"].update(dropout=1.5), "'attn/kernel'.*dropout"),
+    (lambda e: e["static"].update(rank=4), "'attn/kernel'.*static fields"),
+    (lambda e: e.update(kind="DoraWeight"), "'attn/kernel'.*DoraWeight trains"),
+    (lambda e: e.update(kind="Nope"), "'attn/kernel'.*'Nope'.*does not know"),
+    (lambda e: e["fields"]["a"].update(dtype="int32"), "'attn/kernel'.*floating"),
+    (lambda e: e["fields"]["a"].update(shape=[16, 5]), "cannot be read.*16, 5"),
+    (lambda e: e.update(base_shape="16x24"), "'attn/kernel'.*base the shape"),
+])
+def test_edited_metadata_without_digest_is_validated(tmp_path, edit, message):
+    """Checkpoints written before digests (or crafted) are still checked field by field."""
+    params, lp = _small()
+    lorax.save(tmp_path / "ckpt", lp)
+    _edit_metadata(tmp_path / "ckpt", edit)
+    with pytest.raises(lorax.CheckpointError, match=message):
+        lorax.load(tmp_path / "ckpt", params)
+
+
+def test_corrupt_array_bytes_are_refused(tmp_path):
+    params, lp = _small()
+    lorax.save(tmp_path / "ckpt", lp)
+    chunks = sorted((tmp_path / "ckpt" / "adapter" / "d").iterdir(),
+                    key=lambda f: f.stat().st_size)  # the arrays' data files
+    data = bytearray(chunks[-1].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunks[-1].write_bytes(bytes(data))
+    with pytest.raises(lorax.CheckpointError, match="corrupt"):
+        lorax.load(tmp_path / "ckpt", params)
+
+
+def test_adapter_on_an_integer_base_is_refused(tmp_path):
+    params, lp = _small()
+    lorax.save(tmp_path / "ckpt", lp)
+    ints = {**params, "attn": {**params["attn"], "kernel": jnp.zeros((16, 24), jnp.int8)}}
+    with pytest.raises(lorax.LoraxError, match="base at 'attn/kernel' is int8"):
+        lorax.load(tmp_path / "ckpt", ints)
