@@ -7,6 +7,7 @@ from typing import Any
 import jax
 import optax
 
+from lorax.errors import LoraxValueError
 from lorax.tree import mask
 
 
@@ -24,6 +25,9 @@ def optimizer(tx: optax.GradientTransformation, tree: Any) -> optax.GradientTran
     Returns:
       An ``optax.GradientTransformation`` for gradients with respect to the whole tree.
 
+    Raises:
+      LoraxValueError: ``tree`` has no trainable arrays (it would train nothing).
+
     Example:
       >>> import jax, jax.numpy as jnp, optax, lorax
       >>> lp = lorax.wrap({"w": jnp.ones((4, 4)), "b": jnp.ones(4)}, rank=2)
@@ -35,5 +39,9 @@ def optimizer(tx: optax.GradientTransformation, tree: Any) -> optax.GradientTran
       (0.0, (4, 2))
     """
     trainable = mask(tree)
+    if not any(jax.tree.leaves(trainable)):  # every update would be zero: nothing trains
+        raise LoraxValueError(f"lorax.optimizer: tree has no trainable adapter arrays (got "
+                              f"{type(tree).__name__}); pass the tree from lorax.wrap / "
+                              "lorax.unfreeze, not the base parameters")
     frozen = jax.tree.map(lambda m: not m, trainable)
     return optax.chain(optax.masked(tx, trainable), optax.freeze(frozen))
