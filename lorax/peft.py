@@ -20,10 +20,12 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from lorax.dora import DoraWeight
-from lorax.errors import LoraxFileNotFoundError, LoraxValueError
+from lorax.errors import (CheckpointError, LoraxFileNotFoundError, LoraxTypeError,
+                          LoraxValueError, NonFiniteError)
 from lorax.leaves import LoraWeight, is_lorax_leaf
 from lorax.targets import path_str
 
@@ -157,6 +159,75 @@ def _pattern(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
     return default
 
 
+def _read_config(file: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"lorax.import_peft: '{file}' is not valid JSON ({e}); it is "
+                              "truncated or corrupt: save or download it again") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"lorax.import_peft: '{file}' holds a JSON "
+                              f"{type(config).__name__}, not an object of LoRA options")
+    return config
+
+
+def _check_config(config: Mapping[str, Any], file: Path) -> None:
+    """Refuses ranks, alphas and dropouts that would make the scale (alpha / r) or the
+    dropout silently wrong."""
+    def number(key: str, value: Any, what: str) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise LoraxTypeError(f"lorax.import_peft: '{file}': {key} must be {what}; got "
+                                 f"{type(value).__name__} {value!r}")
+
+    ranks = [("r", config.get("r", 8))]
+    alphas = [("lora_alpha", config.get("lora_alpha", 8))]
+    for key, out in (("rank_pattern", ranks), ("alpha_pattern", alphas)):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise LoraxTypeError(f"lorax.import_peft: '{file}': {key} must be an object "
+                                 f"{{module name: value}}; got {pattern!r}")
+        out += [(f"{key}[{k!r}]", v) for k, v in pattern.items()]
+    for key, r in ranks:
+        number(key, r, "a positive int")
+        if not (isinstance(r, int) and r > 0):
+            raise LoraxValueError(f"lorax.import_peft: '{file}': {key} must be a positive int; "
+                                  f"got {r!r}")
+    for key, alpha in alphas:
+        number(key, alpha, "a finite number")
+        if not math.isfinite(alpha):
+            raise LoraxValueError(f"lorax.import_peft: '{file}': {key} must be a finite number; "
+                                  f"got {alpha!r}")
+    dropout = config.get("lora_dropout") or 0.0
+    number("lora_dropout", dropout, "a number in [0, 1)")
+    if not 0.0 <= dropout < 1.0:
+        raise LoraxValueError(f"lorax.import_peft: '{file}': lora_dropout must be in [0, 1); got "
+                              f"{dropout!r}")
+    for flag in ("use_rslora", "use_dora"):
+        if not isinstance(config.get(flag) or False, bool):
+            raise LoraxTypeError(f"lorax.import_peft: '{file}': {flag} must be true or false; "
+                                 f"got {config[flag]!r}")
+
+
+def _read_tensors(file: Path) -> dict[str, np.ndarray]:
+    """Every tensor of ``file``, checked to be finite floating point (bfloat16 included)."""
+    try:
+        with safe_open(file, framework="numpy") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as e:  # SafetensorError (not exported): the file does not parse
+        raise CheckpointError(f"lorax.import_peft: '{file}' is not a readable safetensors file "
+                              f"({type(e).__name__}: {e}); it is truncated or corrupt: save or "
+                              "download it again") from e
+    for key, value in tensors.items():
+        if not jnp.issubdtype(value.dtype, jnp.floating):
+            raise LoraxTypeError(f"lorax.import_peft: tensor '{key}' of '{file}' is "
+                                 f"{value.dtype}; LoRA factors are floating point")
+        values = value if value.dtype.kind == "f" else value.astype(np.float32)  # bfloat16
+        if not np.isfinite(values).all():
+            raise NonFiniteError(f"lorax.import_peft: tensor '{key}' of '{file}' holds inf or "
+                                 "NaN")
+    return tensors
+
+
 def import_peft(directory: str | os.PathLike, params: Any, model: Any = "gpt2",
                 dtype: Any = None) -> Any:
     """Puts the LoRA adapter in a Hugging Face PEFT directory onto ``params``.
@@ -172,9 +243,14 @@ def import_peft(directory: str | os.PathLike, params: Any, model: Any = "gpt2",
       ``params`` with :class:`lorax.LoraWeight` leaves where the adapter has factors.
 
     Raises:
-      ValueError: not a LoRA adapter, an option lorax does not reproduce (DoRA, bias
-        training, modules_to_save), factors whose shapes do not fit the base (naming both),
-        or tensors that no parameter takes (nothing is dropped silently).
+      ValueError: not a LoRA adapter, an option lorax does not reproduce (bias training,
+        modules_to_save), an ``r`` / ``rank_pattern`` that disagrees with the factors' rank
+        or an ``r``, ``lora_alpha`` or ``lora_dropout`` out of range, factors whose shapes do
+        not fit the base (naming both), non-finite factors, or tensors that no parameter takes
+        (nothing is dropped silently). :class:`lorax.CheckpointError` (a ValueError) names a
+        file that is not valid JSON or safetensors (truncated, corrupt).
+      TypeError: a config value or a factor of the wrong type (``lora_alpha`` a string,
+        integer factors).
     """
     directory = Path(directory)
     if not directory.is_dir() and not directory.exists():  # a Hub name: download or cache
@@ -190,7 +266,7 @@ def import_peft(directory: str | os.PathLike, params: Any, model: Any = "gpt2",
     for file in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / file).is_file():
             raise LoraxFileNotFoundError(f"lorax.import_peft: no {file} in '{directory}'")
-    config = json.loads((directory / CONFIG_FILE).read_text())
+    config = _read_config(directory / CONFIG_FILE)
     if config.get("peft_type") != "LORA":
         raise LoraxValueError(f"lorax.import_peft: peft_type {config.get('peft_type')!r} is not "
                               "LORA")
@@ -198,8 +274,9 @@ def import_peft(directory: str | os.PathLike, params: Any, model: Any = "gpt2",
         if config.get(option, ok) not in (ok, [] if ok is None else ok):
             raise LoraxValueError(f"lorax.import_peft: {option}={config[option]!r} is not "
                                   "supported yet")
+    _check_config(config, directory / CONFIG_FILE)
     tensors = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v
-               for k, v in load_file(str(directory / WEIGHTS_FILE)).items()}
+               for k, v in _read_tensors(directory / WEIGHTS_FILE).items()}
     tensors = {re.sub(r"\.lora_([AB])\.[^.]+\.weight$", r".lora_\1.weight", k): v
                for k, v in tensors.items()}  # keys saved with an adapter name
     tensors = {re.sub(r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$",
@@ -221,9 +298,23 @@ def import_peft(directory: str | os.PathLike, params: Any, model: Any = "gpt2",
         a_list, b_list, m_list, scales = [], [], [], set()
         dora = bool(config.get("use_dora"))
         for name, _ in found:
+            if f"{name}.lora_B.weight" not in tensors:
+                raise LoraxValueError(f"lorax.import_peft: '{name}' has lora_A but no lora_B in "
+                                      f"'{directory / WEIGHTS_FILE}'")
             la, lb = tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"]
             used.update({f"{name}.lora_A.weight", f"{name}.lora_B.weight"})
+            if la.ndim != 2 or lb.ndim != 2 or la.shape[0] != lb.shape[1]:
+                raise LoraxValueError(f"lorax.import_peft: '{name}' has lora_A {la.shape} and "
+                                      f"lora_B {lb.shape}; PEFT's factors are [r, in] and "
+                                      "[out, r]")
             r = _pattern(config.get("rank_pattern"), name, config.get("r", 8))
+            if r != la.shape[0]:  # PEFT's own loader would refuse it; the scale would be off
+                source = ("rank_pattern" if _pattern(config.get("rank_pattern"), name, None)
+                          is not None else "r")
+                raise LoraxValueError(f"lorax.import_peft: module '{name}' has rank "
+                                      f"{la.shape[0]} factors (lora_A {la.shape}) but "
+                                      f"'{directory / CONFIG_FILE}' gives it r={r} (from "
+                                      f"{source}); the scale lora_alpha / r would be wrong")
             alpha = _pattern(config.get("alpha_pattern"), name, config.get("lora_alpha", 8))
             scales.add(alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
             a_list.append(la.T)
@@ -234,6 +325,10 @@ def import_peft(directory: str | os.PathLike, params: Any, model: Any = "gpt2",
                     raise LoraxValueError(f"lorax.import_peft: use_dora is set but '{key}' is "
                                           "missing")
                 used.add(key)
+                if tensors[key].shape != (lb.shape[0],):
+                    raise LoraxValueError(f"lorax.import_peft: '{key}' has shape "
+                                          f"{tensors[key].shape}; the module's output needs "
+                                          f"({lb.shape[0]},)")
                 m_list.append(tensors[key])
         if len(scales) != 1:
             raise LoraxValueError(f"lorax.import_peft: the layers stacked in '{path}' have "

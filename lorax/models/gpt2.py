@@ -33,6 +33,7 @@ ACTIVATIONS = {"gelu_new": functools.partial(nn.gelu, approximate=True),
                "gelu_fast": functools.partial(nn.gelu, approximate=True),
                "gelu": functools.partial(nn.gelu, approximate=False),
                "relu": nn.relu, "silu": nn.silu, "swish": nn.silu}
+MODEL_TYPES = ("gpt2",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,15 +50,21 @@ class GPT2Config:
     activation_function: str = "gelu_new"
     initializer_range: float = 0.02
     bos_token_id: int | None = 50256
-    eos_token_id: int | None = 50256
+    eos_token_id: int | tuple[int, ...] | None = 50256
 
     def __post_init__(self):
+        hub.check_sizes("GPT2Config", vocab_size=self.vocab_size, n_positions=self.n_positions,
+                        n_embd=self.n_embd, n_layer=self.n_layer, n_head=self.n_head,
+                        n_inner=self.n_inner)
+        hub.check_positive("GPT2Config", layer_norm_epsilon=self.layer_norm_epsilon)
         if self.n_embd % self.n_head:
             raise LoraxValueError(f"GPT2Config: n_embd {self.n_embd} is not a multiple of "
                                   f"n_head {self.n_head}")
         if self.activation_function not in ACTIVATIONS:
             raise LoraxValueError(f"GPT2Config: activation_function {self.activation_function!r} "
                                   f"is not one of {sorted(ACTIVATIONS)}")
+        if isinstance(self.eos_token_id, list):  # several eos ids: keep the config hashable
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
 
     @property
     def inner(self) -> int:
@@ -65,12 +72,15 @@ class GPT2Config:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "GPT2Config":
-        """From a Hugging Face config dict; refuses options that change the computation."""
+        """From a Hugging Face config dict; refuses another architecture and options that
+        change the computation (the logits would differ from transformers')."""
+        hub.check_model_type(hf, MODEL_TYPES, "GPT2Config", "GPT-2")
         for flag, ok in [("scale_attn_by_inverse_layer_idx", False),
                          ("add_cross_attention", False), ("scale_attn_weights", True),
                          ("tie_word_embeddings", True)]:
             if hf.get(flag, ok) != ok:
-                raise NotImplementedError(f"GPT2Config: {flag}={hf[flag]!r} is not supported")
+                raise LoraxValueError(f"GPT2Config: config key {flag}={hf[flag]!r} is not "
+                                      f"supported (GPT2 implements {flag}={ok})")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in hf.items() if k in names})
 
@@ -234,6 +244,13 @@ def from_pretrained(name_or_dir: str | os.PathLike, *, dtype: Any = jnp.float32,
 
     Returns:
       ``(model, params)``, with ``model.apply({"params": params}, input_ids)`` the logits.
+
+    Raises:
+      ValueError: a config of another model_type or with a feature GPT-2 here does not
+        implement (naming config.json and the key), or weights that do not match it;
+        :class:`lorax.CheckpointError` for a config.json, index or safetensors file that
+        does not parse (naming it).
+      FileNotFoundError: no checkpoint there, or a shard the index names is missing.
     """
     return hub.load_model(name_or_dir, GPT2Config, GPT2, hf_table, dtype=dtype,
                           param_dtype=param_dtype, strip_prefix=HF_PREFIX, ignore=HF_IGNORE,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -19,13 +20,16 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from lorax.errors import (LoraxFileNotFoundError, LoraxKeyError,
-                          LoraxNotADirectoryError, LoraxValueError)
+from lorax.errors import (CheckpointError, LoraxError, LoraxFileNotFoundError, LoraxKeyError,
+                          LoraxNotADirectoryError, LoraxTypeError, LoraxValueError)
 
 CHECKPOINT_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json",
                     "model-*.safetensors", "generation_config.json", "tokenizer.json",
                     "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                     "merges.txt"]
+
+# model_type -> the lorax.models module that loads it, to point a wrong loader at the right one
+LOADER_OF = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,13 +82,73 @@ def resolve(name_or_dir: str | os.PathLike) -> Path:
             f"{type(e).__name__}: {e}. {how}") from e
 
 
+def read_json(file: Path) -> Any:
+    """The parsed JSON of ``file``; a file that is not JSON (truncated, a Git LFS pointer, an
+    HTML error page) is a :class:`CheckpointError` naming it."""
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"lorax.models: '{file}' is not valid JSON ({e}); it is "
+                              "truncated or corrupt: download or write it again.") from e
+
+
 def read_config(directory: Path) -> dict[str, Any]:
     """The checkpoint's config.json as a dict."""
     file = directory / "config.json"
     if not file.is_file():
         raise LoraxFileNotFoundError(f"lorax.models: no config.json in '{directory}' (it has: "
                                      f"{sorted(p.name for p in directory.iterdir())}).")
-    return json.loads(file.read_text())
+    config = read_json(file)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"lorax.models: '{file}' holds a JSON {type(config).__name__}, "
+                              "not an object of config keys.")
+    return config
+
+
+def check_model_type(hf: Mapping[str, Any], supported: tuple[str, ...], where: str,
+                     model: str) -> None:
+    """Refuses a config of another architecture (no ``model_type``: taken as supported),
+    naming the lorax loader that reads it if there is one."""
+    kind = hf.get("model_type")
+    if kind is None or kind in supported:
+        return
+    other = LOADER_OF.get(kind)
+    hint = (f"load it with lorax.models.{other}.from_pretrained" if other else
+            f"lorax.models loads model_type {sorted(LOADER_OF)} only")
+    raise LoraxValueError(f"{where}: config key model_type={kind!r}: the directory holds a "
+                          f"model_type {kind!r} checkpoint, not {model} (supported model_type: "
+                          f"{list(supported)}); {hint}")
+
+
+def check_sizes(where: str, **sizes: Any) -> None:
+    """Refuses a size that is not a positive int (None: unset, allowed)."""
+    for key, value in sizes.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise LoraxTypeError(f"{where}: {key} must be a positive int; got "
+                                 f"{type(value).__name__} {value!r}")
+        if value <= 0:
+            raise LoraxValueError(f"{where}: {key} must be a positive int; got {value}")
+
+
+def check_positive(where: str, **numbers: Any) -> None:
+    """Refuses a number that is not finite and > 0 (an epsilon, a RoPE base)."""
+    for key, value in numbers.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise LoraxTypeError(f"{where}: {key} must be a positive number; got "
+                                 f"{type(value).__name__} {value!r}")
+        if not (math.isfinite(value) and value > 0):
+            raise LoraxValueError(f"{where}: {key} must be a finite number > 0; got {value}")
+
+
+def _open(file: Path) -> Any:
+    try:
+        return safe_open(file, framework="numpy")
+    except Exception as e:  # SafetensorError (not exported): the header does not parse
+        raise CheckpointError(f"lorax.models: '{file}' is not a readable safetensors file "
+                              f"({type(e).__name__}: {e}); it is truncated or corrupt: "
+                              "download it again.") from e
 
 
 class TensorFiles:
@@ -94,28 +158,52 @@ class TensorFiles:
     def __init__(self, directory: Path):
         index = directory / "model.safetensors.index.json"
         single = directory / "model.safetensors"
+        self._handles: dict[Path, Any] = {}
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index)
+            weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"lorax.models: '{index}' has no \"weight_map\" object "
+                                      "{tensor name: shard file}.")
             self.file_of = {name: directory / file for name, file in weight_map.items()}
-        elif single.is_file():
-            with safe_open(single, framework="numpy") as f:
-                self.file_of = {name: single for name in f.keys()}
-        else:
+            lost = sorted({f.name for f in self.file_of.values() if not f.is_file()})
+            if lost:
+                raise LoraxFileNotFoundError(
+                    f"lorax.models: '{index}' names shards that are not in '{directory}': "
+                    f"{lost[:5]}; the download is incomplete.")
+        elif not single.is_file():
             raise LoraxFileNotFoundError(
                 f"lorax.models: no model.safetensors or model.safetensors.index.json in "
                 f"'{directory}' (it has: {sorted(p.name for p in directory.iterdir())}). "
                 "Only safetensors checkpoints are read; convert a pytorch_model.bin with "
                 "transformers' save_pretrained(safe_serialization=True).")
-        self._handles: dict[Path, Any] = {}
+        # open every file now: a truncated shard fails here, not after the others are read
+        try:
+            if not index.is_file():
+                self._handles[single] = _open(single)
+                self.file_of = {name: single for name in self._handles[single].keys()}
+            for file in sorted(set(self.file_of.values()) - set(self._handles)):
+                self._handles[file] = _open(file)
+                keys = set(self._handles[file].keys())
+                absent = sorted(n for n, f in self.file_of.items() if f == file and n not in keys)
+                if absent:
+                    raise CheckpointError(f"lorax.models: '{index}' puts {absent[:5]} in "
+                                          f"'{file}', which lacks them.")
+        except LoraxError:
+            self.close()
+            raise
 
     def names(self) -> set[str]:
         return set(self.file_of)
 
     def get(self, name: str) -> np.ndarray:
         file = self.file_of[name]
-        if file not in self._handles:
-            self._handles[file] = safe_open(file, framework="numpy")
-        return self._handles[file].get_tensor(name)
+        try:
+            return self._handles[file].get_tensor(name)
+        except Exception as e:  # SafetensorError: data that does not decode
+            raise CheckpointError(f"lorax.models: tensor '{name}' of '{file}' cannot be read "
+                                  f"({type(e).__name__}: {e}).") from e
 
     def close(self):
         for handle in self._handles.values():
@@ -220,7 +308,17 @@ def load_model(name_or_dir: str | os.PathLike, config_cls: Any, model_cls: Any,
     """The shared body of the models' ``from_pretrained``: config, model, then params
     through ``table(config, scan_layers)``; ``ignore`` may be a function of the config."""
     directory = resolve(name_or_dir)
-    config = config_cls.from_hf(read_config(directory))
+    hf = read_config(directory)
+    if hf.get("quantization_config"):
+        method = hf["quantization_config"]
+        method = method.get("quant_method") if isinstance(method, dict) else method
+        raise LoraxValueError(f"lorax.models: '{directory / 'config.json'}' has "
+                              f"quantization_config (quant_method {method!r}): a pre-quantized "
+                              "checkpoint; load the unquantized one and use lorax.quantize.")
+    try:
+        config = config_cls.from_hf(hf)
+    except LoraxError as e:  # say which file holds the config that was refused
+        raise type(e)(f"lorax.models: '{directory / 'config.json'}': {e}") from e
     model = model_cls(config, dtype=dtype, **model_options)
     tensors = TensorFiles(directory)
     try:

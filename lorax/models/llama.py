@@ -28,11 +28,18 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lorax.errors import LoraxValueError
+from lorax.errors import LoraxTypeError, LoraxValueError
 from lorax.models import hub
 from lorax.models.layers import (KVCache, StackOptions, apply_rope, attention,
                                  attention_context, prepend_prompt, rope_frequencies,
                                  rope_tables, run_layers, updated_cache)
+
+
+MODEL_TYPES = ("llama", "mistral")  # Mistral: Llama's layers (without its sliding window)
+# the rope types layers.rope_frequencies implements, with the keys each needs
+ROPE_TYPES = {"default": (), "linear": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                         "original_max_position_embeddings")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,9 +62,17 @@ class LlamaConfig:
     mlp_bias: bool = False
     initializer_range: float = 0.02
     bos_token_id: int | None = 1
-    eos_token_id: int | None = 2
+    eos_token_id: int | tuple[int, ...] | None = 2
 
     def __post_init__(self):
+        hub.check_sizes("LlamaConfig", vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                        intermediate_size=self.intermediate_size,
+                        num_hidden_layers=self.num_hidden_layers,
+                        num_attention_heads=self.num_attention_heads,
+                        num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim,
+                        max_position_embeddings=self.max_position_embeddings)
+        hub.check_positive("LlamaConfig", rms_norm_eps=self.rms_norm_eps,
+                           rope_theta=self.rope_theta)
         if self.num_attention_heads % self.kv_heads:
             raise LoraxValueError(f"LlamaConfig: num_attention_heads {self.num_attention_heads} is "
                                   f"not a multiple of num_key_value_heads {self.kv_heads}")
@@ -67,7 +82,18 @@ class LlamaConfig:
                                   f"{self.num_attention_heads}; set head_dim")
         if isinstance(self.rope_scaling, dict):  # accept HF's dict, store it hashable
             object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
-        rope_frequencies(self.dims, self.rope_theta, self.scaling)  # unsupported type: raise
+        if isinstance(self.eos_token_id, list):  # several eos ids (Llama 3 instruct): hashable
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        scaling = self.scaling or {}
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind not in ROPE_TYPES:
+            raise LoraxValueError(f"LlamaConfig: rope type {kind!r} (config key rope_parameters "
+                                  f"or rope_scaling: {scaling}) is not supported; supported: "
+                                  f"{sorted(ROPE_TYPES)}")
+        lacking = [k for k in ROPE_TYPES[kind] if k not in scaling]
+        if lacking:
+            raise LoraxValueError(f"LlamaConfig: rope type {kind!r} needs {lacking} in "
+                                  f"rope_parameters / rope_scaling; got {scaling}")
 
     @property
     def kv_heads(self) -> int:
@@ -85,11 +111,30 @@ class LlamaConfig:
     def from_hf(cls, hf: dict[str, Any]) -> "LlamaConfig":
         """From a Hugging Face config dict (transformers 4's ``rope_theta`` /
         ``rope_scaling`` or 5's ``rope_parameters``)."""
+        hub.check_model_type(hf, MODEL_TYPES, "LlamaConfig", "Llama")
         if hf.get("hidden_act", "silu") != "silu":
-            raise NotImplementedError(f"LlamaConfig: hidden_act={hf['hidden_act']!r} is not "
-                                      "supported (silu only)")
+            raise LoraxValueError(f"LlamaConfig: config key hidden_act={hf['hidden_act']!r} is "
+                                  "not supported (Llama implements silu only)")
+        window, positions = hf.get("sliding_window"), hf.get("max_position_embeddings", 2048)
+        hub.check_sizes("LlamaConfig", sliding_window=window, max_position_embeddings=positions)
+        # HF's Llama ignores sliding_window; Mistral masks keys further back than the window,
+        # which this model (full causal attention) does not
+        if hf.get("model_type") != "llama" and window is not None and window < positions:
+            raise LoraxValueError(
+                f"LlamaConfig: config key sliding_window={window} (model_type "
+                f"{hf.get('model_type')!r}) is smaller than max_position_embeddings="
+                f"{positions}: sliding-window attention is not implemented (the logits would "
+                "differ from transformers' past that many tokens); supported: sliding_window "
+                "null or >= max_position_embeddings")
         hf = dict(hf)
-        rope = dict(hf.pop("rope_parameters", None) or hf.get("rope_scaling") or {})
+        if hf.get("model_type") == "mistral":  # HF's Mistral has no biases, whatever the keys
+            hf.pop("attention_bias", None)
+            hf.pop("mlp_bias", None)
+        rope = hf.pop("rope_parameters", None) or hf.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise LoraxTypeError(f"LlamaConfig: config key rope_parameters / rope_scaling must "
+                                 f"be an object; got {type(rope).__name__} {rope!r}")
+        rope = dict(rope)
         if "rope_theta" in rope:
             hf["rope_theta"] = rope.pop("rope_theta")
         kind = rope.get("rope_type", rope.get("type", "default"))
@@ -284,8 +329,8 @@ def from_pretrained(name_or_dir: str | os.PathLike, *, dtype: Any = jnp.float32,
                     param_dtype: Any = None, scan_layers: bool = False,
                     remat_policy: str | None = None, attention_impl: str | None = None
                     ) -> tuple[Llama, dict]:
-    """Loads a Hugging Face Llama checkpoint (arguments as
-    :func:`lorax.models.gpt2.from_pretrained`)."""
+    """Loads a Hugging Face Llama checkpoint, or a Mistral one without a binding sliding
+    window (arguments and errors as :func:`lorax.models.gpt2.from_pretrained`)."""
     return hub.load_model(name_or_dir, LlamaConfig, Llama, hf_table, dtype=dtype,
                           param_dtype=param_dtype, strip_prefix=HF_PREFIX, ignore=_ignore,
                           scan_layers=scan_layers, remat_policy=remat_policy,
