@@ -8,7 +8,9 @@
   ``W`` than ``dequant(nf4(W))`` is.
 
 Each works per layer on the ``(*stack, fan_in, fan_out)`` view of a kernel; the residual is
-a new array (these inits cannot keep the original base).
+a new array (these inits cannot keep the original base). They need a finite weight (an SVD of
+inf/NaN returns NaN factors or, on some backends, never returns): ``lorax.wrap`` checks
+concrete weights with :func:`require_finite` first.
 """
 
 from __future__ import annotations
@@ -18,8 +20,24 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from lorax.errors import NonFiniteError
 from lorax.leaves import LoraWeight
+
+
+def require_finite(w: Any, what: str) -> None:
+    """Raises :class:`NonFiniteError` (``what`` names the weight) if the concrete array ``w``
+    holds inf or NaN. Under tracing (jit, vmap, lax.map) the values are unknown: no check."""
+    if isinstance(w, jax.core.Tracer):
+        return
+    finite = jnp.isfinite(w)
+    if bool(jnp.all(finite)):
+        return
+    # Count per row then in int64: one int32 count overflows on stacked 65B-size kernels.
+    bad = int(np.sum(np.asarray(jnp.sum(~finite, axis=-1)), dtype=np.int64)) if finite.ndim else 1
+    raise NonFiniteError(f"{what}: the weight {tuple(finite.shape)} holds {bad} inf/NaN "
+                         "value(s); expected a finite weight")
 
 
 def _matrix_view(w: jax.Array, ns: int, ni: int) -> jax.Array:

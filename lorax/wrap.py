@@ -121,6 +121,8 @@ def make_lora_leaf(path: str, base: Any, rank: int, alpha: float | None, key: ja
         if is_lorax_leaf(base):
             raise LoraxTypeError(f"lorax.wrap: init={init!r} for '{path}' needs a dense base (it "
                                  "rewrites it); LoftQ quantizes a dense base itself")
+        # An SVD / QR of inf or NaN gives NaN factors, or never returns on some backends.
+        inits.require_finite(base, f"lorax.wrap: init={init!r} for '{path}'")
         make = {"pissa": inits.pissa, "olora": inits.olora, "loftq": inits.loftq}[init]
         return make(base, rank, scale, ns, ni, dtype)
     a_shape = stack + ins + (rank,)
