@@ -19,6 +19,7 @@ peft = pytest.importorskip("peft")
 from test_models import _hf_gpt2, _hf_llama, _tokens  # noqa: E402
 
 MODELS = {"gpt2": (_hf_gpt2, gpt2), "llama": (_hf_llama, llama)}
+PATTERN_MODULE = {"gpt2": "c_fc", "llama": "down_proj"}  # a pattern key must match a path
 TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],
            "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]}
 
@@ -47,7 +48,8 @@ def _peft_logits(model, ids):
 def test_exported_adapter_loads_in_peft(bases, tmp_path, name, scan_layers):
     model, params = MODELS[name][1].from_pretrained(bases[name], scan_layers=scan_layers)
     lp = lorax.wrap(params, rank=4, alpha=8, targets=TARGETS[name], key=jax.random.key(0),
-                    rank_pattern={"c_fc": 2, "down_proj": 2}, alpha_pattern={"c_fc": 3.0})
+                    rank_pattern={PATTERN_MODULE[name]: 2},
+                    alpha_pattern={PATTERN_MODULE[name]: 3.0})
     lp = randomize_b(lp, jax.random.key(1))
     lorax.export_peft(tmp_path, lp, model=name, base_model_name="test/base")
     config = json.loads((tmp_path / "adapter_config.json").read_text())
