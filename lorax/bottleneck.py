@@ -14,7 +14,8 @@ import jax.numpy as jnp
 
 from lorax.errors import LoraxValueError, NotMergeableError
 from lorax.leaves import OverBase, register_leaf, static_field
-from lorax.targets import FlatTree, Targets, infer_in_axes, infer_stack_axes, select
+from lorax.targets import (FlatTree, Targets, check_key, floating_dtype, infer_in_axes,
+                           infer_stack_axes, positive_int, select)
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu, "gelu": jax.nn.gelu, "silu": jax.nn.silu, "tanh": jnp.tanh}
@@ -96,10 +97,13 @@ def adapters(params: Any, targets: Targets, bottleneck: int = 16, mode: str = "s
     """
     if mode not in ("serial", "parallel"):
         raise LoraxValueError(f"lorax.adapters: mode must be 'serial' or 'parallel'; got {mode!r}")
-    if activation not in ACTIVATIONS:
-        raise LoraxValueError(f"lorax.adapters: activation must be one of {sorted(ACTIVATIONS)}")
-    if bottleneck < 1:
-        raise LoraxValueError(f"lorax.adapters: bottleneck must be >= 1; got {bottleneck}")
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise LoraxValueError(f"lorax.adapters: activation must be one of {sorted(ACTIVATIONS)}; "
+                              f"got {activation!r}")
+    bottleneck = positive_int(bottleneck, "lorax.adapters: bottleneck")
+    dtype = floating_dtype(dtype, "lorax.adapters: dtype")
+    if key is not None:
+        check_key(key, "lorax.adapters: key")
     tree = FlatTree.of(params)
     chosen = select(targets, tree.paths, tree.leaves)
     keys = jax.random.split(jax.random.key(0) if key is None else key, max(len(chosen), 1))
@@ -113,7 +117,7 @@ def adapters(params: Any, targets: Targets, bottleneck: int = 16, mode: str = "s
                                   "adapters go on 2-D (per layer) kernels")
         stack, (d_in, d_out) = tuple(leaf.shape[:ns]), tuple(leaf.shape[ns:])
         fan = d_out if mode == "serial" else d_in
-        vdtype = dtype or jnp.promote_types(leaf.dtype, jnp.float32)
+        vdtype = dtype if dtype is not None else jnp.promote_types(leaf.dtype, jnp.float32)
         bound = 1.0 / math.sqrt(fan)
         down = jax.random.uniform(k, stack + (fan, bottleneck), vdtype, -bound, bound)
         up = jnp.zeros(stack + (bottleneck, d_out), vdtype)

@@ -46,3 +46,7 @@ class NonFiniteError(LoraxValueError):
 
 class NotMergeableError(LoraxValueError):
     """A lorax leaf whose computation is not a weight (e.g. a bottleneck adapter)."""
+
+
+class LoraxTiedWeightWarning(UserWarning):
+    """One array object sits at several paths (tied weights) and each path got an adapter."""

@@ -6,14 +6,15 @@ scaled axis. Initialised to ones, so the model starts unchanged.
 
 from __future__ import annotations
 
-import re
 from typing import Any, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from lorax.errors import LoraxTypeError, LoraxValueError
 from lorax.leaves import OverBase, materialize, register_leaf, static_field
-from lorax.targets import FlatTree, Targets, infer_in_axes, infer_stack_axes, select
+from lorax.targets import (FlatTree, Targets, compile_regex, floating_dtype, infer_in_axes,
+                           infer_stack_axes, select)
 
 
 @register_leaf
@@ -87,6 +88,7 @@ def ia3(params: Any, targets: Targets, feedforward: Sequence[str] | str | None =
       targets: as for ``lorax.wrap`` (e.g. ``["k_proj", "v_proj", "down_proj"]``).
       feedforward: module names (or a regex of paths) whose *input* is scaled, as peft's
         ``feedforward_modules`` (e.g. ``["down_proj"]``); the others scale their outputs.
+        A name that is in no targeted path is an error.
       dtype: dtype of the vectors; default the base's promoted to at least float32.
 
     Returns:
@@ -99,21 +101,37 @@ def ia3(params: Any, targets: Targets, feedforward: Sequence[str] | str | None =
       >>> t["k"]["kernel"].vector.shape, t["down"]["kernel"].vector.shape
       ((4,), (16,))
     """
+    dtype = floating_dtype(dtype, "lorax.ia3: dtype")
+    ff_regex = None
+    if isinstance(feedforward, str):
+        ff_regex = compile_regex(feedforward, "lorax.ia3: feedforward")
+    elif feedforward is not None and not (isinstance(feedforward, (list, tuple, set, frozenset))
+                                          and all(isinstance(n, str) for n in feedforward)):
+        raise LoraxTypeError("lorax.ia3: feedforward must be None, a regex (str) or a list of "
+                             f"module names (str); got {feedforward!r}")
     tree = FlatTree.of(params)
     chosen = select(targets, tree.paths, tree.leaves)
+    adapted = [tree.paths[i] for i in sorted(chosen)]
+    names = () if ff_regex is not None else tuple(feedforward or ())
+    unmatched = sorted(n for n in names if not any(n in p.split("/") for p in adapted))
+    if ff_regex is not None and not any(ff_regex.fullmatch(p) for p in adapted):
+        unmatched = [feedforward]
+    if unmatched:  # a typo would silently scale the outputs instead of the inputs
+        raise LoraxValueError(f"lorax.ia3: feedforward {unmatched} matches no targeted path; "
+                              "the targeted paths are: " + ", ".join(adapted[:40]))
     out = list(tree.leaves)
     for i in sorted(chosen):
         path, leaf = tree.paths[i], tree.leaves[i]
-        if isinstance(feedforward, str):
-            on_input = re.fullmatch(feedforward, path) is not None
+        if ff_regex is not None:
+            on_input = ff_regex.fullmatch(path) is not None
         else:
-            on_input = any(n in path.split("/") for n in (feedforward or ()))
+            on_input = any(n in path.split("/") for n in names)
         siblings = tree.siblings(path)
         ns = infer_stack_axes(path, leaf.shape, siblings)
         ni = infer_in_axes(leaf.shape, siblings, ns)
         no = len(leaf.shape) - ns - ni
         axes = leaf.shape[:ns] + (leaf.shape[ns:ns + ni] if on_input else leaf.shape[ns + ni:])
-        vdtype = dtype or jnp.promote_types(leaf.dtype, jnp.float32)
+        vdtype = dtype if dtype is not None else jnp.promote_types(leaf.dtype, jnp.float32)
         out[i] = IA3Weight(leaf, jnp.ones(axes, vdtype), n_in=ni, n_out=no,
                            on="in" if on_input else "out")
     return tree.rebuild(out)

@@ -14,9 +14,9 @@ from typing import Any, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from lorax.errors import NotMergeableError
-from lorax.errors import LoraxValueError
+from lorax.errors import LoraxTypeError, LoraxValueError, NotMergeableError
 from lorax.leaves import LoraWeight, OverBase, is_lorax_leaf, register_leaf
 from lorax.targets import path_str
 
@@ -90,11 +90,24 @@ def stack(trees: Sequence[Any], index: Any) -> Any:
       >>> t["w"].a.shape, t["w"].index.shape
       ((2, 6, 3), (2,))
     """
+    if not isinstance(trees, (list, tuple)):  # one tree (a dict) would stack its keys
+        raise LoraxTypeError(f"lorax.stack: trees must be a list of wrapped trees; got "
+                             f"{type(trees).__name__}")
     if not trees:
         raise LoraxValueError("lorax.stack: no trees")
-    index = jnp.asarray(index, jnp.int32)
-    if index.ndim != 1:
-        raise LoraxValueError(f"lorax.stack: index must be [batch]; got shape {index.shape}")
+    try:
+        raw = np.asarray(index) if not isinstance(index, jax.Array) else index
+    except Exception:  # e.g. ragged lists
+        raw = None
+    if raw is None or not (jnp.issubdtype(raw.dtype, jnp.integer) or raw.size == 0):
+        raise LoraxTypeError(f"lorax.stack: index must be [batch] ints (the adapter of each "
+                             f"row); got {getattr(raw, 'dtype', type(index).__name__)} {index!r}")
+    index = jnp.asarray(raw, jnp.int32)
+    if index.ndim != 1 or index.size == 0:
+        raise LoraxValueError(f"lorax.stack: index must be [batch] with batch >= 1; got shape "
+                              f"{index.shape}")
+    if int(index.max()) >= len(trees) or int(index.min()) < 0:
+        raise LoraxValueError(f"lorax.stack: index values must be in [0, {len(trees)})")
     flats = [jax.tree_util.tree_flatten_with_path(t, is_leaf=is_lorax_leaf) for t in trees]
     treedef = flats[0][1]
     if any(f[1] != treedef for f in flats[1:]):
@@ -108,6 +121,10 @@ def stack(trees: Sequence[Any], index: Any) -> Any:
         if not all(type(leaf) is LoraWeight for leaf in leaves):
             raise LoraxValueError(f"lorax.stack: '{path}' is a LoRA leaf in some trees only (or "
                                   "another kind)")
+        shapes = [tuple(leaf.shape) for leaf in leaves]
+        if len(set(shapes)) != 1:  # only the first tree's base is kept
+            raise LoraxValueError(f"lorax.stack: '{path}' has bases of shapes {shapes}; the "
+                                  "trees must adapt one base")
         ns = leaves[0].stack_ndim
         if leaves[0].in_ndim != 1 or len(leaves[0].shape) - ns != 2:
             raise LoraxValueError(f"lorax.stack: '{path}' is not a 2-D (per layer) kernel")
@@ -119,8 +136,9 @@ def stack(trees: Sequence[Any], index: Any) -> Any:
         lead = tuple(leaves[0].shape[:ns])
         scales = jnp.broadcast_to(jnp.asarray([leaf.scale for leaf in leaves], jnp.float32),
                                   lead + (len(leaves),))
-        if int(index.max()) >= len(leaves) or int(index.min()) < 0:
-            raise LoraxValueError(f"lorax.stack: index values must be in [0, {len(leaves)})")
         out.append(MultiLoraWeight(leaves[0].base, a, b, scales,
                                    jnp.broadcast_to(index, lead + index.shape)))
+    if not any(isinstance(leaf, MultiLoraWeight) for leaf in out):
+        raise LoraxValueError("lorax.stack: the trees hold no LoRA leaves (lorax.wrap them "
+                              "first)")
     return jax.tree_util.tree_unflatten(treedef, out)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from typing import Any, Callable, Mapping, Sequence, Union
 
@@ -108,7 +109,7 @@ def select(targets: Targets, paths: Sequence[str], leaves: Sequence[Any],
         return chosen
 
     if isinstance(targets, str):
-        pattern = re.compile(targets)
+        pattern = compile_regex(targets, "lorax: targets")
         decide = lambda p, leaf: bool(pattern.fullmatch(p))  # noqa: E731
         what = f"the regex {targets!r}"
     elif callable(targets):
@@ -165,11 +166,18 @@ def _nothing_matched(what: str, paths: Sequence[str], leaves: Sequence[Any]) -> 
     return "\n".join(lines)
 
 
-def pattern_value(patterns: Mapping[str, Any] | None, path: str, default: Any) -> Any:
+def pattern_matches(key: str, path: str, what: str = "lorax: pattern key") -> bool:
+    """Whether a ``rank_pattern`` / ``alpha_pattern`` key names a component of ``path`` or
+    matches it in full as a regex."""
+    return key in path.split("/") or compile_regex(key, what).fullmatch(path) is not None
+
+
+def pattern_value(patterns: Mapping[str, Any] | None, path: str, default: Any,
+                  what: str = "lorax: pattern") -> Any:
     """The value of the first key in ``patterns`` that matches ``path`` in full or names one
     of its components (as peft's ``rank_pattern`` / ``alpha_pattern``)."""
     for key, value in (patterns or {}).items():
-        if key in path.split("/") or re.fullmatch(key, path):
+        if pattern_matches(key, path, f"{what} key"):
             return value
     return default
 
@@ -234,10 +242,80 @@ def stack_axes_for(stacked: Any, explicit: int | None, path: str) -> int | None:
         return explicit
     if stacked is None:
         return None
-    if isinstance(stacked, bool):
+    if isinstance(stacked, (bool, np.bool_)):
         return int(stacked)
-    if isinstance(stacked, int):
-        return stacked
+    if isinstance(stacked, numbers.Integral):
+        return int(stacked)
     if isinstance(stacked, str):
-        return 1 if re.fullmatch(stacked, path) else 0
+        return 1 if compile_regex(stacked, "lorax: stacked").fullmatch(path) else 0
     raise LoraxTypeError(f"lorax: stacked must be None, an int or a regex; got {stacked!r}")
+
+
+# --------------------------------------------------------------------------------------
+# Argument checks shared by the functions that build wrapped trees
+# --------------------------------------------------------------------------------------
+
+def compile_regex(pattern: str, what: str) -> re.Pattern:
+    """``re.compile(pattern)``; a bad regex is a lorax error naming the argument ``what``
+    (e.g. ``"lorax.wrap: targets"``)."""
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise LoraxValueError(f"{what} {pattern!r} is not a valid regex: {err}") from None
+    except TypeError:
+        raise LoraxTypeError(f"{what} must be a regex string; got "
+                             f"{type(pattern).__name__} {pattern!r}") from None
+
+
+def positive_int(value: Any, what: str) -> int:
+    """``value`` as an int >= 1: Python and numpy integers pass, bools and floats do not
+    (a number of the wrong kind, e.g. 2.5, is a value error, as for any count)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise LoraxTypeError(f"{what} must be a positive int; got "
+                             f"{type(value).__name__} {value!r}")
+    if not isinstance(value, numbers.Integral) or value < 1:
+        raise LoraxValueError(f"{what} must be a positive int; got {value!r}")
+    return int(value)
+
+
+def is_real_scalar(value: Any) -> bool:
+    """A real number: Python / numpy ints and floats, or a 0-d int or float array; not a
+    bool, a complex or a string."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, numbers.Real):
+        return True
+    dtype = getattr(value, "dtype", None)
+    return (isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0
+            and (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)))
+
+
+def check_key(key: Any, what: str) -> None:
+    """Refuses anything but one PRNG key: ``jax.random.key(...)``, or a legacy uint32[2]
+    ``jax.random.PRNGKey(...)`` (uint32[4] under the rbg implementation)."""
+    dtype, shape = getattr(key, "dtype", None), getattr(key, "shape", None)
+    if dtype is not None and shape is not None:
+        if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+            if tuple(shape) == ():
+                return
+        elif str(dtype) == "uint32" and tuple(shape) in ((2,), (4,)):
+            return
+        got = f"{dtype}{list(shape)}"
+    else:
+        got = f"{type(key).__name__} {key!r}"
+    raise LoraxTypeError(f"{what} must be one PRNG key, jax.random.key(...) (or a legacy "
+                         f"uint32[2] key from jax.random.PRNGKey(...)); got {got}")
+
+
+def floating_dtype(dtype: Any, what: str) -> Any:
+    """``dtype`` as a numpy dtype if it is a floating one (None passes through)."""
+    if dtype is None:
+        return None
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or not jnp.issubdtype(dt, jnp.floating):
+        raise LoraxTypeError(f"{what} must be a floating dtype (e.g. jnp.float32); "
+                             f"got {dtype!r}")
+    return dt

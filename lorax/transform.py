@@ -34,7 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorax import _compat
+from lorax.errors import LoraxError, LoraxTypeError, LoraxValueError
 from lorax.leaves import LoraxLeaf, is_lorax_leaf
+from lorax.targets import check_key
+from lorax.tree import holes
 
 __all__ = ["lora", "register_rule", "RuleContext", "LoraxDensifyWarning", "LoraxDensifyError"]
 
@@ -43,7 +46,7 @@ class LoraxDensifyWarning(UserWarning):
     """A lorax leaf was turned into its dense weight because no rule avoids it."""
 
 
-class LoraxDensifyError(RuntimeError):
+class LoraxDensifyError(LoraxError, RuntimeError):
     """Raised instead of :class:`LoraxDensifyWarning` under ``lora(fn, strict=True)``."""
 
 
@@ -126,7 +129,8 @@ def register_rule(primitive: Any, rule: Rule) -> Rule:
     """Registers how ``lorax.lora`` evaluates ``primitive`` when a lorax leaf is an input.
 
     Args:
-      primitive: a ``jax.extend.core.Primitive`` or its name (``"dot_general"``).
+      primitive: a ``jax.extend.core.Primitive`` or the name of one that JAX knows
+        (``"dot_general"``); pass the object itself for a primitive of your own.
       rule: ``rule(ctx, invals) -> value or list of values``, where ``invals`` mixes plain
         arrays and lorax leaves and ``ctx`` is a :class:`RuleContext`. Return
         ``ctx.bind(*ctx.densify(invals))`` to fall back to the dense computation.
@@ -134,15 +138,48 @@ def register_rule(primitive: Any, rule: Rule) -> Rule:
     Returns:
       ``rule``, so this can be used as a decorator factory's inner call.
 
+    Raises:
+      LoraxTypeError: ``rule`` is not callable, or ``primitive`` is neither a primitive nor
+        a str. LoraxValueError: ``primitive`` names no primitive JAX knows (a typo would
+        otherwise leave the rule unused).
+
     Example:
       >>> import lorax
       >>> def cumsum_rule(ctx, invals):
       ...     return ctx.bind(*ctx.densify(invals))
       >>> _ = lorax.register_rule("cumsum", cumsum_rule)
     """
-    name = primitive if isinstance(primitive, str) else primitive.name
+    if not callable(rule):
+        raise LoraxTypeError("lorax.register_rule: rule must be callable as rule(ctx, invals); "
+                             f"got {type(rule).__name__} {rule!r}")
+    if isinstance(primitive, str):
+        known = _known_primitives()
+        if known and primitive not in known and primitive not in _RULES:
+            close = sorted(n for n in known if primitive.lower() in n or n in primitive.lower())
+            raise LoraxValueError(f"lorax.register_rule: primitive {primitive!r} is not the name "
+                                  f"of a JAX primitive (similar: {close[:8]}); pass the "
+                                  "Primitive object itself for a primitive of your own")
+        name = primitive
+    elif isinstance(getattr(primitive, "name", None), str) and hasattr(primitive, "bind"):
+        name = primitive.name
+    else:
+        raise LoraxTypeError("lorax.register_rule: primitive must be a jax.extend.core.Primitive "
+                             f"or its name (str); got {type(primitive).__name__} {primitive!r}")
     _RULES[name] = rule
     return rule
+
+
+def _known_primitives() -> frozenset[str]:
+    """Names of the primitives JAX can lower (every one a jaxpr may hold); empty if this
+    JAX keeps them elsewhere, which turns the name check off rather than refusing names."""
+    try:
+        from jax._src.interpreters import mlir
+        names = {p.name for p in mlir._lowerings}
+        for table in mlir._platform_specific_lowerings.values():
+            names |= {p.name for p in table}
+        return frozenset(names)
+    except Exception:  # pragma: no cover - private layout of another JAX release
+        return frozenset()
 
 
 def lora(fn: Callable, strict: bool = False) -> Callable:
@@ -156,8 +193,9 @@ def lora(fn: Callable, strict: bool = False) -> Callable:
     Returns:
       A function with ``fn``'s signature. On arguments without lorax leaves it is ``fn``
       itself; otherwise it computes ``fn`` on the merged weights without merging them.
-      It also takes a keyword ``dropout_rng``: a PRNG key that turns on the LoRA dropout
-      of leaves wrapped with ``dropout > 0`` (training); without it there is no dropout.
+      It also takes a keyword ``dropout_rng``: a PRNG key (``jax.random.key(...)`` or a
+      legacy uint32[2] key) that turns on the LoRA dropout of leaves wrapped with
+      ``dropout > 0`` (training); without it there is no dropout.
 
     Example:
       >>> import jax, jax.numpy as jnp, flax.linen as nn, lorax
@@ -167,9 +205,16 @@ def lora(fn: Callable, strict: bool = False) -> Callable:
       >>> lorax.lora(model.apply)({"params": lp}, jnp.ones((3, 8))).shape
       (3, 4)
     """
+    if not callable(fn):
+        raise LoraxTypeError(f"lorax.lora: fn must be callable (e.g. model.apply); got "
+                             f"{type(fn).__name__} {fn!r}")
+    if not isinstance(strict, (bool, np.bool_)):
+        raise LoraxTypeError(f"lorax.lora: strict must be a bool; got {strict!r}")
 
     @functools.wraps(fn)
     def wrapped(*args: Any, dropout_rng: Any = None, **kwargs: Any) -> Any:
+        if dropout_rng is not None:
+            check_key(dropout_rng, "lorax.lora: dropout_rng")
         flat, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs),
                                                              is_leaf=is_lorax_leaf)
         if not any(is_lorax_leaf(leaf) for _, leaf in flat):
@@ -184,8 +229,12 @@ def lora(fn: Callable, strict: bool = False) -> Callable:
             f_args, f_kwargs = jax.tree_util.tree_unflatten(treedef, full)
             return fn(*f_args, **f_kwargs)
 
-        avals = [jax.ShapeDtypeStruct(leaves[i].shape, leaves[i].dtype)
-                 if is_lorax_leaf(leaves[i]) else leaves[i] for i in dynamic]
+        try:
+            avals = [jax.ShapeDtypeStruct(leaves[i].shape, leaves[i].dtype)
+                     if is_lorax_leaf(leaves[i]) else leaves[i] for i in dynamic]
+        except AttributeError:  # e.g. no base: half of a split; say where, not 'NoneType'
+            _refuse_halves(flat)
+            raise
         closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*avals)
         names = tuple(_path_name(flat[i][0]) if is_lorax_leaf(leaves[i]) else None
                       for i in dynamic)
@@ -195,6 +244,16 @@ def lora(fn: Callable, strict: bool = False) -> Callable:
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
     return wrapped
+
+
+def _refuse_halves(flat: Sequence[tuple[Any, Any]]) -> None:
+    for path, leaf in flat:
+        missing = holes(leaf) if is_lorax_leaf(leaf) else []
+        if missing:
+            raise LoraxValueError(
+                f"lorax.lora: the {type(leaf).__name__} at '{_path_name(path)}' has no "
+                f"{', '.join(repr(m) for m in missing)}: pass the whole tree, "
+                "lorax.combine(trainable, frozen), not one half of lorax.split")
 
 
 def _freeze(x: Any) -> Any:
@@ -430,20 +489,24 @@ def _while_rule(ctx: RuleContext, invals: list) -> list:
     return list(jax.lax.while_loop(cond_fun, body_fun, init))[int(counted):]
 
 
-register_rule("dot_general", _dot_general_rule)
-register_rule("conv_general_dilated", _conv_rule)
-register_rule("gather", _gather_rule)
-register_rule("convert_element_type", _convert_rule)
-register_rule("transpose", _transpose_rule)
-register_rule("reshape", _reshape_rule)
-register_rule("copy", _copy_rule)
-for _name in ("jit", "pjit", "closed_call", "core_call"):
-    register_rule(_name, _call_rule("jaxpr" if _name in ("jit", "pjit") else "call_jaxpr"))
-register_rule("custom_jvp_call", _call_rule("call_jaxpr"))
-register_rule("custom_vjp_call", _call_rule("call_jaxpr"))
-register_rule("custom_vjp_call_jaxpr", _call_rule("fun_jaxpr"))
-register_rule("remat2", _remat_rule)
-register_rule("checkpoint", _remat_rule)
-register_rule("scan", _scan_rule)
-register_rule("cond", _cond_rule)
-register_rule("while", _while_rule)
+# The built-in rules go in directly: some names are those of other JAX releases (pjit,
+# remat2, ...), which register_rule's check for known primitive names would refuse.
+_RULES.update({
+    "dot_general": _dot_general_rule,
+    "conv_general_dilated": _conv_rule,
+    "gather": _gather_rule,
+    "convert_element_type": _convert_rule,
+    "transpose": _transpose_rule,
+    "reshape": _reshape_rule,
+    "copy": _copy_rule,
+    **{name: _call_rule("jaxpr") for name in ("jit", "pjit")},
+    **{name: _call_rule("call_jaxpr") for name in ("closed_call", "core_call")},
+    "custom_jvp_call": _call_rule("call_jaxpr"),
+    "custom_vjp_call": _call_rule("call_jaxpr"),
+    "custom_vjp_call_jaxpr": _call_rule("fun_jaxpr"),
+    "remat2": _remat_rule,
+    "checkpoint": _remat_rule,
+    "scan": _scan_rule,
+    "cond": _cond_rule,
+    "while": _while_rule,
+})

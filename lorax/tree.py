@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
+from lorax.bottleneck import AdapterWeight
+from lorax.dora import DoraWeight
 from lorax.errors import LoraxValueError
-from lorax.leaves import LoraxLeaf, is_lorax_leaf
+from lorax.ia3 import IA3Weight
+from lorax.leaves import LoraWeight, LoraxLeaf, is_lorax_leaf
 from lorax.targets import path_str
 
 
@@ -55,7 +59,9 @@ def combine(trainable: Any, frozen: Any) -> Any:
       The wrapped tree.
 
     Raises:
-      ValueError: if the trees do not line up; the message names the first path that differs.
+      ValueError: if the trees do not line up (the message names the first path that
+        differs), or if a lorax leaf's trainable arrays do not fit its frozen base (e.g. an
+        adapter of another rank or for another base; the message names the path).
 
     Example:
       >>> import jax.numpy as jnp, lorax
@@ -75,7 +81,7 @@ def combine(trainable: Any, frozen: Any) -> Any:
     try:
         # The trainable tree leads: each hole takes the frozen subtree there, whole (a
         # frozen NF4 base is one hole in the trainable tree).
-        return jax.tree_util.tree_map_with_path(pick, trainable, frozen, is_leaf=is_hole)
+        out = jax.tree_util.tree_map_with_path(pick, trainable, frozen, is_leaf=is_hole)
     except ValueError as err:
         if "set in both trees" in str(err):
             raise
@@ -83,6 +89,95 @@ def combine(trainable: Any, frozen: Any) -> Any:
         f_flat, f_def = jax.tree_util.tree_flatten_with_path(frozen, is_leaf=is_hole)
         raise LoraxValueError("lorax.combine: the trainable and frozen trees do not line up: "
                               + _first_difference(t_flat, f_flat, t_def, f_def)) from None
+    # Shapes only (static under jit): a mismatch would otherwise fail deep inside the model.
+    for key_path, leaf in jax.tree_util.tree_leaves_with_path(out, is_leaf=is_lorax_leaf):
+        if is_lorax_leaf(leaf):
+            _check_whole(leaf, path_str(key_path), "lorax.combine",
+                         "it is in neither tree (trees from one lorax.split?)")
+            problem = _misfit(leaf)
+            if problem:
+                raise LoraxValueError(f"lorax.combine: at '{path_str(key_path)}' {problem}")
+    return out
+
+
+def holes(leaf: LoraxLeaf, prefix: str = "") -> list[str]:
+    """The array fields of ``leaf`` (and of a lorax leaf inside it) that are None: what
+    :func:`split` leaves out of each half."""
+    out = []
+    for f in dataclasses.fields(leaf):
+        if f.metadata.get("static"):
+            continue
+        value = getattr(leaf, f.name)
+        if value is None:
+            out.append(prefix + f.name)
+        elif is_lorax_leaf(value):
+            out += holes(value, f"{prefix}{f.name}.")
+    return out
+
+
+def _check_whole(leaf: LoraxLeaf, path: str, where: str, why: str) -> None:
+    """Refuses a lorax leaf with None fields when its other fields are arrays (half of a
+    split); trees of other things (shardings, labels) are let through."""
+    missing = holes(leaf)
+    if missing and any(hasattr(x, "shape") for x in jax.tree.leaves(leaf)):
+        raise LoraxValueError(f"{where}: the {type(leaf).__name__} at '{path}' has no "
+                              f"{', '.join(repr(m) for m in missing)}: {why}")
+
+
+def _shape(x: Any) -> tuple[int, ...] | None:
+    return tuple(x.shape) if hasattr(x, "shape") else None
+
+
+def _unfit(trainable: str, base: tuple[int, ...]) -> str:
+    return (f"the trainable {trainable} and the frozen base {base} do not fit together (an "
+            "adapter of another layout, or for another base?)")
+
+
+def _lora_misfit(leaf: LoraWeight) -> str | None:
+    w, a, b = tuple(leaf.shape), _shape(leaf.a), _shape(leaf.b)
+    if a is None or b is None:
+        return None
+    ns = len(a) + len(b) - 2 - len(w)
+    ni = len(a) - 1 - ns
+    if (ns < 0 or ni < 1 or len(w) - ns - ni < 1 or a[:ns] != w[:ns] or b[:ns] != w[:ns]
+            or a[ns:-1] != w[ns:ns + ni] or b[ns + 1:] != w[ns + ni:] or a[-1] != b[ns]):
+        return _unfit(f"a {a} and b {b}", w)
+    m, want = _shape(getattr(leaf, "magnitude", None)), w[:ns] + w[ns + ni:]
+    if isinstance(leaf, DoraWeight) and m not in (None, want):
+        return _unfit(f"magnitude {m} (expected {want})", w)
+    return None
+
+
+def _ia3_misfit(leaf: IA3Weight) -> str | None:
+    w, v, ns = tuple(leaf.shape), _shape(leaf.vector), leaf.stack_ndim
+    want = w[:ns] + (w[ns:ns + leaf.n_in] if leaf.on == "in" else w[ns + leaf.n_in:])
+    return None if v in (None, want) else _unfit(f"vector {v} (expected {want})", w)
+
+
+def _adapter_misfit(leaf: AdapterWeight) -> str | None:
+    w, d, u = tuple(leaf.shape), _shape(leaf.down), _shape(leaf.up)
+    if d is None or u is None or len(w) < 2:
+        return None
+    stack, fan = w[:-2], w[-1] if leaf.mode == "serial" else w[-2]
+    if d[:-1] != stack + (fan,) or u != stack + (d[-1], w[-1]):
+        return _unfit(f"down {d} and up {u}", w)
+    return None
+
+
+_MISFITS: tuple[tuple[type, Callable[[Any], str | None]], ...] = (
+    (LoraWeight, _lora_misfit), (IA3Weight, _ia3_misfit), (AdapterWeight, _adapter_misfit))
+
+
+def _misfit(leaf: LoraxLeaf) -> str | None:
+    """Why ``leaf``'s trainable arrays cannot go with its frozen ones, or None."""
+    for kind, check in _MISFITS:
+        if isinstance(leaf, kind):
+            for name in leaf.trainable_fields:  # e.g. factors cast to int by mistake
+                dtype = getattr(getattr(leaf, name), "dtype", None)
+                if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
+                    return f"the trainable {name} is {dtype}; expected a floating dtype"
+            return check(leaf)
+    return None
 
 
 def _first_difference(t_flat, f_flat, t_def, f_def) -> str:
@@ -128,6 +223,8 @@ def merge(tree: Any) -> Any:
     def dense(key_path, x):
         if not is_lorax_leaf(x):
             return x
+        _check_whole(x, path_str(key_path), "lorax.merge",
+                     "this is one half of lorax.split; lorax.combine(trainable, frozen) first")
         try:
             return x.materialize()
         except ValueError as e:  # e.g. a bottleneck adapter: say where

@@ -6,14 +6,13 @@ it like any adapter, and ``lorax.lora`` uses it as the array it is.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Callable, ClassVar, Sequence
 
 import jax
 
-from lorax.errors import LoraxValueError
+from lorax.errors import LoraxTypeError, LoraxValueError
 from lorax.leaves import LoraxLeaf, is_lorax_leaf, register_leaf
-from lorax.targets import FlatTree
+from lorax.targets import FlatTree, compile_regex
 
 Selector = str | Sequence[str] | Callable[[str, Any], bool]
 
@@ -52,7 +51,9 @@ def unfreeze(params: Any, select: Selector) -> Any:
       The tree with :class:`Unfrozen` leaves at the chosen paths.
 
     Raises:
-      ValueError: ``select`` chooses nothing (the message lists the paths there are).
+      ValueError: ``select`` chooses nothing, or a name of its list matches no plain array
+        (the message lists the paths there are), or it is a bad regex.
+      TypeError: ``select`` is none of the above.
 
     Example:
       >>> import jax.numpy as jnp, lorax
@@ -62,18 +63,30 @@ def unfreeze(params: Any, select: Selector) -> Any:
       ((4,), None)
     """
     tree = FlatTree.of(params)
+    plain = [not is_lorax_leaf(leaf) and hasattr(leaf, "shape") for leaf in tree.leaves]
+    listing = "; the paths are: " + ", ".join(tree.paths[:40]) + (
+        " ..." if len(tree.paths) > 40 else "")
     if callable(select):
         chosen = [select(p, leaf) for p, leaf in zip(tree.paths, tree.leaves)]
     elif isinstance(select, str):
-        chosen = [re.fullmatch(select, p) is not None for p in tree.paths]
-    else:
+        pattern = compile_regex(select, "lorax.unfreeze: select")
+        chosen = [pattern.fullmatch(p) is not None for p in tree.paths]
+    elif isinstance(select, (list, tuple, set, frozenset)) and all(
+            isinstance(n, str) for n in select):
         names = set(select)
+        # as wrap's target names: a name that selects nothing is most likely a typo
+        unmatched = sorted(n for n in names if not any(
+            n in p.split("/") and ok for p, ok in zip(tree.paths, plain)))
+        if unmatched and len(unmatched) < len(names):
+            raise LoraxValueError(f"lorax.unfreeze: the names {unmatched} select no plain "
+                                  "array" + listing)
         chosen = [bool(names & set(p.split("/"))) for p in tree.paths]
-    chosen = [c and not is_lorax_leaf(leaf) and hasattr(leaf, "shape")
-              for c, leaf in zip(chosen, tree.leaves)]
+    else:
+        raise LoraxTypeError("lorax.unfreeze: select must be a regex (str), a list of path "
+                             "components (str) or a callable (path, leaf) -> bool; got "
+                             f"{select!r}")
+    chosen = [bool(c) and ok for c, ok in zip(chosen, plain)]
     if not any(chosen):
-        raise LoraxValueError(f"lorax.unfreeze: {select!r} selects no plain array; the paths "
-                              "are: " + ", ".join(tree.paths[:40])
-                              + (" ..." if len(tree.paths) > 40 else ""))
+        raise LoraxValueError(f"lorax.unfreeze: {select!r} selects no plain array" + listing)
     return tree.rebuild([Unfrozen(leaf) if c else leaf
                          for c, leaf in zip(chosen, tree.leaves)])

@@ -9,9 +9,9 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from lorax.errors import LoraxValueError
+from lorax.errors import LoraxTypeError, LoraxValueError
 from lorax.leaves import LoraWeight, is_lorax_leaf
-from lorax.targets import path_str
+from lorax.targets import is_real_scalar, path_str, positive_int
 
 METHODS = ("linear", "cat", "svd")
 
@@ -42,7 +42,7 @@ def _combine_leaf(path: str, leaves: Sequence[LoraWeight], weights: Sequence[flo
         b = jnp.concatenate([leaf.b for leaf in leaves], axis=ns)
         return LoraWeight(first.base, a.astype(first.a.dtype), b, scale=1.0)
     # svd: the best rank-r approximation of the weighted sum of the deltas, per layer
-    r = rank or max(leaf.rank for leaf in leaves)
+    r = rank if rank is not None else max(leaf.rank for leaf in leaves)
     stack, ins = first.a.shape[:ns], first.a.shape[ns:ns + ni]
     outs = first.b.shape[ns + 1:]
     fan_in, fan_out = math.prod(ins), math.prod(outs)
@@ -73,7 +73,7 @@ def add_weighted(trees: Sequence[Any], weights: Sequence[float], method: str = "
         factors scaled by ``sqrt(weight * scale)`` (equal ranks), peft's definition: the
         delta is ``(sum c_i A_i)(sum c_i B_i)``, which has cross terms, so it equals the
         weighted sum of the deltas for a single adapter only; use "cat" for exactness.
-      rank: the rank for ``"svd"``.
+      rank: the rank for ``"svd"`` (a positive int; only with ``"svd"``).
 
     Returns:
       A tree with the first tree's base and the combined LoRA leaves (scale 1).
@@ -89,9 +89,26 @@ def add_weighted(trees: Sequence[Any], weights: Sequence[float], method: str = "
     if method not in METHODS:
         raise LoraxValueError(f"lorax.add_weighted: method must be one of {METHODS}; "
                               f"got {method!r}")
+    if not isinstance(trees, (list, tuple)):  # one tree (a dict) would combine its keys
+        raise LoraxTypeError(f"lorax.add_weighted: trees must be a list of wrapped trees; got "
+                             f"{type(trees).__name__}")
+    if not hasattr(weights, "__len__") or isinstance(weights, (str, bytes)):
+        raise LoraxTypeError(f"lorax.add_weighted: weights must be a list of numbers, one per "
+                             f"tree; got {weights!r}")
     if len(trees) == 0 or len(trees) != len(weights):
         raise LoraxValueError(f"lorax.add_weighted: need one weight per tree; got {len(trees)} "
                               f"trees and {len(weights)} weights")
+    for i, w in enumerate(weights):
+        if not is_real_scalar(w):
+            raise LoraxTypeError(f"lorax.add_weighted: weights[{i}] must be a real number; got "
+                                 f"{type(w).__name__} {w!r}")
+        if not math.isfinite(float(w)):
+            raise LoraxValueError(f"lorax.add_weighted: weights[{i}] must be finite; got {w!r}")
+    if rank is not None:
+        if method != "svd":  # would be ignored: say so rather than return another rank
+            raise LoraxValueError(f"lorax.add_weighted: rank is only for method='svd'; got "
+                                  f"rank={rank!r} with method={method!r}")
+        rank = positive_int(rank, "lorax.add_weighted: rank")
     flats = [jax.tree_util.tree_flatten_with_path(t, is_leaf=is_lorax_leaf) for t in trees]
     treedef = flats[0][1]
     for i, (_, other) in enumerate(flats[1:], 1):

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+import numbers
+import warnings
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lorax import inits
 from lorax.dora import dora_from_lora
-from lorax.errors import LoraxTypeError, LoraxValueError
+from lorax.errors import LoraxTiedWeightWarning, LoraxTypeError, LoraxValueError
 from lorax.leaves import LoraWeight, is_lorax_leaf
-from lorax.targets import (FlatTree, Targets, infer_in_axes, infer_stack_axes, pattern_value,
-                           select, stack_axes_for)
+from lorax.targets import (FlatTree, Targets, check_key, compile_regex, floating_dtype,
+                           infer_in_axes, infer_stack_axes, is_real_scalar, pattern_matches,
+                           positive_int, select, stack_axes_for)
 
 _INITS = ("kaiming", "gaussian", "pissa", "olora", "loftq")
 
@@ -33,15 +37,21 @@ def wrap(params: Any, rank: int = 8, alpha: float | None = None, targets: Target
       params: any pytree of arrays: linen ``params`` or ``{"params": ...}``, an
         ``nnx.State`` from ``nnx.split``, a plain dict; NF4 leaves from ``lorax.quantize``
         are adapted like dense weights (QLoRA).
-      rank: LoRA rank ``r`` (>= 1 and <= min(in, out) of every adapted weight).
-      alpha: scaling numerator; the update is scaled by ``alpha / r`` (``alpha / sqrt(r)``
-        with ``rslora``). Default: ``rank``, i.e. a scale of 1 (rsLoRA: ``sqrt(r)``).
+      rank: LoRA rank ``r`` (>= 1 and <= min(in, out) of every adapted weight); a Python
+        or numpy int.
+      alpha: scaling numerator, a finite non-zero real number; the update is scaled by
+        ``alpha / r`` (``alpha / sqrt(r)`` with ``rslora``). Default: ``rank``, i.e. a
+        scale of 1 (rsLoRA: ``sqrt(r)``).
       targets: a regex matched in full against the '/'-joined path, a list of module names
         (path components), a callable ``(path, leaf) -> bool | LoraSpec``, or None for
         every floating weight of rank >= 2 except embedding tables.
-      key: PRNG key for ``A``; default ``jax.random.key(0)``.
-      rank_pattern: per-path rank overrides ``{name_or_regex: rank}``.
-      alpha_pattern: per-path alpha overrides ``{name_or_regex: alpha}``.
+      key: PRNG key for ``A`` (``jax.random.key(...)`` or a legacy uint32[2] key); default
+        ``jax.random.key(0)``.
+      rank_pattern: per-path rank overrides ``{name_or_regex: rank}``: a key applies to the
+        adapted weights one of whose path components it is, or whose whole path it matches
+        as a regex; the first key that applies wins, and a key that applies to no adapted
+        weight is an error (a typo would otherwise go unnoticed).
+      alpha_pattern: per-path alpha overrides ``{name_or_regex: alpha}``, as ``rank_pattern``.
       rslora: use rank-stabilized scaling ``alpha / sqrt(r)``.
       dtype: dtype of the factors; default the base's dtype promoted to at least float32.
       init: ``"kaiming"`` (``A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, as peft),
@@ -59,6 +69,16 @@ def wrap(params: Any, rank: int = 8, alpha: float | None = None, targets: Target
     Returns:
       A tree of the same structure with :class:`LoraWeight` leaves where targeted.
 
+    Raises:
+      LoraxValueError, LoraxTypeError: on a bad argument (the message names it, and the path
+        or pattern key it concerns).
+
+    Tied weights: when the very same array object sits at several targeted paths (e.g.
+    ``{"a": {"kernel": w}, "b": {"kernel": w}}``), each path gets its own independent
+    adapter over the shared base, so the paths stop being tied as soon as the adapters
+    train; a :class:`lorax.errors.LoraxTiedWeightWarning` names both paths. To keep them
+    tied, target one of the paths and have the model reuse it.
+
     Example:
       >>> import jax, jax.numpy as jnp, lorax
       >>> params = {"dense": {"kernel": jnp.ones((16, 32)), "bias": jnp.zeros(32)}}
@@ -68,19 +88,34 @@ def wrap(params: Any, rank: int = 8, alpha: float | None = None, targets: Target
     """
     if init not in _INITS:
         raise LoraxValueError(f"lorax.wrap: init must be one of {_INITS}; got {init!r}")
+    if isinstance(dropout, (bool, np.bool_)) or not isinstance(dropout, numbers.Real):
+        raise LoraxTypeError(f"lorax.wrap: dropout must be a number in [0, 1); got {dropout!r}")
     if not 0.0 <= dropout < 1.0:
         raise LoraxValueError(f"lorax.wrap: dropout must be in [0, 1); got {dropout!r}")
     if method not in ("lora", "dora"):
         raise LoraxValueError(f"lorax.wrap: method must be 'lora' or 'dora'; got {method!r}")
+    if not isinstance(rslora, (bool, np.bool_)):
+        raise LoraxTypeError(f"lorax.wrap: rslora must be a bool; got {rslora!r}")
+    dtype = floating_dtype(dtype, "lorax.wrap: dtype")
+    if key is not None:
+        check_key(key, "lorax.wrap: key")
+    if alpha is not None:
+        check_alpha(alpha, "lorax.wrap: alpha")
+    rank_pattern = _patterns(rank_pattern, "rank_pattern")
+    alpha_pattern = _patterns(alpha_pattern, "alpha_pattern")
     tree = FlatTree.of(params)
     chosen = select(targets, tree.paths, tree.leaves)
+    adapted = [tree.paths[i] for i in sorted(chosen)]
+    for name, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        _check_pattern_keys(name, patterns, adapted)
+    _warn_tied(tree, sorted(chosen))
     key = jax.random.key(0) if key is None else key
     keys = jax.random.split(key, max(len(chosen), 1))
     out = list(tree.leaves)
     for k, (i, spec) in zip(keys, sorted(chosen.items())):
         path, leaf = tree.paths[i], tree.leaves[i]
-        r = spec.rank if spec.rank is not None else pattern_value(rank_pattern, path, rank)
-        a_ = spec.alpha if spec.alpha is not None else pattern_value(alpha_pattern, path, alpha)
+        r = _resolve(spec.rank, rank_pattern, "rank", rank, path, positive_int)
+        a_ = _resolve(spec.alpha, alpha_pattern, "alpha", alpha, path, check_alpha)
         out[i] = make_lora_leaf(path, leaf, r, a_, k, siblings=tree.siblings(path),
                                 rslora=rslora, dtype=dtype, init=init, in_axes=spec.in_axes,
                                 stack_axes=stack_axes_for(stacked, spec.stack_axes, path))
@@ -91,6 +126,72 @@ def wrap(params: Any, rank: int = 8, alpha: float | None = None, targets: Target
     return tree.rebuild(out)
 
 
+def check_alpha(value: Any, what: str) -> float:
+    """``value`` as a float if it is a finite, non-zero real number (an alpha of 0 would
+    switch the adapter off for good: its gradients are zero too)."""
+    if not is_real_scalar(value):
+        raise LoraxTypeError(f"{what} must be a real number; got {type(value).__name__} "
+                             f"{value!r}")
+    alpha = float(value)
+    if not math.isfinite(alpha) or alpha == 0:
+        raise LoraxValueError(f"{what} must be finite and non-zero; got {value!r}")
+    return alpha
+
+
+def _patterns(patterns: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
+    """A ``rank_pattern`` / ``alpha_pattern`` checked for type and valid regex keys."""
+    if patterns is None:
+        return {}
+    if not isinstance(patterns, Mapping):
+        raise LoraxTypeError(f"lorax.wrap: {what} must be a dict {{name_or_regex: value}}; "
+                             f"got {type(patterns).__name__}")
+    for key in patterns:
+        if not isinstance(key, str):
+            raise LoraxTypeError(f"lorax.wrap: {what} keys must be names or regexes (str); "
+                                 f"got {key!r}")
+        compile_regex(key, f"lorax.wrap: {what} key")
+    return dict(patterns)
+
+
+def _check_pattern_keys(what: str, patterns: Mapping[str, Any], adapted: list[str]) -> None:
+    for key in patterns:
+        if not any(pattern_matches(key, p) for p in adapted):
+            shown = ", ".join(f"'{p}'" for p in adapted[:20]) + (
+                ", ..." if len(adapted) > 20 else "")
+            raise LoraxValueError(
+                f"lorax.wrap: {what} key {key!r} matches none of the adapted weights (as a "
+                f"path component or a regex matched in full); they are: {shown}")
+
+
+def _resolve(explicit: Any, patterns: Mapping[str, Any], what: str, default: Any, path: str,
+             check: Callable[[Any, str], Any]) -> Any:
+    """A per-path rank / alpha (LoraSpec, else first matching pattern key, else the
+    argument), checked with an error naming where it came from and the path."""
+    if explicit is not None:
+        return check(explicit, f"lorax.wrap: the LoraSpec {what} for '{path}'")
+    for key, value in patterns.items():
+        if pattern_matches(key, path):
+            return check(value, f"lorax.wrap: {what}_pattern[{key!r}] for '{path}'")
+    return default if default is None else check(default, f"lorax.wrap: {what} for '{path}'")
+
+
+def _warn_tied(tree: FlatTree, chosen: list[int]) -> None:
+    """Warns when one array object is at several targeted paths (tied weights)."""
+    first: dict[int, str] = {}
+    for i in chosen:
+        path = tree.paths[i]
+        other = first.setdefault(id(tree.leaves[i]), path)
+        if other != path:
+            warnings.warn(f"lorax.wrap: '{other}' and '{path}' are the same array (tied "
+                          "weights); each gets its own adapter over the shared base, so they "
+                          "are no longer tied once trained. Target only one of them to keep "
+                          "them tied.", LoraxTiedWeightWarning, stacklevel=3)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
 def make_lora_leaf(path: str, base: Any, rank: int, alpha: float | None, key: jax.Array, *,
                    siblings: Mapping[str, Any] | None = None, rslora: bool = False,
                    dtype: Any = None, init: str = "kaiming", in_axes: int | None = None,
@@ -98,14 +199,13 @@ def make_lora_leaf(path: str, base: Any, rank: int, alpha: float | None, key: ja
     """One :class:`LoraWeight` over ``base`` (validated; errors name ``path``)."""
     siblings = siblings or {}
     shape = tuple(base.shape)
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-        raise LoraxValueError(f"lorax.wrap: rank for '{path}' must be a positive int; got {rank!r}")
+    rank = positive_int(rank, f"lorax.wrap: rank for '{path}'")
     ns = infer_stack_axes(path, shape, siblings) if stack_axes is None else stack_axes
-    if not 0 <= ns <= len(shape) - 2:
+    if not _is_int(ns) or not 0 <= ns <= len(shape) - 2:
         raise LoraxValueError(f"lorax.wrap: '{path}' of shape {shape} cannot have {ns} stack axes "
                               "(at least two axes must remain)")
     ni = infer_in_axes(shape, siblings, ns) if in_axes is None else in_axes
-    if not 1 <= ni <= len(shape) - ns - 1:
+    if not _is_int(ni) or not 1 <= ni <= len(shape) - ns - 1:
         raise LoraxValueError(f"lorax.wrap: in_axes={ni} for '{path}' of shape {shape} (stack "
                               f"axes {ns}) must leave at least one input and one output axis")
     stack, ins, outs = shape[:ns], shape[ns:ns + ni], shape[ns + ni:]
@@ -113,7 +213,7 @@ def make_lora_leaf(path: str, base: Any, rank: int, alpha: float | None, key: ja
     if rank > min(fan_in, fan_out):
         raise LoraxValueError(f"lorax.wrap: rank {rank} for '{path}' exceeds min(in, out) = "
                               f"min({fan_in}, {fan_out}) of its weight {shape}")
-    alpha = float(rank if alpha is None else alpha)
+    alpha = float(rank) if alpha is None else check_alpha(alpha, f"lorax.wrap: alpha for '{path}'")
     scale = alpha / math.sqrt(rank) if rslora else alpha / rank
     if dtype is None:
         dtype = jnp.promote_types(base.dtype, jnp.float32)
