@@ -100,19 +100,15 @@ def combine(trainable: Any, frozen: Any) -> Any:
     return out
 
 
-def holes(leaf: LoraxLeaf, prefix: str = "") -> list[str]:
-    """The array fields of ``leaf`` (and of a lorax leaf inside it) that are None: what
-    :func:`split` leaves out of each half."""
-    out = []
-    for f in dataclasses.fields(leaf):
-        if f.metadata.get("static"):
-            continue
-        value = getattr(leaf, f.name)
-        if value is None:
-            out.append(prefix + f.name)
-        elif is_lorax_leaf(value):
-            out += holes(value, f"{prefix}{f.name}.")
-    return out
+def holes(leaf: LoraxLeaf) -> list[str]:
+    """The array fields of ``leaf`` that are None: what :func:`split` leaves out of each
+    half. Only leaves with trainable fields are split (a whole frozen base, NF4 included,
+    becomes one None); a leaf without any, e.g. an NF4 base, may have optional None fields
+    (no double quantization) and is never a half."""
+    if not leaf.trainable_fields:
+        return []
+    return [f.name for f in dataclasses.fields(leaf)
+            if not f.metadata.get("static") and getattr(leaf, f.name) is None]
 
 
 def _check_whole(leaf: LoraxLeaf, path: str, where: str, why: str) -> None:

@@ -289,3 +289,15 @@ def test_import_peft_corrupt_files(tmp_path_factory, content):
 
 def test_optimizer_of_a_non_tree():
     _raises_lorax_error(lambda: lorax.optimizer(optax.adam(1e-3), 3), "tree", "adapter")
+
+
+def test_optional_fields_are_not_mistaken_for_half_a_split():
+    """An NF4 base without double quantization has None scale fields by design: merge,
+    combine and lora take it whole, bare or under a LoRA leaf."""
+    q = lorax.quantize({"w": jax.random.normal(jax.random.key(0), (64, 32))}, "nf4",
+                       double_quant=False)
+    assert lorax.merge(q)["w"].shape == (64, 32)
+    lq = lorax.wrap(q, rank=2)
+    assert lorax.merge(lorax.combine(*lorax.split(lq)))["w"].shape == (64, 32)
+    out = jax.jit(lorax.lora(lambda p, x: x @ p["w"]))(lq, jnp.ones((2, 64), jnp.bfloat16))
+    assert out.shape == (2, 32)
