@@ -25,6 +25,7 @@ with it, and the gradient with respect to a frozen base is never formed.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import warnings
 from typing import Any, Callable, Sequence
@@ -153,11 +154,11 @@ def register_rule(primitive: Any, rule: Rule) -> Rule:
         raise LoraxTypeError("lorax.register_rule: rule must be callable as rule(ctx, invals); "
                              f"got {type(rule).__name__} {rule!r}")
     if isinstance(primitive, str):
-        known = _known_primitives()
+        known = _compat.known_primitives()
         if known and primitive not in known and primitive not in _RULES:
-            close = sorted(n for n in known if primitive.lower() in n or n in primitive.lower())
+            close = difflib.get_close_matches(primitive, sorted(known), n=5)
             raise LoraxValueError(f"lorax.register_rule: primitive {primitive!r} is not the name "
-                                  f"of a JAX primitive (similar: {close[:8]}); pass the "
+                                  f"of a JAX primitive (close: {close}); pass the "
                                   "Primitive object itself for a primitive of your own")
         name = primitive
     elif isinstance(getattr(primitive, "name", None), str) and hasattr(primitive, "bind"):
@@ -167,19 +168,6 @@ def register_rule(primitive: Any, rule: Rule) -> Rule:
                              f"or its name (str); got {type(primitive).__name__} {primitive!r}")
     _RULES[name] = rule
     return rule
-
-
-def _known_primitives() -> frozenset[str]:
-    """Names of the primitives JAX can lower (every one a jaxpr may hold); empty if this
-    JAX keeps them elsewhere, which turns the name check off rather than refusing names."""
-    try:
-        from jax._src.interpreters import mlir
-        names = {p.name for p in mlir._lowerings}
-        for table in mlir._platform_specific_lowerings.values():
-            names |= {p.name for p in table}
-        return frozenset(names)
-    except Exception:  # pragma: no cover - private layout of another JAX release
-        return frozenset()
 
 
 def lora(fn: Callable, strict: bool = False) -> Callable:
