@@ -22,6 +22,7 @@ from lorax.checkpoint import save as save
 from lorax.dora import DoraWeight as DoraWeight
 from lorax.errors import CheckpointError as CheckpointError
 from lorax.errors import LoraxError as LoraxError
+from lorax.errors import LoraxTiedWeightWarning as LoraxTiedWeightWarning
 from lorax.errors import NonFiniteError as NonFiniteError
 from lorax.errors import NotMergeableError as NotMergeableError
 from lorax.ia3 import IA3Weight as IA3Weight
