@@ -30,9 +30,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lorax.errors import (CheckpointError, LoraxFileNotFoundError, LoraxValueError,
-                          NonFiniteError, NotMergeableError)
+                          NonFiniteError)
 from lorax.leaves import LEAF_KINDS, is_lorax_leaf
 from lorax.targets import path_str
+from lorax.tree import misfit
 
 FORMAT, VERSION = "lorax-adapter", 1
 
@@ -409,20 +410,12 @@ def _checked_entries(entries: Any, where: str) -> dict[str, Any]:
 
 
 def _check_fits(leaf: Any, path: str, where: str) -> None:
-    """The rebuilt leaf computes a weight of its base's shape and dtype (factor shapes that
-    do not fit each other or the base fail here, by path, not later inside a model)."""
-    try:
-        out = jax.eval_shape(lambda x: x.materialize(), leaf)
-    except NotMergeableError:
-        return  # e.g. a bottleneck adapter: no dense form to check against
-    except Exception as e:
-        raise CheckpointError(f"lorax.load: the arrays saved for '{path}' in '{where}' do not "
-                              f"fit together or with the base {tuple(leaf.shape)}: "
-                              f"{type(e).__name__}: {e}") from None
-    if tuple(out.shape) != tuple(leaf.shape):
-        raise CheckpointError(f"lorax.load: the arrays saved for '{path}' in '{where}' make a "
-                              f"weight of shape {tuple(out.shape)}, not the base's "
-                              f"{tuple(leaf.shape)}")
+    """The rebuilt leaf's arrays fit together and with the base (the same check as
+    ``lorax.combine``), so a misfit fails here, by path, not later inside a model."""
+    problem = misfit(leaf)
+    if problem:
+        raise CheckpointError(f"lorax.load: the arrays saved for '{path}' in '{where}' do "
+                              f"not fit: {problem}")
 
 
 def attach(base: Any, entries: dict[str, Any], arrays: dict[str, Any], where: str) -> Any:

@@ -94,7 +94,7 @@ def combine(trainable: Any, frozen: Any) -> Any:
         if is_lorax_leaf(leaf):
             _check_whole(leaf, path_str(key_path), "lorax.combine",
                          "it is in neither tree (trees from one lorax.split?)")
-            problem = _misfit(leaf)
+            problem = misfit(leaf)
             if problem:
                 raise LoraxValueError(f"lorax.combine: at '{path_str(key_path)}' {problem}")
     return out
@@ -164,7 +164,7 @@ _MISFITS: tuple[tuple[type, Callable[[Any], str | None]], ...] = (
     (LoraWeight, _lora_misfit), (IA3Weight, _ia3_misfit), (AdapterWeight, _adapter_misfit))
 
 
-def _misfit(leaf: LoraxLeaf) -> str | None:
+def misfit(leaf: LoraxLeaf) -> str | None:
     """Why ``leaf``'s trainable arrays cannot go with its frozen ones, or None."""
     for kind, check in _MISFITS:
         if isinstance(leaf, kind):
@@ -192,9 +192,10 @@ def _first_difference(t_flat, f_flat, t_def, f_def) -> str:
 def mask(tree: Any) -> Any:
     """A bool tree of ``tree``'s structure: True on trainable adapter arrays.
 
-    Use it with ``optax.masked(tx, lorax.mask(lp))`` or to build labels for
-    ``optax.multi_transform``; with ``optax.masked`` the frozen leaves keep their updates
-    unchanged, so pair it with ``optax.set_to_zero`` (or use :func:`split`).
+    ``lorax.optimizer(tx, lp)`` uses it; to build your own, make labels for
+    ``optax.multi_transform`` from it, or pair ``optax.masked(tx, mask)`` with
+    ``optax.set_to_zero`` on the rest: ``optax.masked`` alone passes the raw gradient
+    through where the mask is False, so biases would move.
 
     Example:
       >>> import jax, jax.numpy as jnp, lorax

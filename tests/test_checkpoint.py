@@ -264,3 +264,14 @@ def test_adapter_on_an_integer_base_is_refused(tmp_path):
     ints = {**params, "attn": {**params["attn"], "kernel": jnp.zeros((16, 24), jnp.int8)}}
     with pytest.raises(lorax.LoraxError, match="base at 'attn/kernel' is int8"):
         lorax.load(tmp_path / "ckpt", ints)
+
+
+def test_factors_that_do_not_fit_their_base_are_refused(tmp_path):
+    """Arrays that agree with their metadata but not with the base's layout (a crafted or
+    mislabelled checkpoint) fail at load with the path, as lorax.combine would."""
+    base = {"attn": {"kernel": jnp.zeros((16, 24))}}
+    crafted = {"attn": {"kernel": lorax.LoraWeight(base["attn"]["kernel"], jnp.ones((16, 4)),
+                                                   jnp.ones((4, 20)))}}
+    lorax.save(tmp_path / "ckpt", crafted)
+    with pytest.raises(lorax.CheckpointError, match=r"'attn/kernel'.*\(4, 20\).*do not fit"):
+        lorax.load(tmp_path / "ckpt", base)
