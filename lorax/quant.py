@@ -28,8 +28,8 @@ import numpy as np
 from lorax.errors import LoraxKeyError, LoraxTypeError, LoraxValueError
 from lorax.inits import require_finite
 from lorax.leaves import LoraxLeaf, is_lorax_leaf, register_leaf, static_field
-from lorax.targets import (FlatTree, Targets, infer_in_axes, infer_stack_axes, select,
-                           stack_axes_for)
+from lorax.targets import (FlatTree, Targets, floating_dtype, infer_in_axes, infer_stack_axes,
+                           select, stack_axes_for)
 
 #: The NF4 levels, indexed by code (float32; hard-coded as bitsandbytes does).
 NF4_CODE = np.array([
@@ -248,14 +248,7 @@ def _dequantized_apply(leaf: LoraxLeaf, other: jax.Array, leaf_is_lhs: bool, bin
 
 def _compute_dtype(value: Any, where: str) -> str:
     """The name of ``value`` if it is a floating dtype (what quantized weights decode to)."""
-    try:
-        dt = None if value is None else jnp.dtype(value)
-    except (TypeError, ValueError):
-        dt = None
-    if dt is None or not jnp.issubdtype(dt, jnp.floating):
-        raise LoraxTypeError(f"{where}: compute_dtype must be a floating dtype (e.g. "
-                             f"jnp.bfloat16, 'float32'); got {value!r}")
-    return dt.name
+    return floating_dtype(value, f"{where}: compute_dtype", optional=False).name
 
 
 def _check_nf4_options(block_size: Any, double_quant: Any, where: str) -> None:

@@ -307,13 +307,14 @@ def check_key(key: Any, what: str) -> None:
                          f"uint32[2] key from jax.random.PRNGKey(...)); got {got}")
 
 
-def floating_dtype(dtype: Any, what: str) -> Any:
-    """``dtype`` as a numpy dtype if it is a floating one (None passes through)."""
-    if dtype is None:
+def floating_dtype(dtype: Any, what: str, optional: bool = True) -> Any:
+    """``dtype`` as a numpy dtype if it is a floating one (None passes through when
+    ``optional``); anything else is a lorax error naming ``what``."""
+    if dtype is None and optional:
         return None
     try:
-        dt = jnp.dtype(dtype)
-    except TypeError:
+        dt = None if dtype is None else jnp.dtype(dtype)
+    except (TypeError, ValueError):
         dt = None
     if dt is None or not jnp.issubdtype(dt, jnp.floating):
         raise LoraxTypeError(f"{what} must be a floating dtype (e.g. jnp.float32); "
