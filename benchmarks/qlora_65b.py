@@ -63,7 +63,7 @@ def make_base(model, key):
     import jax
     import jax.numpy as jnp
 
-    from lorax.targets import path_str
+    from lorax.paths import path_str
 
     shapes = jax.eval_shape(model.init, key, jnp.zeros((1, 8), jnp.int32))["params"]
     paths = jax.tree_util.tree_flatten_with_path(shapes)[0]

@@ -15,33 +15,37 @@ computes ``x @ W + s * (x @ A) @ B`` without ever forming ``W + s * A @ B``; see
 ``lorax/transform.py``.
 """
 
-from lorax.bottleneck import AdapterWeight as AdapterWeight
-from lorax.bottleneck import adapters as adapters
-from lorax.checkpoint import load as load
-from lorax.checkpoint import save as save
-from lorax.dora import DoraWeight as DoraWeight
 from lorax.errors import CheckpointError as CheckpointError
 from lorax.errors import LoraxError as LoraxError
 from lorax.errors import LoraxTiedWeightWarning as LoraxTiedWeightWarning
 from lorax.errors import NonFiniteError as NonFiniteError
 from lorax.errors import NotMergeableError as NotMergeableError
-from lorax.ia3 import IA3Weight as IA3Weight
-from lorax.ia3 import ia3 as ia3
-from lorax.leaves import LoraWeight as LoraWeight
-from lorax.leaves import LoraxLeaf as LoraxLeaf
-from lorax.leaves import is_lorax_leaf as is_lorax_leaf
-from lorax.leaves import register_leaf as register_leaf
-from lorax.multi import MultiLoraWeight as MultiLoraWeight
-from lorax.multi import stack as stack
+from lorax.io.checkpoint import load as load
+from lorax.io.checkpoint import save as save
+from lorax.io.peft import export_peft as export_peft
+from lorax.io.peft import import_peft as import_peft
+from lorax.leaf import LoraxLeaf as LoraxLeaf
+from lorax.leaf import is_lorax_leaf as is_lorax_leaf
+from lorax.leaf import register_leaf as register_leaf
+from lorax.methods.adapters import AdapterWeight as AdapterWeight
+from lorax.methods.adapters import adapters as adapters
+from lorax.methods.dora import DoraWeight as DoraWeight
+from lorax.methods.ia3 import IA3Weight as IA3Weight
+from lorax.methods.ia3 import ia3 as ia3
+from lorax.methods.lora import LoraWeight as LoraWeight
+from lorax.methods.wrap import wrap as wrap
+from lorax.methods.multi import MultiLoraWeight as MultiLoraWeight
+from lorax.methods.multi import stack as stack
+from lorax.methods.unfrozen import Unfrozen as Unfrozen
+from lorax.methods.unfrozen import unfreeze as unfreeze
+from lorax.methods.weighted import add_weighted as add_weighted
 from lorax.optim import optimizer as optimizer
-from lorax.peft import export_peft as export_peft
-from lorax.peft import import_peft as import_peft
-from lorax.quant import Int8Weight as Int8Weight
-from lorax.quant import NF4Weight as NF4Weight
-from lorax.quant import dequantize as dequantize
-from lorax.quant import quantize as quantize
-from lorax.summary import Summary as Summary
-from lorax.summary import summary as summary
+from lorax.quant.formats import Int8Weight as Int8Weight
+from lorax.quant.formats import NF4Weight as NF4Weight
+from lorax.quant.quantizers import dequantize as dequantize
+from lorax.quant.quantizers import quantize as quantize
+from lorax.report import Summary as Summary
+from lorax.report import summary as summary
 from lorax.targets import LoraSpec as LoraSpec
 from lorax.transform import LoraxDensifyError as LoraxDensifyError
 from lorax.transform import LoraxDensifyWarning as LoraxDensifyWarning
@@ -51,9 +55,5 @@ from lorax.tree import combine as combine
 from lorax.tree import mask as mask
 from lorax.tree import merge as merge
 from lorax.tree import split as split
-from lorax.unfrozen import Unfrozen as Unfrozen
-from lorax.unfrozen import unfreeze as unfreeze
-from lorax.weighted import add_weighted as add_weighted
-from lorax.wrap import wrap as wrap
 
 __version__ = "0.1.0"

@@ -9,8 +9,6 @@ path component, a callable ``(path, leaf) -> bool | LoraSpec``, or None for the 
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 import re
 from typing import Any, Callable, Mapping, Sequence, Union
 
@@ -18,8 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorax._checks import compile_regex
 from lorax.errors import LoraxTypeError, LoraxValueError
-from lorax.leaves import LoraWeight, is_lorax_leaf
+from lorax.leaf import is_lorax_leaf
+from lorax.methods.lora import LoraWeight
 
 #: Path components that name embedding tables, which the default targets leave alone.
 EMBEDDING_NAMES = re.compile(
@@ -46,21 +46,6 @@ class LoraSpec:
 
 
 Targets = Union[None, str, Sequence[str], Callable[[str, Any], Union[bool, LoraSpec]]]
-
-
-def key_name(key: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def path_str(path: Sequence[Any]) -> str:
-    """'/'-joined key path; nnx's trailing ``.value`` attribute is dropped."""
-    names = [key_name(k) for k in path]
-    if path and hasattr(path[-1], "name") and names[-1] == "value":
-        names = names[:-1]
-    return "/".join(names)
 
 
 #: Leaf names that are never weights, whatever their rank (a DenseGeneral bias is 2-D, and
@@ -180,143 +165,3 @@ def pattern_value(patterns: Mapping[str, Any] | None, path: str, default: Any,
         if pattern_matches(key, path, f"{what} key"):
             return value
     return default
-
-
-def infer_stack_axes(path: str, shape: Sequence[int], siblings: Mapping[str, Any]) -> int:
-    """Leading layer axes of a kernel: one under a module flax named ``Scan*`` (nn.scan),
-    else as many as make a sibling ``bias`` line up with the kernel's output axes."""
-    if any(c.startswith("Scan") for c in path.split("/")[:-1]):
-        return 1
-    bias = siblings.get("bias")
-    if bias is not None and hasattr(bias, "shape") and len(bias.shape) >= 2:
-        bshape, nd = tuple(bias.shape), len(shape)
-        for nb in range(0, min(len(bshape), nd - 2) + 1):
-            n_out = len(bshape) - nb
-            if bshape[:nb] == tuple(shape[:nb]) and bshape[nb:] == tuple(shape[nd - n_out:]):
-                return nb
-    return 0
-
-
-def infer_in_axes(shape: Sequence[int], siblings: Mapping[str, Any], stack: int) -> int:
-    """Input axes of a (per-layer) kernel: all but the bias's axes when a bias is there,
-    else the split into input and output sizes closest to square."""
-    per_layer = tuple(shape[stack:])
-    if len(per_layer) == 2:
-        return 1
-    bias = siblings.get("bias")
-    if bias is not None and hasattr(bias, "shape"):
-        n_out = len(bias.shape) - stack
-        if 1 <= n_out < len(per_layer) and tuple(bias.shape[stack:]) == per_layer[-n_out:]:
-            return len(per_layer) - n_out
-    logs = [math.log(max(s, 1)) for s in per_layer]
-    return min(range(1, len(per_layer)),
-               key=lambda p: (abs(sum(logs[:p]) - sum(logs[p:])), p))
-
-
-@dataclasses.dataclass(frozen=True)
-class FlatTree:
-    """A tree flattened down to arrays and lorax leaves, with '/'-joined paths and, for each
-    path, its siblings by name (what layout inference looks at)."""
-
-    treedef: Any
-    paths: list[str]
-    leaves: list[Any]
-
-    @classmethod
-    def of(cls, tree: Any) -> "FlatTree":
-        flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lorax_leaf)
-        return cls(treedef, [path_str(p) for p, _ in flat], [leaf for _, leaf in flat])
-
-    def siblings(self, path: str) -> dict[str, Any]:
-        parent = path.rpartition("/")[0]
-        return {p.rpartition("/")[2]: leaf for p, leaf in zip(self.paths, self.leaves)
-                if p.rpartition("/")[0] == parent}
-
-    def rebuild(self, leaves: Sequence[Any]) -> Any:
-        return jax.tree_util.tree_unflatten(self.treedef, list(leaves))
-
-
-def stack_axes_for(stacked: Any, explicit: int | None, path: str) -> int | None:
-    """The ``stacked=`` argument of wrap / quantize resolved for one path (None: infer)."""
-    if explicit is not None:
-        return explicit
-    if stacked is None:
-        return None
-    if isinstance(stacked, (bool, np.bool_)):
-        return int(stacked)
-    if isinstance(stacked, numbers.Integral):
-        return int(stacked)
-    if isinstance(stacked, str):
-        return 1 if compile_regex(stacked, "lorax: stacked").fullmatch(path) else 0
-    raise LoraxTypeError(f"lorax: stacked must be None, an int or a regex; got {stacked!r}")
-
-
-# --------------------------------------------------------------------------------------
-# Argument checks shared by the functions that build wrapped trees
-# --------------------------------------------------------------------------------------
-
-def compile_regex(pattern: str, what: str) -> re.Pattern:
-    """``re.compile(pattern)``; a bad regex is a lorax error naming the argument ``what``
-    (e.g. ``"lorax.wrap: targets"``)."""
-    try:
-        return re.compile(pattern)
-    except re.error as err:
-        raise LoraxValueError(f"{what} {pattern!r} is not a valid regex: {err}") from None
-    except TypeError:
-        raise LoraxTypeError(f"{what} must be a regex string; got "
-                             f"{type(pattern).__name__} {pattern!r}") from None
-
-
-def positive_int(value: Any, what: str) -> int:
-    """``value`` as an int >= 1: Python and numpy integers pass, bools and floats do not
-    (a number of the wrong kind, e.g. 2.5, is a value error, as for any count)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise LoraxTypeError(f"{what} must be a positive int; got "
-                             f"{type(value).__name__} {value!r}")
-    if not isinstance(value, numbers.Integral) or value < 1:
-        raise LoraxValueError(f"{what} must be a positive int; got {value!r}")
-    return int(value)
-
-
-def is_real_scalar(value: Any) -> bool:
-    """A real number: Python / numpy ints and floats, or a 0-d int or float array; not a
-    bool, a complex or a string."""
-    if isinstance(value, (bool, np.bool_)):
-        return False
-    if isinstance(value, numbers.Real):
-        return True
-    dtype = getattr(value, "dtype", None)
-    return (isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0
-            and (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)))
-
-
-def check_key(key: Any, what: str) -> None:
-    """Refuses anything but one PRNG key: ``jax.random.key(...)``, or a legacy uint32[2]
-    ``jax.random.PRNGKey(...)`` (uint32[4] under the rbg implementation)."""
-    dtype, shape = getattr(key, "dtype", None), getattr(key, "shape", None)
-    if dtype is not None and shape is not None:
-        if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-            if tuple(shape) == ():
-                return
-        elif str(dtype) == "uint32" and tuple(shape) in ((2,), (4,)):
-            return
-        got = f"{dtype}{list(shape)}"
-    else:
-        got = f"{type(key).__name__} {key!r}"
-    raise LoraxTypeError(f"{what} must be one PRNG key, jax.random.key(...) (or a legacy "
-                         f"uint32[2] key from jax.random.PRNGKey(...)); got {got}")
-
-
-def floating_dtype(dtype: Any, what: str, optional: bool = True) -> Any:
-    """``dtype`` as a numpy dtype if it is a floating one (None passes through when
-    ``optional``); anything else is a lorax error naming ``what``."""
-    if dtype is None and optional:
-        return None
-    try:
-        dt = None if dtype is None else jnp.dtype(dtype)
-    except (TypeError, ValueError):
-        dt = None
-    if dt is None or not jnp.issubdtype(dt, jnp.floating):
-        raise LoraxTypeError(f"{what} must be a floating dtype (e.g. jnp.float32); "
-                             f"got {dtype!r}")
-    return dt

@@ -35,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorax import _compat
+from lorax._checks import check_key
 from lorax.errors import LoraxError, LoraxTypeError, LoraxValueError
-from lorax.leaves import LoraxLeaf, is_lorax_leaf
-from lorax.targets import check_key
+from lorax.leaf import LoraxLeaf, is_lorax_leaf
 from lorax.tree import holes
 
 __all__ = ["lora", "register_rule", "RuleContext", "LoraxDensifyWarning", "LoraxDensifyError"]

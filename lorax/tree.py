@@ -8,12 +8,13 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from lorax.bottleneck import AdapterWeight
-from lorax.dora import DoraWeight
 from lorax.errors import LoraxValueError
-from lorax.ia3 import IA3Weight
-from lorax.leaves import LoraWeight, LoraxLeaf, is_lorax_leaf
-from lorax.targets import path_str
+from lorax.leaf import LoraxLeaf, is_lorax_leaf
+from lorax.methods.adapters import AdapterWeight
+from lorax.methods.dora import DoraWeight
+from lorax.methods.ia3 import IA3Weight
+from lorax.methods.lora import LoraWeight
+from lorax.paths import path_str
 
 
 def _leaf_parts(leaf: LoraxLeaf) -> tuple[LoraxLeaf, LoraxLeaf]:

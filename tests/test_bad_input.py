@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import fit
 
 import lorax
-from helpers import fit
 
 
 class _Layer(nn.Module):

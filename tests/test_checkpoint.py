@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from helpers import randomize_b
 
 import lorax
-from helpers import randomize_b
 from lorax.models import gpt2
 
 

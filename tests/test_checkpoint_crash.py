@@ -28,7 +28,7 @@ CHILD = textwrap.dedent("""
     import lorax
     mode, path, exchange = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
     if not exchange:  # the two-rename swap of platforms without renameat2
-        lorax.checkpoint._renameat2 = None
+        lorax.io.checkpoint._renameat2 = None
     params = {"q": {"kernel": jnp.zeros((128, 256))}, "v": {"kernel": jnp.zeros((256, 128))}}
     lp = lorax.wrap(params, rank=16)
     trainable, frozen = lorax.split(lp)

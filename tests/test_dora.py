@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import fit, randomize_b
 
 import lorax
-from helpers import fit, randomize_b
 
 
 def _perturb(lp, key):
@@ -115,8 +115,9 @@ peft = pytest.importorskip("peft")
 def test_dora_equals_peft(tmp_path, name):
     """Exported here and loaded by peft (use_dora), and trained in peft and imported here:
     the same logits as PyTorch peft's DoRA (float32, CPU)."""
-    from lorax.models import gpt2, llama
     from test_models import _hf_gpt2, _hf_llama, _tokens
+
+    from lorax.models import gpt2, llama
 
     hf = _hf_gpt2() if name == "gpt2" else _hf_llama()
     hf.save_pretrained(tmp_path / "base")

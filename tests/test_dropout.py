@@ -5,9 +5,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from helpers import randomize_b
 
 import lorax
-from helpers import randomize_b
 
 W = jax.random.normal(jax.random.key(0), (16, 8))
 X = jax.random.normal(jax.random.key(1), (4, 16))

@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
+from helpers import check_lora_equals_merged, randomize_b
 
 import lorax
-from helpers import check_lora_equals_merged, randomize_b
 
 KEY = jax.random.key(0)
 

@@ -5,9 +5,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from helpers import fit
 
 import lorax
-from helpers import fit
 
 
 class _Layer(nn.Module):

@@ -44,7 +44,7 @@ def test_loftq_reduces_the_quantization_error():
     plain = lorax.merge(lorax.quantize(PARAMS, "nf4"))["ScanLayers"]["kernel"]
     errors = []
     for iterations in (1, 4):
-        leaf = lorax.inits.loftq(W, 8, 1.0, 1, 1, jnp.float32, iterations=iterations)
+        leaf = lorax.methods.lora_init.loftq(W, 8, 1.0, 1, 1, jnp.float32, iterations=iterations)
         assert isinstance(leaf.base, lorax.NF4Weight)
         merged = lorax.merge({"w": leaf})["w"]
         errors.append(float(jnp.linalg.norm(merged - W)))

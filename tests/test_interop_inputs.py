@@ -9,10 +9,10 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from helpers import randomize_b
 from safetensors.numpy import load_file, save_file
 
 import lorax
-from helpers import randomize_b
 from lorax.errors import LoraxFileNotFoundError, LoraxTypeError, LoraxValueError
 from lorax.models import generate, gpt2, llama
 

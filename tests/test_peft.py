@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import randomize_b
 
 import lorax
-from helpers import randomize_b
 from lorax.models import gpt2, llama
 
 torch = pytest.importorskip("torch")

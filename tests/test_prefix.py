@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 from helpers import fit
+
 from lorax.models import generate, gpt2, init_prefix, init_prompt, llama, prefix_cache
 from lorax.models.prefix import extend_cache
 

@@ -3,10 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lorax
-from lorax.leaves import LoraWeight
+from lorax.methods.lora import LoraWeight
 
 
 @st.composite

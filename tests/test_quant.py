@@ -5,10 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import check_lora_equals_merged, fit, randomize_b
 
 import lorax
 from lorax.quant import DYNAMIC_MAP, quantize_nf4
-from helpers import check_lora_equals_merged, fit, randomize_b
 
 # ---- the reference, written from NF4.md alone ------------------------------------------
 CODE = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,

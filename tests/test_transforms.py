@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_tree_close, check_lora_equals_merged, randomize_b
 
 import lorax
-from helpers import assert_tree_close, check_lora_equals_merged, randomize_b
 
 KEY = jax.random.key(0)
 

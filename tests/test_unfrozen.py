@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import fit
 
 import lorax
-from helpers import fit
 
 
 class Net(nn.Module):

@@ -25,8 +25,15 @@ import jax.numpy as jnp
 
 from lorax.errors import LoraxValueError
 from lorax.models import hub
-from lorax.models.layers import (KVCache, StackOptions, attention, attention_context,
-                                 prepend_prompt, run_layers, updated_cache)
+from lorax.models.layers import (
+    KVCache,
+    StackOptions,
+    attention,
+    attention_context,
+    prepend_prompt,
+    run_layers,
+    updated_cache,
+)
 
 ACTIVATIONS = {"gelu_new": functools.partial(nn.gelu, approximate=True),
                "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True),

@@ -20,8 +20,15 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from lorax.errors import (CheckpointError, LoraxError, LoraxFileNotFoundError, LoraxKeyError,
-                          LoraxNotADirectoryError, LoraxTypeError, LoraxValueError)
+from lorax.errors import (
+    CheckpointError,
+    LoraxError,
+    LoraxFileNotFoundError,
+    LoraxKeyError,
+    LoraxNotADirectoryError,
+    LoraxTypeError,
+    LoraxValueError,
+)
 
 CHECKPOINT_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json",
                     "model-*.safetensors", "generation_config.json", "tokenizer.json",

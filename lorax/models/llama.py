@@ -30,10 +30,18 @@ import jax.numpy as jnp
 
 from lorax.errors import LoraxTypeError, LoraxValueError
 from lorax.models import hub
-from lorax.models.layers import (KVCache, StackOptions, apply_rope, attention,
-                                 attention_context, prepend_prompt, rope_frequencies,
-                                 rope_tables, run_layers, updated_cache)
-
+from lorax.models.layers import (
+    KVCache,
+    StackOptions,
+    apply_rope,
+    attention,
+    attention_context,
+    prepend_prompt,
+    rope_frequencies,
+    rope_tables,
+    run_layers,
+    updated_cache,
+)
 
 MODEL_TYPES = ("llama", "mistral")  # Mistral: Llama's layers (without its sliding window)
 # the rope types layers.rope_frequencies implements, with the keys each needs

@@ -10,9 +10,10 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import jax
 
+from lorax._checks import compile_regex
 from lorax.errors import LoraxTypeError, LoraxValueError
-from lorax.leaves import LoraxLeaf, is_lorax_leaf, register_leaf
-from lorax.targets import FlatTree, compile_regex
+from lorax.leaf import LoraxLeaf, is_lorax_leaf, register_leaf
+from lorax.paths import FlatTree
 
 Selector = str | Sequence[str] | Callable[[str, Any], bool]
 

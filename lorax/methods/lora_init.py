@@ -20,24 +20,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from lorax.errors import NonFiniteError
-from lorax.leaves import LoraWeight
-
-
-def require_finite(w: Any, what: str) -> None:
-    """Raises :class:`NonFiniteError` (``what`` names the weight) if the concrete array ``w``
-    holds inf or NaN. Under tracing (jit, vmap, lax.map) the values are unknown: no check."""
-    if isinstance(w, jax.core.Tracer):
-        return
-    finite = jnp.isfinite(w)
-    if bool(jnp.all(finite)):
-        return
-    # Count per row then in int64: one int32 count overflows on stacked 65B-size kernels.
-    bad = int(np.sum(np.asarray(jnp.sum(~finite, axis=-1)), dtype=np.int64)) if finite.ndim else 1
-    raise NonFiniteError(f"{what}: the weight {tuple(finite.shape)} holds {bad} inf/NaN "
-                         "value(s); expected a finite weight")
+from lorax.methods.lora import LoraWeight
 
 
 def _matrix_view(w: jax.Array, ns: int, ni: int) -> jax.Array:
@@ -81,7 +65,9 @@ def olora(w: jax.Array, rank: int, scale: float, ns: int, ni: int, dtype: Any
 
 def loftq(w: jax.Array, rank: int, scale: float, ns: int, ni: int, dtype: Any,
           iterations: int = 1, **nf4_options: Any) -> LoraWeight:
-    from lorax.quant import quantize_nf4  # quant imports the leaves, not the reverse
+    from lorax.quant.quantizers import (
+        quantize_nf4,  # quant imports the leaves, not the reverse
+    )
 
     m = _matrix_view(w, ns, ni)
     low = jnp.zeros_like(m)

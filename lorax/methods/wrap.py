@@ -12,13 +12,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorax import inits
-from lorax.dora import dora_from_lora
+from lorax._checks import (
+    check_key,
+    compile_regex,
+    floating_dtype,
+    is_real_scalar,
+    positive_int,
+    require_finite,
+)
 from lorax.errors import LoraxTiedWeightWarning, LoraxTypeError, LoraxValueError
-from lorax.leaves import LoraWeight, is_lorax_leaf
-from lorax.targets import (FlatTree, Targets, check_key, compile_regex, floating_dtype,
-                           infer_in_axes, infer_stack_axes, is_real_scalar, pattern_matches,
-                           positive_int, select, stack_axes_for)
+from lorax.layout import infer_in_axes, infer_stack_axes, stack_axes_for
+from lorax.leaf import is_lorax_leaf
+from lorax.methods import lora_init
+from lorax.methods.dora import dora_from_lora
+from lorax.methods.lora import LoraWeight
+from lorax.paths import FlatTree
+from lorax.targets import Targets, pattern_matches, select
 
 _INITS = ("kaiming", "gaussian", "pissa", "olora", "loftq")
 
@@ -55,7 +64,7 @@ def wrap(params: Any, rank: int = 8, alpha: float | None = None, targets: Target
       rslora: use rank-stabilized scaling ``alpha / sqrt(r)``.
       dtype: dtype of the factors; default the base's dtype promoted to at least float32.
       init: ``"kaiming"`` (``A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, as peft),
-        ``"gaussian"`` (``A ~ N(0, 1/r^2)``), or from the weight (see ``lorax/inits.py``):
+        ``"gaussian"`` (``A ~ N(0, 1/r^2)``), or from the weight (see ``lorax/methods/lora_init.py``):
         ``"pissa"`` (top-r SVD, residual base), ``"olora"`` (QR, residual base),
         ``"loftq"`` (an NF4 base plus factors that cancel most of its quantization error).
       stacked: leading layer axes of the targeted kernels: an int for all, a regex of the
@@ -222,8 +231,8 @@ def make_lora_leaf(path: str, base: Any, rank: int, alpha: float | None, key: ja
             raise LoraxTypeError(f"lorax.wrap: init={init!r} for '{path}' needs a dense base (it "
                                  "rewrites it); LoftQ quantizes a dense base itself")
         # An SVD / QR of inf or NaN gives NaN factors, or never returns on some backends.
-        inits.require_finite(base, f"lorax.wrap: init={init!r} for '{path}'")
-        make = {"pissa": inits.pissa, "olora": inits.olora, "loftq": inits.loftq}[init]
+        require_finite(base, f"lorax.wrap: init={init!r} for '{path}'")
+        make = {"pissa": lora_init.pissa, "olora": lora_init.olora, "loftq": lora_init.loftq}[init]
         return make(base, rank, scale, ns, ni, dtype)
     a_shape = stack + ins + (rank,)
     if init == "kaiming":

@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorax.errors import LoraxTypeError, LoraxValueError, NotMergeableError
-from lorax.leaves import LoraWeight, OverBase, is_lorax_leaf, register_leaf
-from lorax.targets import path_str
+from lorax.leaf import OverBase, is_lorax_leaf, register_leaf
+from lorax.methods.lora import LoraWeight
+from lorax.paths import path_str
 
 
 @register_leaf

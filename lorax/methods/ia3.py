@@ -11,10 +11,12 @@ from typing import Any, ClassVar, Sequence
 import jax
 import jax.numpy as jnp
 
+from lorax._checks import compile_regex, floating_dtype
 from lorax.errors import LoraxTypeError, LoraxValueError
-from lorax.leaves import OverBase, materialize, register_leaf, static_field
-from lorax.targets import (FlatTree, Targets, compile_regex, floating_dtype, infer_in_axes,
-                           infer_stack_axes, select)
+from lorax.layout import infer_in_axes, infer_stack_axes
+from lorax.leaf import OverBase, materialize, register_leaf, static_field
+from lorax.paths import FlatTree
+from lorax.targets import Targets, select
 
 
 @register_leaf

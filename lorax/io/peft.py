@@ -23,11 +23,17 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from lorax.dora import DoraWeight
-from lorax.errors import (CheckpointError, LoraxFileNotFoundError, LoraxTypeError,
-                          LoraxValueError, NonFiniteError)
-from lorax.leaves import LoraWeight, is_lorax_leaf
-from lorax.targets import path_str
+from lorax.errors import (
+    CheckpointError,
+    LoraxFileNotFoundError,
+    LoraxTypeError,
+    LoraxValueError,
+    NonFiniteError,
+)
+from lorax.leaf import is_lorax_leaf
+from lorax.methods.dora import DoraWeight
+from lorax.methods.lora import LoraWeight
+from lorax.paths import path_str
 
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"

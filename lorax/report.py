@@ -8,8 +8,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from lorax.leaves import is_lorax_leaf
-from lorax.targets import path_str
+from lorax.leaf import is_lorax_leaf
+from lorax.paths import path_str
 from lorax.tree import split
 
 

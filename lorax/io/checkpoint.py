@@ -29,10 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lorax.errors import (CheckpointError, LoraxFileNotFoundError, LoraxValueError,
-                          NonFiniteError)
-from lorax.leaves import LEAF_KINDS, is_lorax_leaf
-from lorax.targets import path_str
+from lorax.errors import (
+    CheckpointError,
+    LoraxFileNotFoundError,
+    LoraxValueError,
+    NonFiniteError,
+)
+from lorax.leaf import LEAF_KINDS, is_lorax_leaf
+from lorax.paths import path_str
 from lorax.tree import misfit
 
 FORMAT, VERSION = "lorax-adapter", 1

@@ -16,7 +16,8 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from lorax.leaves import LoraWeight, materialize, register_leaf
+from lorax.leaf import materialize, register_leaf
+from lorax.methods.lora import LoraWeight
 
 
 def _column_norm(leaf: "DoraWeight") -> jax.Array:

@@ -12,10 +12,12 @@ from typing import Any, Callable, ClassVar
 import jax
 import jax.numpy as jnp
 
+from lorax._checks import check_key, floating_dtype, positive_int
 from lorax.errors import LoraxValueError, NotMergeableError
-from lorax.leaves import OverBase, register_leaf, static_field
-from lorax.targets import (FlatTree, Targets, check_key, floating_dtype, infer_in_axes,
-                           infer_stack_axes, positive_int, select)
+from lorax.layout import infer_in_axes, infer_stack_axes
+from lorax.leaf import OverBase, register_leaf, static_field
+from lorax.paths import FlatTree
+from lorax.targets import Targets, select
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu, "gelu": jax.nn.gelu, "silu": jax.nn.silu, "tanh": jnp.tanh}

@@ -9,9 +9,11 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
+from lorax._checks import is_real_scalar, positive_int
 from lorax.errors import LoraxTypeError, LoraxValueError
-from lorax.leaves import LoraWeight, is_lorax_leaf
-from lorax.targets import is_real_scalar, path_str, positive_int
+from lorax.leaf import is_lorax_leaf
+from lorax.methods.lora import LoraWeight
+from lorax.paths import path_str
 
 METHODS = ("linear", "cat", "svd")
 

@@ -1,0 +1,57 @@
+"""Which weights of a parameter tree get adapted, and how their axes split.
+
+Targets (see ``lorax.wrap``) select leaves by their '/'-joined key path
+(``params/h_0/attn/c_attn/kernel``): a regex matched in full, a list of names matching any
+path component, a callable ``(path, leaf) -> bool | LoraSpec``, or None for the default
+(every floating weight of rank >= 2 except embedding tables).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+
+from lorax.leaf import is_lorax_leaf
+
+
+def key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def path_str(path: Sequence[Any]) -> str:
+    """'/'-joined key path; nnx's trailing ``.value`` attribute is dropped."""
+    names = [key_name(k) for k in path]
+    if path and hasattr(path[-1], "name") and names[-1] == "value":
+        names = names[:-1]
+    return "/".join(names)
+
+
+
+@dataclasses.dataclass(frozen=True)
+class FlatTree:
+    """A tree flattened down to arrays and lorax leaves, with '/'-joined paths and, for each
+    path, its siblings by name (what layout inference looks at)."""
+
+    treedef: Any
+    paths: list[str]
+    leaves: list[Any]
+
+    @classmethod
+    def of(cls, tree: Any) -> "FlatTree":
+        flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lorax_leaf)
+        return cls(treedef, [path_str(p) for p, _ in flat], [leaf for _, leaf in flat])
+
+    def siblings(self, path: str) -> dict[str, Any]:
+        parent = path.rpartition("/")[0]
+        return {p.rpartition("/")[2]: leaf for p, leaf in zip(self.paths, self.leaves)
+                if p.rpartition("/")[0] == parent}
+
+    def rebuild(self, leaves: Sequence[Any]) -> Any:
+        return jax.tree_util.tree_unflatten(self.treedef, list(leaves))
+
+

@@ -1,0 +1,237 @@
+"""Quantized frozen bases: NF4 (bit-for-bit the bitsandbytes scheme) and int8 absmax.
+
+``lorax.quantize(params, "nf4")`` replaces the targeted weights by :class:`NF4Weight`
+leaves holding uint8 packed codes and (double-)quantized block scales. Inside
+``lorax.lora`` an NF4 weight is dequantized in the jitted program right where it is used,
+under ``jax.checkpoint``, so the backward pass recomputes it instead of keeping a dense copy
+of every layer alive. ``lorax.wrap`` adapts NF4 weights like dense ones: that is QLoRA.
+
+The scheme (see NF4.md): the weight is flattened row-major in PyTorch's ``[out, in]`` layout
+(a Flax ``[in, out]`` kernel is transposed first; kernels of more axes are flattened as
+they are), cut into blocks of ``block_size`` values, each scaled by its absmax and mapped to
+the nearest of 16 NF4 levels (ties to the lower code), packed two per byte, high nibble
+first. Double quantization stores the block absmaxes as uint8 codes of bitsandbytes' signed
+8-bit dynamic map, in blocks of 256, around their mean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lorax.leaf import LoraxLeaf, register_leaf, static_field
+
+#: The NF4 levels, indexed by code (float32; hard-coded as bitsandbytes does).
+NF4_CODE = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
+
+
+def _torch_linspace(start: float, end: float, steps: int) -> np.ndarray:
+    """float32 ``torch.linspace``: the first half counts up from start, the rest down from end."""
+    step = np.float32((np.float32(end) - np.float32(start)) / np.float32(steps - 1))
+    i = np.arange(steps)
+    half = steps // 2
+    up = np.float32(start) + i.astype(np.float32) * step
+    down = np.float32(end) - (steps - 1 - i).astype(np.float32) * step
+    return np.where(i < half, up, down).astype(np.float32)
+
+
+def dynamic_map(signed: bool = True, max_exponent_bits: int = 7,
+                total_bits: int = 8) -> np.ndarray:
+    """bitsandbytes' dynamic 8-bit quantization map (``create_dynamic_map``), float32[256]."""
+    data: list[float] = []
+    non_sign_bits = total_bits - 1
+    additional = 2 ** (non_sign_bits - max_exponent_bits) - 1
+    for i in range(max_exponent_bits):
+        items = (2 ** (i + non_sign_bits - max_exponent_bits) + 1 if signed
+                 else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1)
+        bounds = _torch_linspace(0.1, 1, items)
+        means = (bounds[:-1] + bounds[1:]) / np.float32(2.0)
+        scale = np.float32(10.0 ** (-(max_exponent_bits - 1) + i))
+        data += (scale * means).astype(np.float32).tolist()
+        if signed:
+            data += (-scale * means).astype(np.float32).tolist()
+    if additional > 0:
+        bounds = _torch_linspace(0.1, 1, additional + 1)
+        means = (bounds[:-1] + bounds[1:]) / np.float32(2.0)
+        scale = np.float32(10.0 ** (-(max_exponent_bits - 1) + max_exponent_bits - 1))
+        data += (scale * means).astype(np.float32).tolist()
+        if signed:
+            data += (-scale * means).astype(np.float32).tolist()
+    data += [0.0, 1.0]
+    data += [0.0] * (2 ** total_bits - len(data))
+    return np.array(sorted(data), np.float32)
+
+
+DYNAMIC_MAP = dynamic_map()
+NESTED_BLOCK = 256
+
+
+# XLA divides by multiplying with the reciprocal, and 1 / absmax is a subnormal (flushed to
+# zero) once absmax >= 2**126 (~8.5e37): blocks above _BIG are scaled by _SHRINK first. Both
+# are powers of two, so the scaling is exact and smaller blocks stay bit for bit as before.
+_BIG = 2.0 ** 100
+_SHRINK = 2.0 ** -64
+
+
+def _normalize(blocks: jax.Array, absmax: jax.Array) -> jax.Array:
+    """``blocks / absmax`` per block (``blocks`` where absmax is 0), also for huge absmax."""
+    s = jnp.where(absmax > _BIG, _SHRINK, 1.0)
+    return (blocks * s[..., None]) / jnp.where(absmax == 0, 1.0, absmax * s)[..., None]
+
+
+def _mean_last(x: jax.Array) -> jax.Array:
+    """Mean over the last axis of non-negative ``x``; a float32 sum of values near 1e38 would
+    overflow to inf, so large rows are summed scaled down (exactly, by a power of two)."""
+    s = jnp.where(jnp.max(x, axis=-1) > _BIG, _SHRINK, 1.0)
+    return jnp.mean(x * s[..., None], axis=-1) / s
+
+
+def _finite_max(dtype: Any) -> float:
+    """The largest finite value of ``dtype`` that float32 holds: dequantized values are
+    clipped to it, so a finite weight never dequantizes to inf (a scale rounded up past the
+    top of bfloat16 or float32 would)."""
+    return float(min(jnp.finfo(dtype).max, np.finfo(np.float32).max))
+
+
+def _nearest(table: np.ndarray, x: jax.Array) -> jax.Array:
+    """Index of the nearest table value; a tie goes to the lower index."""
+    mids = jnp.asarray((table[1:] + table[:-1]) / np.float32(2), jnp.float32)
+    return jnp.searchsorted(mids, x, side="left").astype(jnp.uint8)
+
+
+def _to_torch_order(w: jax.Array, stack: int) -> jax.Array:
+    """Per layer, the row-major order of the PyTorch layout: 2-D kernels are transposed."""
+    if w.ndim - stack == 2:
+        w = jnp.swapaxes(w, -1, -2)
+    return w.reshape(w.shape[:stack] + (-1,))
+
+
+def _from_torch_order(flat: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    lead = flat.shape[:-1]
+    if len(shape) == 2:
+        return jnp.swapaxes(flat.reshape(lead + (shape[1], shape[0])), -1, -2)
+    return flat.reshape(lead + shape)
+
+
+class QuantizedLeaf(LoraxLeaf):
+    """Shared behaviour of frozen quantized weights: dequantized to the static
+    ``compute_dtype``, then to ``cast_to`` when the model cast the weight (as a cast of the
+    dense array would round), and products dequantize next to the use."""
+
+    @property
+    def dtype(self) -> Any:
+        return jnp.dtype(self.cast_to or self.compute_dtype)
+
+    def dot_general(self, other, *, dimension_numbers, leaf_is_lhs, precision,
+                    preferred_element_type, bind):
+        return _dequantized_apply(self, other, leaf_is_lhs, bind)
+
+    def astype(self, dtype):
+        if not jnp.issubdtype(dtype, jnp.floating):
+            return NotImplemented
+        return dataclasses.replace(self, cast_to=jnp.dtype(dtype).name)
+
+
+@register_leaf
+class NF4Weight(QuantizedLeaf):
+    """A frozen weight stored as NF4 codes (bitsandbytes layout); no trainable parts.
+
+    Attributes:
+      codes: uint8 ``(*stack, ceil(n / 2))``, two 4-bit codes per byte, high nibble first.
+      absmax: per block, ``(*stack, n_blocks)``: float32, or uint8 codes when double quantized.
+      absmax2: float32 ``(*stack, ceil(n_blocks / 256))`` second-level scales, or None.
+      offset: float32 ``(*stack,)`` mean of the absmaxes, or None.
+      layer_shape: the dense weight's shape per layer (Flax layout); static.
+      block_size: values per block; static.
+      compute_dtype: dtype of the dequantized weight (a dtype name); static.
+    """
+
+    codes: Any
+    absmax: Any
+    absmax2: Any = None
+    offset: Any = None
+    layer_shape: tuple[int, ...] = static_field(default=())
+    block_size: int = static_field(default=64)
+    compute_dtype: str = static_field(default="bfloat16")
+    cast_to: str | None = static_field(default=None)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.codes.shape[:-1]) + tuple(self.layer_shape)
+
+    @property
+    def double_quant(self) -> bool:
+        return self.absmax2 is not None
+
+    @property
+    def n(self) -> int:
+        return math.prod(self.layer_shape)
+
+    def block_absmax(self) -> jax.Array:
+        """The float32 absmax of every block (decoding the double quantization)."""
+        if not self.double_quant:
+            return self.absmax
+        code2 = jnp.asarray(DYNAMIC_MAP)[self.absmax.astype(jnp.int32)]
+        scale2 = jnp.repeat(self.absmax2, NESTED_BLOCK, axis=-1)[..., :self.absmax.shape[-1]]
+        return code2 * scale2 + self.offset[..., None]
+
+    def unpacked_codes(self) -> jax.Array:
+        """uint8 codes, one per value, ``(*stack, n)``."""
+        q = jnp.stack([self.codes >> 4, self.codes & 15], axis=-1)
+        return q.reshape(q.shape[:-2] + (-1,))[..., :self.n]
+
+    def materialize(self) -> jax.Array:
+        q = self.unpacked_codes()
+        nblocks = self.absmax.shape[-1]
+        pad = nblocks * self.block_size - self.n
+        if pad:
+            q = jnp.pad(q, [(0, 0)] * (q.ndim - 1) + [(0, pad)])
+        values = jnp.asarray(NF4_CODE)[q.astype(jnp.int32)]
+        values = values.reshape(values.shape[:-1] + (nblocks, self.block_size))
+        top = _finite_max(self.compute_dtype)  # |code| <= 1: clipping the scales suffices
+        scales = jnp.clip(self.block_absmax(), -top, top)
+        values = (values * scales[..., None]).reshape(values.shape[:-2] + (-1,))
+        # Round before reordering: the transpose to the Flax layout then moves compute_dtype
+        # values (half the bytes of float32 for bf16); rounding and reordering commute.
+        values = values[..., :self.n].astype(self.compute_dtype)
+        return _from_torch_order(values, self.layer_shape).astype(self.dtype)
+
+
+@register_leaf
+class Int8Weight(QuantizedLeaf):
+    """A frozen weight stored as int8 with one float32 absmax scale per output channel."""
+
+    codes: Any
+    scale: Any
+    compute_dtype: str = static_field(default="bfloat16")
+    cast_to: str | None = static_field(default=None)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.codes.shape)
+
+    def materialize(self) -> jax.Array:
+        top = _finite_max(self.compute_dtype)
+        values = jnp.clip(self.codes.astype(jnp.float32) * self.scale, -top, top)
+        return values.astype(self.compute_dtype).astype(self.dtype)
+
+
+def _dequantized_apply(leaf: LoraxLeaf, other: jax.Array, leaf_is_lhs: bool, bind) -> jax.Array:
+    """Dequantizes inside a checkpoint with the product, so only the quantized arrays are
+    kept for the backward pass, which dequantizes again: one dense layer at a time."""
+
+    def product(other, leaf):
+        w = leaf.materialize().astype(other.dtype)
+        return bind(w, other) if leaf_is_lhs else bind(other, w)
+
+    return jax.checkpoint(product, policy=jax.checkpoint_policies.nothing_saveable)(
+        other, leaf)

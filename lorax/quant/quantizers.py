@@ -1,0 +1,204 @@
+"""Quantized frozen bases: NF4 (bit-for-bit the bitsandbytes scheme) and int8 absmax.
+
+``lorax.quantize(params, "nf4")`` replaces the targeted weights by :class:`NF4Weight`
+leaves holding uint8 packed codes and (double-)quantized block scales. Inside
+``lorax.lora`` an NF4 weight is dequantized in the jitted program right where it is used,
+under ``jax.checkpoint``, so the backward pass recomputes it instead of keeping a dense copy
+of every layer alive. ``lorax.wrap`` adapts NF4 weights like dense ones: that is QLoRA.
+
+The scheme (see NF4.md): the weight is flattened row-major in PyTorch's ``[out, in]`` layout
+(a Flax ``[in, out]`` kernel is transposed first; kernels of more axes are flattened as
+they are), cut into blocks of ``block_size`` values, each scaled by its absmax and mapped to
+the nearest of 16 NF4 levels (ties to the lower code), packed two per byte, high nibble
+first. Double quantization stores the block absmaxes as uint8 codes of bitsandbytes' signed
+8-bit dynamic map, in blocks of 256, around their mean.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lorax._checks import floating_dtype, require_finite
+from lorax.errors import LoraxTypeError, LoraxValueError
+from lorax.layout import infer_in_axes, infer_stack_axes, stack_axes_for
+from lorax.leaf import is_lorax_leaf
+from lorax.paths import FlatTree
+from lorax.quant.formats import (
+    DYNAMIC_MAP,
+    NESTED_BLOCK,
+    NF4_CODE,
+    Int8Weight,
+    NF4Weight,
+    _mean_last,
+    _nearest,
+    _normalize,
+    _to_torch_order,
+)
+from lorax.targets import Targets, select
+
+
+def _compute_dtype(value: Any, where: str) -> str:
+    """The name of ``value`` if it is a floating dtype (what quantized weights decode to)."""
+    return floating_dtype(value, f"{where}: compute_dtype", optional=False).name
+
+
+def _check_nf4_options(block_size: Any, double_quant: Any, where: str) -> None:
+    if isinstance(block_size, (bool, np.bool_)) or not isinstance(block_size, numbers.Integral):
+        raise LoraxTypeError(f"{where}: block_size must be an int, a power of two in [32, 4096]; "
+                             f"got {type(block_size).__name__} {block_size!r}")
+    if not 32 <= block_size <= 4096 or block_size & (block_size - 1):
+        raise LoraxValueError(f"{where}: block_size must be a power of two in [32, 4096]; "
+                              f"got {block_size}")
+    if not isinstance(double_quant, (bool, np.bool_)):
+        raise LoraxTypeError(f"{where}: double_quant must be a bool; got "
+                             f"{type(double_quant).__name__} {double_quant!r}")
+
+
+def _check_axes(value: Any, name: str, low: int, high: int, ndim: int, where: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise LoraxTypeError(f"{where}: {name} must be an int; got {value!r}")
+    if not low <= value <= high:
+        raise LoraxValueError(f"{where}: {name} must be in [{low}, {high}] for a weight of "
+                              f"{ndim} axes; got {value}")
+    return int(value)
+
+
+def quantize_nf4(w: jax.Array, block_size: int = 64, double_quant: bool = True,
+                 compute_dtype: Any = jnp.bfloat16, stack: int = 0) -> NF4Weight:
+    """NF4-quantizes one weight (per layer over ``stack`` leading axes), as bitsandbytes.
+
+    A concrete ``w`` holding inf or NaN raises :class:`lorax.NonFiniteError`; under tracing
+    (jit, ``lax.map``) the values are unknown and not checked.
+
+    Example:
+      >>> import jax, lorax
+      >>> q = lorax.quant.quantize_nf4(jax.random.normal(jax.random.key(0), (64, 32)))
+      >>> q.codes.shape, q.codes.dtype.name, q.absmax.dtype.name
+      ((1024,), 'uint8', 'uint8')
+    """
+    where = "lorax.quant.quantize_nf4"
+    _check_nf4_options(block_size, double_quant, where)
+    dtype = _compute_dtype(compute_dtype, where)
+    stack = _check_axes(stack, "stack", 0, max(jnp.ndim(w) - 1, 0), jnp.ndim(w), where)
+    require_finite(w, f"{where}: w")
+    return _nf4(w, int(block_size), bool(double_quant), dtype, stack)
+
+
+def _nf4(w: jax.Array, block_size: int, double_quant: bool, compute_dtype: str,
+         stack: int) -> NF4Weight:
+    layer_shape = tuple(int(s) for s in w.shape[stack:])
+    flat = _to_torch_order(jnp.asarray(w, jnp.float32), stack)
+    n = flat.shape[-1]
+    nblocks = -(-n // block_size)
+    padded = jnp.pad(flat, [(0, 0)] * stack + [(0, nblocks * block_size - n)])
+    blocks = padded.reshape(flat.shape[:-1] + (nblocks, block_size))
+    absmax = jnp.max(jnp.abs(blocks), axis=-1)
+    normed = _normalize(blocks, absmax)
+    q = _nearest(NF4_CODE, normed).reshape(flat.shape[:-1] + (-1,))[..., :n]
+    if n % 2:
+        q = jnp.pad(q, [(0, 0)] * stack + [(0, 1)])
+    pairs = q.reshape(q.shape[:-1] + (-1, 2))
+    codes = (pairs[..., 0] << 4) | pairs[..., 1]
+    absmax2 = offset = None
+    if double_quant:
+        offset = _mean_last(absmax)
+        centered = absmax - offset[..., None]
+        nb2 = -(-nblocks // NESTED_BLOCK)
+        cpad = jnp.pad(centered, [(0, 0)] * stack + [(0, nb2 * NESTED_BLOCK - nblocks)])
+        cblocks = cpad.reshape(centered.shape[:-1] + (nb2, NESTED_BLOCK))
+        absmax2 = jnp.max(jnp.abs(cblocks), axis=-1)
+        normed2 = _normalize(cblocks, absmax2)
+        absmax = _nearest(DYNAMIC_MAP, normed2).reshape(cpad.shape)[..., :nblocks]
+    return NF4Weight(codes=codes.astype(jnp.uint8), absmax=absmax, absmax2=absmax2,
+                     offset=offset, layer_shape=layer_shape, block_size=block_size,
+                     compute_dtype=compute_dtype)
+
+
+def quantize_int8(w: jax.Array, compute_dtype: Any = jnp.bfloat16, stack: int = 0,
+                  in_axes: int = 1) -> Int8Weight:
+    """int8 absmax quantization with one scale per output channel (axes after ``in_axes``).
+
+    A concrete ``w`` holding inf or NaN raises :class:`lorax.NonFiniteError`."""
+    where = "lorax.quant.quantize_int8"
+    dtype = _compute_dtype(compute_dtype, where)
+    ndim = jnp.ndim(w)
+    stack = _check_axes(stack, "stack", 0, max(ndim - 2, 0), ndim, where)
+    in_axes = _check_axes(in_axes, "in_axes", 1, max(ndim - stack - 1, 1), ndim, where)
+    require_finite(w, f"{where}: w")
+    return _int8(w, dtype, stack, in_axes)
+
+
+def _int8(w: jax.Array, compute_dtype: str, stack: int, in_axes: int) -> Int8Weight:
+    w = jnp.asarray(w, jnp.float32)
+    reduce = tuple(range(stack, stack + in_axes))
+    scale = jnp.max(jnp.abs(w), axis=reduce, keepdims=True) / 127.0
+    codes = jnp.round(w / jnp.where(scale == 0, 1.0, scale)).astype(jnp.int8)
+    return Int8Weight(codes=codes, scale=scale, compute_dtype=compute_dtype)
+
+
+def quantize(params: Any, method: str = "nf4", block_size: int = 64, double_quant: bool = True,
+             targets: Targets = None, compute_dtype: Any = jnp.bfloat16,
+             stacked: Any = None) -> Any:
+    """Replaces the targeted weights of ``params`` by quantized frozen leaves.
+
+    Args:
+      params: any pytree of arrays (as ``lorax.wrap``).
+      method: ``"nf4"`` (bitsandbytes NF4) or ``"int8"`` (absmax per output channel).
+      block_size: NF4 values per block (a power of two, 32 ... 4096).
+      double_quant: quantize the NF4 block scales too (4.127 instead of 4.5 bits/param).
+      targets: as in ``lorax.wrap``; default every floating weight of rank >= 2 except
+        embedding tables.
+      compute_dtype: floating dtype the weights are dequantized to inside the model.
+      stacked: leading layer axes, as in ``lorax.wrap`` (each layer is quantized alone).
+
+    Returns:
+      The tree with :class:`NF4Weight` / :class:`Int8Weight` leaves where targeted; nothing
+      else changes.
+
+    Raises:
+      lorax.NonFiniteError: a targeted weight holds inf or NaN (its blocks' scales would be
+        inf/NaN); the message names its path. Checked on concrete arrays, not under jit.
+      LoraxValueError, LoraxTypeError: a bad argument (the message names it).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, lorax
+      >>> params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (64, 64)),
+      ...                     "bias": jnp.zeros(64)}}
+      >>> qp = lorax.quantize(params, "nf4")
+      >>> type(qp["dense"]["kernel"]).__name__, qp["dense"]["kernel"].shape
+      ('NF4Weight', (64, 64))
+    """
+    if not isinstance(method, str) or method not in ("nf4", "int8"):
+        raise LoraxValueError(f"lorax.quantize: method must be 'nf4' or 'int8'; got {method!r}")
+    _check_nf4_options(block_size, double_quant, "lorax.quantize")
+    dtype = _compute_dtype(compute_dtype, "lorax.quantize")
+    tree = FlatTree.of(params)
+    chosen = select(targets, tree.paths, tree.leaves)
+    out = list(tree.leaves)
+    for i, spec in chosen.items():
+        path, leaf = tree.paths[i], tree.leaves[i]
+        if is_lorax_leaf(leaf):
+            raise LoraxValueError(f"lorax.quantize: '{path}' is already a {type(leaf).__name__}; "
+                                  "quantize the dense tree before wrapping it")
+        siblings = tree.siblings(path)
+        stack = stack_axes_for(stacked, spec.stack_axes, path)
+        stack = infer_stack_axes(path, leaf.shape, siblings) if stack is None else stack
+        require_finite(leaf, f"lorax.quantize: '{path}'")
+        if method == "nf4":
+            out[i] = _nf4(leaf, int(block_size), bool(double_quant), dtype, stack)
+        else:
+            in_axes = spec.in_axes or infer_in_axes(leaf.shape, siblings, stack)
+            out[i] = _int8(leaf, dtype, stack, in_axes)
+    return tree.rebuild(out)
+
+
+def dequantize(tree: Any) -> Any:
+    """Dense weights for every quantized leaf (alias of ``lorax.merge`` on such trees)."""
+    from lorax.tree import merge
+
+    return merge(tree)
