@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm import tqdm
 
 import lorax
 from lorax.models import generate, gpt2
@@ -195,24 +196,57 @@ def loss_fn(apply, params, tokens, mask):
 
 
 class Progress:
-    """One line per update: step, bar, loss, tokens/s (syncs with the device only here;
-    ``update`` says whether it did)."""
+    """A tqdm bar over the steps, with the loss and tokens/s in its postfix.
+
+    The loss is read from the device (which waits for the step) only when the postfix is
+    refreshed: at most every quarter second on a terminal, every fifth of the run in a log;
+    ``update`` says whether it read it.
+    """
 
     def __init__(self, label, total, tokens_per_step):
-        self.label, self.total, self.tps = label, total, tokens_per_step
-        self.tty, self.t0, self.last = sys.stdout.isatty(), time.perf_counter(), 0
+        self.total, self.tps = total, tokens_per_step
+        self.tty = sys.stdout.isatty()
+        self.every = max(total // 5, 1)
+        # in a log (not a terminal) the bar is drawn by update alone, one line each time
+        self.bar = tqdm(total=total, desc=label, unit="step", dynamic_ncols=True,
+                        file=sys.stdout if self.tty else _Lines(sys.stdout),
+                        miniters=None if self.tty else total + 1, leave=self.tty)
+        self.t0 = self.last = time.perf_counter()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
 
     def update(self, step, loss):
-        if not (self.tty or step == self.total or step % max(self.total // 5, 1) == 0):
-            return False
-        loss = float(loss)  # waits for the step
-        elapsed = time.perf_counter() - self.t0
-        bar = "#" * int(24 * step / self.total)
-        line = (f"{self.label} {step:5d}/{self.total} [{bar:<24}] loss {loss:.4f}  "
-                f"{self.tps * step / max(elapsed, 1e-9):,.0f} tok/s")
-        print(("\r" if self.tty else "") + line, end="\n" if not self.tty or
-              step == self.total else "", flush=True)
-        return True
+        now = time.perf_counter()
+        due = step == self.total or (now - self.last >= 0.25 if self.tty
+                                     else step % self.every == 0)
+        if due:
+            loss = float(loss)  # waits for the step
+            self.last = time.perf_counter()
+            rate = self.tps * step / max(self.last - self.t0, 1e-9)
+            self.bar.set_postfix_str(f"loss {loss:.4f}, {rate:,.0f} tok/s", refresh=False)
+        self.bar.update(1)
+        if due and (step == self.total or not self.tty):
+            self.bar.refresh()
+        return due
+
+
+class _Lines:
+    """tqdm's output for a log: each redraw on a line of its own (blank ones dropped)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        line = text.replace("\r", "").rstrip()
+        if line:
+            self.stream.write(line + "\n")
+
+    def flush(self):
+        self.stream.flush()
 
 
 def train(label, loss, trainable, data, steps, lr, tokens_per_step):
@@ -227,14 +261,14 @@ def train(label, loss, trainable, data, steps, lr, tokens_per_step):
         updates, opt_state = tx.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, value
 
-    progress = Progress(label, steps, tokens_per_step)
     finite = jnp.array(True)  # on the device: no sync per step
-    for i in range(1, steps + 1):
-        tokens, mask = next(data)
-        trainable, opt_state, value = step(trainable, opt_state, tokens, mask)
-        finite = finite & jnp.isfinite(value)
-        if progress.update(i, value) or i == steps:
-            stop_unless_finite(label, finite, value, i, lr)
+    with Progress(label, steps, tokens_per_step) as progress:
+        for i in range(1, steps + 1):
+            tokens, mask = next(data)
+            trainable, opt_state, value = step(trainable, opt_state, tokens, mask)
+            finite = finite & jnp.isfinite(value)
+            if progress.update(i, value) or i == steps:
+                stop_unless_finite(label, finite, value, i, lr)
     return trainable
 
 
