@@ -1,7 +1,7 @@
 """Serving several LoRA adapters in one batch: throughput of 8 adapters (one per row,
 ``lorax.stack``) against one adapter unmerged and one adapter merged into the base.
 
-The Llama-1B shape of shared/docs/ANCHORS.md in bf16, random weights, LoRA r=8 on q, k, v, o
+The Llama-1B shape of docs/benchmarks.md in bf16, random weights, LoRA r=8 on q, k, v, o
 with random (non-zero) B factors; per mode, a prefill forward pass over ``batch x prompt``
 tokens and a greedy ``generate`` of ``new`` tokens after the prompt.
 

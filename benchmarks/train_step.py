@@ -1,7 +1,7 @@
 """Train-step throughput, MFU and peak memory of the reference models: full fine-tune, LoRA
 and QLoRA, beside the PyTorch peft anchor (shared/bench/anchor_peft.py) in the same call.
 
-The shapes of shared/docs/ANCHORS.md: GPT-2 124M at batch 8 x 1024 (LoRA r=8 on c_attn) and
+The shapes of docs/benchmarks.md: GPT-2 124M at batch 8 x 1024 (LoRA r=8 on c_attn) and
 the Llama-1B shape at batch 4 x 2048 (LoRA r=8 on q, k, v, o); random weights, bf16 compute,
 float32 adapters, AdamW, donated buffers, layers under nn.scan, cuDNN attention on GPU.
 
@@ -15,7 +15,7 @@ benchmarks/NOTES.md for carrying its wheel to the GPU machine.
 
 Each (model, mode) runs in its own process so that its peak memory is its own; results go
 to --out (JSON lines) and a markdown table with the ratios to the anchor is printed last.
-MFU counts, as ANCHORS.md, 6N (full) or 4N (LoRA, QLoRA) FLOPs per token plus attention
+MFU counts, as docs/benchmarks.md, 6N (full) or 4N (LoRA, QLoRA) FLOPs per token plus attention
 (non-causal, 3 x 4 s d per layer) over 800 TFLOP/s.
 """
 

@@ -1,4 +1,4 @@
-"""NF4 against an independent numpy model of NF4.md; int8; QLoRA gradients and training."""
+"""NF4 against an independent numpy model of docs/nf4.md; int8; QLoRA gradients and training."""
 
 import flax.linen as nn
 import jax
@@ -10,7 +10,7 @@ from helpers import check_lora_equals_merged, fit, randomize_b
 import lorax
 from lorax.quant import DYNAMIC_MAP, quantize_nf4
 
-# ---- the reference, written from NF4.md alone ------------------------------------------
+# ---- the reference, written from docs/nf4.md alone -------------------------------------
 CODE = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
                  -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
                  0.07958029955625534, 0.16093020141124725, 0.24611230194568634,

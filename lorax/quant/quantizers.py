@@ -6,7 +6,7 @@ leaves holding uint8 packed codes and (double-)quantized block scales. Inside
 under ``jax.checkpoint``, so the backward pass recomputes it instead of keeping a dense copy
 of every layer alive. ``lorax.wrap`` adapts NF4 weights like dense ones: that is QLoRA.
 
-The scheme (see NF4.md): the weight is flattened row-major in PyTorch's ``[out, in]`` layout
+The scheme (see docs/nf4.md): the weight is flattened row-major in PyTorch's ``[out, in]`` layout
 (a Flax ``[in, out]`` kernel is transposed first; kernels of more axes are flattened as
 they are), cut into blocks of ``block_size`` values, each scaled by its absmax and mapped to
 the nearest of 16 NF4 levels (ties to the lower code), packed two per byte, high nibble
