@@ -26,7 +26,9 @@ from lorax.io.peft import export_peft as export_peft
 from lorax.io.peft import import_peft as import_peft
 from lorax.leaf import LoraxLeaf as LoraxLeaf
 from lorax.leaf import is_lorax_leaf as is_lorax_leaf
+from lorax.leaf import PrimitiveCall as PrimitiveCall
 from lorax.leaf import register_leaf as register_leaf
+from lorax.leaf import static_field as static_field
 from lorax.methods.adapters import AdapterWeight as AdapterWeight
 from lorax.methods.adapters import adapters as adapters
 from lorax.methods.dora import DoraWeight as DoraWeight
@@ -50,7 +52,9 @@ from lorax.targets import LoraSpec as LoraSpec
 from lorax.transform import LoraxDensifyError as LoraxDensifyError
 from lorax.transform import LoraxDensifyWarning as LoraxDensifyWarning
 from lorax.transform import lora as lora
+from lorax.transform import RuleContext as RuleContext
 from lorax.transform import register_rule as register_rule
+from lorax.transform import using_rules as using_rules
 from lorax.tree import combine as combine
 from lorax.tree import mask as mask
 from lorax.tree import merge as merge

@@ -1,41 +1,95 @@
-"""Lorax leaves: frozen-base-plus-trainable-parts weights that stand in for dense arrays.
+"""The leaf protocol: what a lorax leaf declares, and the one hook through which it acts.
 
-A lorax leaf is a frozen dataclass registered as a pytree. It holds arrays (its children)
-and static metadata (its aux data), says which fields are trainable, and knows how to act
-for the dense weight it stands for:
+A lorax leaf stands in for a dense weight: a frozen dataclass, registered as a pytree with
+:func:`register_leaf`, that holds arrays (its data fields) and static metadata (fields made
+with :func:`static_field`). What the interpreter (``lorax.transform``) and the tree tools
+(``lorax.tree``, ``lorax.io.checkpoint``, ``lorax.report``) need from a kind, it declares:
 
-* ``materialize()`` gives the dense array (used by ``lorax.merge`` and as the fallback);
-* ``dot_general`` / ``conv_general_dilated`` / ``gather`` / ``astype`` / ``transpose`` /
-  ``reshape`` compute what the primitive would give on the dense weight without forming it,
-  or return ``NotImplemented`` to let the interpreter fall back to ``materialize()``.
+========================  ===============================================================
+``kind``                  stable registered name, written into checkpoints
+``trainable_fields``      the data fields that are trained (split into the first half)
+``frozen_fields``         the other data fields (derived by ``register_leaf``)
+``static_fields``         the static metadata fields (derived by ``register_leaf``)
+``has_dense_form``        False when no dense weight exists (bottleneck adapters); then
+                          ``materialize`` raises :class:`~lorax.NotMergeableError` saying why
+``dense_is_free``         True when ``materialize`` costs nothing (``lorax.Unfrozen``), so
+                          densifying is no cause for a warning
+``stack_ndim``            leading layer axes (``nn.scan`` stacks) that ``lax.scan`` may slice
+``shape`` / ``dtype``     those of the dense weight
+``materialize()``         the dense weight
+``misfit()``              why the trainable arrays do not fit the frozen ones, or None
+``handle_primitive(c)``   the one hook: compute primitive call ``c`` without the dense
+                          weight, or return ``NotImplemented``
+========================  ===============================================================
 
-Leaves know nothing of the interpreter (``lorax.transform``): the interpreter hands them the
-other operands, the primitive's params and a ``bind`` callback that applies the original
-primitive to plain arrays. A new leaf kind is one new class here and no edit elsewhere.
+The interpreter asks, for an equation that consumes a leaf: the rule registered for the
+primitive (``lorax.register_rule``), then each leaf's ``handle_primitive``, then it densifies.
+The base class's ``handle_primitive`` dispatches six primitives to methods a kind may
+override (``dot_general``, ``conv_general_dilated``, ``gather``, ``astype``, ``transpose``,
+``reshape``); a kind that needs another primitive overrides ``handle_primitive`` itself.
+Leaves know nothing of the interpreter: a :class:`PrimitiveCall` carries the operands, the
+params and a ``bind`` callback that applies the original primitive to plain arrays.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from lorax.errors import LoraxKeyError, LoraxTypeError, LoraxValueError
 
 Array = jax.Array
 Bind = Callable[..., Array]
 
 
-class LoraxLeaf:
-    """Base class of every lorax leaf kind.
+@dataclasses.dataclass(frozen=True)
+class PrimitiveCall:
+    """One application of a primitive to operands among which is a lorax leaf.
 
-    Subclasses are frozen dataclasses made pytrees with :func:`register_leaf`. They set
-    ``trainable_fields`` to the names of their trainable children and implement ``shape``,
-    ``dtype`` and ``materialize``; the primitive methods are optional.
+    Attributes:
+      primitive: the ``jax.extend.core.Primitive``.
+      params: its params (``dimension_numbers``, ``new_dtype``, ...).
+      invals: the operands in order: arrays and lorax leaves.
+      position: the index in ``invals`` of the leaf being asked.
+      out_avals: shape and dtype of each output (``ShapeDtypeStruct``-like).
+      bind: ``bind(*arrays, **param_overrides) -> list``: the primitive on plain arrays.
+      key: ``key() -> PRNG key or None``: the dropout key of this call (None: no dropout).
     """
 
+    primitive: Any
+    params: Mapping[str, Any]
+    invals: tuple[Any, ...]
+    position: int
+    out_avals: tuple[Any, ...]
+    bind: Callable[..., list]
+    key: Callable[[], Any] = lambda: None
+
+    @property
+    def name(self) -> str:
+        return self.primitive.name
+
+    def bind_one(self, *arrays: Any) -> Array:
+        """``bind`` for a primitive with one result."""
+        return self.bind(*arrays)[0]
+
+
+class LoraxLeaf:
+    """Base class of every lorax leaf kind (see the module docstring for the protocol).
+
+    Subclasses are made frozen dataclass pytrees with :func:`register_leaf`; they set
+    ``trainable_fields`` and implement ``shape``, ``dtype`` and ``materialize``.
+    """
+
+    kind: ClassVar[str] = ""
     trainable_fields: ClassVar[tuple[str, ...]] = ()
+    frozen_fields: ClassVar[tuple[str, ...]] = ()
+    static_fields: ClassVar[tuple[str, ...]] = ()
+    has_dense_form: ClassVar[bool] = True
+    dense_is_free: ClassVar[bool] = False
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -53,30 +107,109 @@ class LoraxLeaf:
     def size(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def stack_ndim(self) -> int:
+        """Leading layer axes along which every array field may be sliced (0: none)."""
+        return 0
+
     def materialize(self) -> Array:
         """The dense weight this leaf stands for, in ``self.dtype``."""
         raise NotImplementedError
 
-    # Primitive methods: each returns NotImplemented when it cannot avoid the dense weight.
-    def dot_general(self, other: Array, *, dimension_numbers, leaf_is_lhs: bool, precision,
-                    preferred_element_type, bind: Bind) -> Array:
+    def misfit(self) -> str | None:
+        """Why the trainable arrays cannot go with the frozen ones (e.g. an adapter of
+        another rank), or None. Shapes only: it is called under jit. Kinds extend it."""
+        for name in self.trainable_fields:  # e.g. factors cast to int by mistake
+            dtype = getattr(getattr(self, name), "dtype", None)
+            if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
+                return f"the trainable {name} is {dtype}; expected a floating dtype"
+        return None
+
+    def handle_primitive(self, call: PrimitiveCall) -> Any:
+        """Computes ``call`` on the dense weight without forming it, or ``NotImplemented``.
+
+        Returns a value (or a list, for a primitive with several results) of the shapes and
+        dtypes in ``call.out_avals``; a lorax leaf may stand in for an array result.
+        """
+        method = _METHODS.get(call.name)
+        return NotImplemented if method is None else method(self, call)
+
+    # The six methods handle_primitive dispatches to; NotImplemented means "densify".
+    def dot_general(self, other: Array, *, dimension_numbers: Any, leaf_is_lhs: bool,
+                    precision: Any, preferred_element_type: Any, bind: Bind,
+                    rng: Any = None) -> Array:
         return NotImplemented
 
-    def conv_general_dilated(self, lhs: Array, *, dimension_numbers, feature_group_count: int,
-                             batch_group_count: int, bind: Bind) -> Array:
+    def conv_general_dilated(self, lhs: Array, *, dimension_numbers: Any,
+                             feature_group_count: int, batch_group_count: int,
+                             bind: Bind) -> Array:
         return NotImplemented
 
-    def gather(self, indices: Array, *, params: dict[str, Any], bind: Bind) -> Array:
+    def gather(self, indices: Array, *, params: Mapping[str, Any], bind: Bind) -> Array:
         return NotImplemented
 
-    def astype(self, dtype: Any) -> "LoraxLeaf":
+    def astype(self, dtype: Any) -> LoraxLeaf:
         return NotImplemented
 
-    def transpose(self, permutation: Sequence[int]) -> "LoraxLeaf":
+    def transpose(self, permutation: Sequence[int]) -> LoraxLeaf:
         return NotImplemented
 
-    def reshape(self, new_sizes: Sequence[int]) -> "LoraxLeaf":
+    def reshape(self, new_sizes: Sequence[int]) -> LoraxLeaf:
         return NotImplemented
+
+
+def _dot_general(leaf: LoraxLeaf, call: PrimitiveCall) -> Any:
+    other = call.invals[1 - call.position]
+    if is_lorax_leaf(other):  # a product of two leaves: no factored form
+        return NotImplemented
+    return leaf.dot_general(
+        other, dimension_numbers=call.params["dimension_numbers"],
+        leaf_is_lhs=call.position == 0, precision=call.params.get("precision"),
+        preferred_element_type=call.params.get("preferred_element_type"),
+        bind=call.bind_one, rng=call.key())
+
+
+def _conv(leaf: LoraxLeaf, call: PrimitiveCall) -> Any:
+    if call.position != 1 or is_lorax_leaf(call.invals[0]):  # the leaf must be the kernel
+        return NotImplemented
+    return leaf.conv_general_dilated(
+        call.invals[0], dimension_numbers=call.params["dimension_numbers"],
+        feature_group_count=call.params["feature_group_count"],
+        batch_group_count=call.params["batch_group_count"], bind=call.bind_one)
+
+
+def _gather(leaf: LoraxLeaf, call: PrimitiveCall) -> Any:
+    if call.position != 0 or is_lorax_leaf(call.invals[1]):  # rows of the leaf
+        return NotImplemented
+    return leaf.gather(call.invals[1], params=call.params, bind=call.bind_one)
+
+
+def _reshape(leaf: LoraxLeaf, call: PrimitiveCall) -> Any:
+    if call.params.get("dimensions") is not None or len(call.invals) != 1:
+        return NotImplemented
+    return leaf.reshape(call.params["new_sizes"])
+
+
+_METHODS: dict[str, Callable[[LoraxLeaf, PrimitiveCall], Any]] = {
+    "dot_general": _dot_general,
+    "conv_general_dilated": _conv,
+    "gather": _gather,
+    "convert_element_type": lambda leaf, call: leaf.astype(call.params["new_dtype"]),
+    "transpose": lambda leaf, call: leaf.transpose(call.params["permutation"]),
+    "reshape": _reshape,
+    "copy": lambda leaf, call: leaf,  # a copy of an immutable leaf is the leaf
+    "copy_p": lambda leaf, call: leaf,
+}
+
+
+def input_product(dimension_numbers: Any, *, leaf_is_lhs: bool, stack_ndim: int,
+                  in_ndim: int) -> bool:
+    """Whether a ``dot_general`` is ``x @ W`` over W's ``in_ndim`` leading axes exactly (the
+    leaf on the right, no batch axes, no stack): the one product the kinds that act on a
+    layer's output (IA3, DoRA, bottleneck adapters, multi-LoRA) can compute unmerged."""
+    (_, rc), (lb, rb) = dimension_numbers
+    return (not leaf_is_lhs and not stack_ndim and not lb and not rb
+            and sorted(int(c) for c in rc) == list(range(in_ndim)))
 
 
 class OverBase(LoraxLeaf):
@@ -93,8 +226,8 @@ class OverBase(LoraxLeaf):
     def dtype(self) -> Any:
         return self.base.dtype
 
-    def base_dot(self, other: Array, *, dimension_numbers, leaf_is_lhs: bool, precision,
-                 preferred_element_type, bind: Bind) -> Array:
+    def base_dot(self, other: Array, *, dimension_numbers: Any, leaf_is_lhs: bool,
+                 precision: Any, preferred_element_type: Any, bind: Bind) -> Array:
         """``dot_general`` with the base alone (NotImplemented if a base leaf cannot)."""
         if isinstance(self.base, LoraxLeaf):
             return self.base.dot_general(
@@ -102,7 +235,19 @@ class OverBase(LoraxLeaf):
                 precision=precision, preferred_element_type=preferred_element_type, bind=bind)
         return bind(self.base, other) if leaf_is_lhs else bind(other, self.base)
 
-    def astype(self, dtype: Any) -> "LoraxLeaf":
+    def base_apply(self, on_array: Callable[[Array], Any],
+                   on_leaf: Callable[[LoraxLeaf], Any] | None = None) -> Any:
+        """Applies an op to the base: an array, or a base leaf (densified if it lacks a
+        method for the op, since the base is frozen and typically quantized)."""
+        if not isinstance(self.base, LoraxLeaf):
+            return on_array(self.base)
+        if on_leaf is not None:
+            out = on_leaf(self.base)
+            if out is not NotImplemented:
+                return out
+        return on_array(self.base.materialize())
+
+    def astype(self, dtype: Any) -> LoraxLeaf:
         if not jnp.issubdtype(dtype, jnp.floating):
             return NotImplemented
         base = self.base.astype(dtype)
@@ -112,21 +257,104 @@ class OverBase(LoraxLeaf):
             name: getattr(self, name).astype(dtype) for name in self.cast_fields})
 
 
-LEAF_KINDS: dict[str, type] = {}  # class name -> class, for checkpoints to rebuild leaves
+LEAF_KINDS: dict[str, type] = {}  # kind name (and legacy aliases) -> class
 
 
-def register_leaf(cls: type) -> type:
-    """Makes ``cls`` a frozen dataclass pytree; fields with ``metadata={"static": True}``
-    become aux data, every other field a child (so key paths name the fields)."""
-    cls = dataclasses.dataclass(frozen=True)(cls)
-    LEAF_KINDS[cls.__name__] = cls
-    fields = dataclasses.fields(cls)
-    data = [f.name for f in fields if not f.metadata.get("static", False)]
-    meta = [f.name for f in fields if f.metadata.get("static", False)]
-    return jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=meta)
+def register_leaf(cls: type | None = None, /, *, kind: str | None = None,
+                  aliases: Sequence[str] = ()) -> Any:
+    """Makes ``cls`` a frozen dataclass pytree and registers it as a leaf kind.
+
+    Fields made with :func:`static_field` become aux data; every other field is a child, so
+    key paths name the fields. ``frozen_fields`` and ``static_fields`` are derived here.
+
+    Args:
+      cls: a subclass of :class:`LoraxLeaf` (when used as a bare decorator).
+      kind: the stable name checkpoints record (default: the class name). Renaming the
+        class later keeps old checkpoints readable as long as ``kind`` stays.
+      aliases: older names of the same kind that checkpoints may hold.
+
+    Returns:
+      The registered class, or a decorator when called with keywords only.
+
+    Raises:
+      LoraxTypeError: ``cls`` is not a LoraxLeaf subclass.
+      LoraxValueError: a ``trainable_fields`` name is not a data field, or ``kind`` is
+        already taken by another class.
+
+    Example:
+      >>> import jax.numpy as jnp, lorax
+      >>> @lorax.register_leaf(kind="example.scaled")
+      ... class Scaled(lorax.LoraxLeaf):
+      ...     w: jnp.ndarray
+      ...     s: jnp.ndarray
+      ...     trainable_fields = ("s",)
+      ...     shape = property(lambda self: self.w.shape)
+      ...     dtype = property(lambda self: self.w.dtype)
+      ...     def materialize(self):
+      ...         return self.w * self.s
+      >>> Scaled.kind, Scaled.frozen_fields
+      ('example.scaled', ('w',))
+    """
+
+    def register(cls: type) -> type:
+        if not (isinstance(cls, type) and issubclass(cls, LoraxLeaf)):
+            raise LoraxTypeError(f"lorax.register_leaf: expected a subclass of LoraxLeaf; got "
+                                 f"{cls!r}")
+        name = cls.__name__ if kind is None else kind
+        if not isinstance(name, str) or not name:
+            raise LoraxTypeError(f"lorax.register_leaf: kind must be a non-empty str; got "
+                                 f"{name!r}")
+        cls = dataclasses.dataclass(frozen=True)(cls)
+        fields = dataclasses.fields(cls)
+        static = tuple(f.name for f in fields if f.metadata.get("static", False))
+        data = tuple(f.name for f in fields if not f.metadata.get("static", False))
+        unknown = [n for n in cls.trainable_fields if n not in data]
+        if unknown:
+            raise LoraxValueError(f"lorax.register_leaf: {cls.__name__}.trainable_fields names "
+                                  f"{unknown}, which are not data fields (those are {data})")
+        for n in (name, *aliases):
+            old = LEAF_KINDS.get(n)
+            if old is not None and old.__qualname__ != cls.__qualname__:
+                raise LoraxValueError(f"lorax.register_leaf: the kind {n!r} is taken by "
+                                      f"{old.__module__}.{old.__qualname__}")
+        cls.kind = name
+        cls.static_fields = static
+        cls.frozen_fields = tuple(n for n in data if n not in cls.trainable_fields)
+        for n in (name, *aliases):
+            LEAF_KINDS[n] = cls
+        return jax.tree_util.register_dataclass(cls, data_fields=list(data),
+                                                meta_fields=list(static))
+
+    return register if cls is None else register(cls)
+
+
+def leaf_kind(name: str) -> type:
+    """The leaf class registered under ``name`` (a kind or one of its aliases).
+
+    Raises:
+      LoraxKeyError: no kind of that name (the message lists the known kinds).
+    """
+    cls = LEAF_KINDS.get(name) if isinstance(name, str) else None
+    if cls is None:
+        known = sorted({c.kind for c in LEAF_KINDS.values()})
+        raise LoraxKeyError(f"lorax: no leaf kind is registered as {name!r} (known: {known}); "
+                            "import the module that registers it first")
+    return cls
+
+
+def shape_of(x: Any) -> tuple[int, ...] | None:
+    """The shape of an array field, or None for a hole (half of a split)."""
+    return tuple(x.shape) if hasattr(x, "shape") else None
+
+
+def unfit(trainable: str, base: tuple[int, ...]) -> str:
+    """The ``misfit`` message of trainable arrays that do not go with the frozen base."""
+    return (f"the trainable {trainable} and the frozen base {base} do not fit together (an "
+            "adapter of another layout, or for another base?)")
 
 
 def static_field(**kwargs: Any) -> Any:
+    """A dataclass field that is static metadata (aux data), not an array child."""
     return dataclasses.field(metadata={"static": True}, **kwargs)
 
 

@@ -19,7 +19,6 @@ import numpy as np
 from lorax._checks import compile_regex
 from lorax.errors import LoraxTypeError, LoraxValueError
 from lorax.leaf import is_lorax_leaf
-from lorax.methods.lora import LoraWeight
 
 #: Path components that name embedding tables, which the default targets leave alone.
 EMBEDDING_NAMES = re.compile(
@@ -59,7 +58,7 @@ def is_weight_path(path: str) -> bool:
 
 def is_floating_weight(leaf: Any) -> bool:
     """Floating, rank >= 2, not already a LoRA leaf: what LoRA can adapt."""
-    if isinstance(leaf, LoraWeight):
+    if is_lorax_leaf(leaf) and leaf.trainable_fields:  # adapted already
         return False
     if not (is_lorax_leaf(leaf) or isinstance(leaf, (jax.Array, np.ndarray))):
         return False
@@ -105,7 +104,7 @@ def select(targets: Targets, paths: Sequence[str], leaves: Sequence[Any],
             raise LoraxTypeError(f"lorax: targets must be module names (str); got {names!r}")
         unmatched = [n for n in names if not any(
             n in p.split("/") and is_weight_path(p)
-            and (is_floating_weight(leaf) or isinstance(leaf, LoraWeight))
+            and (is_floating_weight(leaf) or is_lorax_leaf(leaf))
             for p, leaf in zip(paths, leaves))]
         if unmatched:
             raise LoraxValueError(_nothing_matched(f"the target names {unmatched!r}", paths,
@@ -121,9 +120,9 @@ def select(targets: Targets, paths: Sequence[str], leaves: Sequence[Any],
         verdict = decide(p, leaf)
         if verdict is False or verdict is None:
             continue
-        if isinstance(leaf, LoraWeight):
-            raise LoraxValueError(f"lorax: '{p}' is already a LoRA leaf; merge it or target "
-                                  "another weight.")
+        if is_lorax_leaf(leaf) and leaf.trainable_fields:
+            raise LoraxValueError(f"lorax: '{p}' is already a LoRA leaf or another adapter "
+                                  f"(kind {leaf.kind!r}); merge it or target another weight.")
         is_array = is_lorax_leaf(leaf) or isinstance(leaf, (jax.Array, np.ndarray))
         if not is_array:
             raise LoraxTypeError(f"lorax: {what} selects '{p}', which is a "

@@ -7,16 +7,19 @@ How it works, in one sitting:
    jaxpr with ``jax.make_jaxpr``: ``fn`` sees ordinary arrays and needs no change.
 2. The jaxpr is evaluated by :func:`_eval_jaxpr`, a plain ``eval_jaxpr`` loop whose values
    are arrays or *lazy* lorax leaves. An equation with no lazy input is bound unchanged.
-3. An equation with a lazy input goes to the rule registered for its primitive in
-   ``_RULES``. The leaf rules (``dot_general``, ``conv_general_dilated``, ``gather``,
-   ``convert_element_type``, ``transpose``, ``reshape``) ask the leaf to compute the result
-   without forming its dense weight. The call rules (``jit``, ``closed_call``,
-   ``custom_jvp_call``, ``custom_vjp_call``) evaluate the inner jaxpr in place; ``remat``,
-   ``scan``, ``cond`` and ``while`` are rebuilt with ``jax.checkpoint`` / ``lax.scan`` /
-   ``lax.switch`` / ``lax.while_loop``, the lazy leaves passed through as pytrees, so a
-   stacked leaf is sliced per layer and remat keeps its policy.
-4. Any other primitive that meets a lazy leaf materializes it with a warning naming the
-   parameter path, the primitive and the source line (``strict=True`` raises instead).
+3. An equation with a lazy input is asked, in order: (a) the rule registered for its
+   primitive in the rule table (``register_rule`` / ``using_rules``); (b) each lazy leaf's
+   ``handle_primitive`` hook (``lorax/leaf.py``), through which a leaf kind computes
+   ``dot_general``, ``conv_general_dilated``, ``gather``, casts, ``transpose`` and
+   ``reshape`` (or any primitive it chooses) without forming its dense weight; (c) failing
+   both, the leaf is densified. The table's built-in rules are structural: the call rules
+   (``jit``, ``closed_call``, ``custom_jvp_call``, ``custom_vjp_call``) evaluate the inner
+   jaxpr in place; ``remat``, ``scan``, ``cond`` and ``while`` are rebuilt with
+   ``jax.checkpoint`` / ``lax.scan`` / ``lax.switch`` / ``lax.while_loop``, the lazy leaves
+   passed through as pytrees, so a stacked leaf is sliced per layer and remat keeps its
+   policy. A rule or hook may return ``NotImplemented`` to pass to the next.
+4. Densifying warns, naming the parameter path, the primitive and the source line
+   (``strict=True`` raises instead); a leaf with no dense form raises.
 
 The result is ordinary JAX operations, so ``jit``, ``grad``, ``vmap`` and sharding compose
 with it, and the gradient with respect to a frozen base is never formed.
@@ -24,11 +27,12 @@ with it, and the gradient with respect to a frozen base is never formed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import functools
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,11 +40,12 @@ import numpy as np
 
 from lorax import _compat
 from lorax._checks import check_key
-from lorax.errors import LoraxError, LoraxTypeError, LoraxValueError
-from lorax.leaf import LoraxLeaf, is_lorax_leaf
+from lorax.errors import LoraxError, LoraxTypeError, LoraxValueError, NotMergeableError
+from lorax.leaf import LoraxLeaf, PrimitiveCall, is_lorax_leaf
 from lorax.tree import holes
 
-__all__ = ["lora", "register_rule", "RuleContext", "LoraxDensifyWarning", "LoraxDensifyError"]
+__all__ = ["lora", "register_rule", "using_rules", "RuleContext", "LoraxDensifyWarning",
+           "LoraxDensifyError"]
 
 
 class LoraxDensifyWarning(UserWarning):
@@ -88,16 +93,17 @@ class RuleContext:
     def densify(self, invals: Sequence[Any]) -> list[Any]:
         """Materializes every lazy input, warning (or raising, if strict) for each."""
         out = []
-        for value, name in zip(invals, self.names):
+        for value, name in zip(invals, self.names, strict=True):
             if is_lorax_leaf(value):
-                if not getattr(value, "dense", False):  # e.g. lorax.Unfrozen: free to use
-                    self._complain(value, name)
-                try:
-                    value = value.materialize()
-                except ValueError as e:  # a leaf with no dense form (bottleneck adapter)
+                if not value.has_dense_form:  # e.g. a bottleneck adapter
                     raise LoraxDensifyError(
                         f"lorax: primitive '{self.eqn.primitive.name}' at {self.location} "
-                        f"needs the dense weight of '{name or '<unknown path>'}': {e}") from None
+                        f"needs the dense weight of the {value.kind} leaf at "
+                        f"'{name or '<unknown path>'}', which has none: "
+                        f"{_no_dense_reason(value)}")
+                if not value.dense_is_free:  # e.g. lorax.Unfrozen is an array already
+                    self._complain(value, name)
+                value = value.materialize()
             out.append(value)
         return out
 
@@ -123,7 +129,39 @@ class RuleContext:
 
 
 Rule = Callable[[RuleContext, list], Any]
-_RULES: dict[str, Rule] = {}
+# Keyed by Primitive object (a rule for a primitive of one's own) or by name (the built-in
+# rules, whose primitives have other objects and names in other JAX releases).
+_RULES: dict[Any, Rule] = {}
+
+
+def _no_dense_reason(leaf: LoraxLeaf) -> str:
+    try:
+        leaf.materialize()
+    except NotMergeableError as e:
+        return str(e)
+    return "its kind declares has_dense_form = False"
+
+
+def _rule_key(primitive: Any, where: str) -> Any:
+    """The table key of ``primitive``: its name (checked against JAX's) or the object."""
+    if isinstance(primitive, str):
+        known = _compat.known_primitives()
+        if known and primitive not in known and primitive not in _RULES:
+            close = difflib.get_close_matches(primitive, sorted(known), n=5)
+            raise LoraxValueError(f"{where}: primitive {primitive!r} is not the name of a JAX "
+                                  f"primitive (close: {close}); pass the Primitive object "
+                                  "itself for a primitive of your own")
+        return primitive
+    if isinstance(getattr(primitive, "name", None), str) and hasattr(primitive, "bind"):
+        return primitive
+    raise LoraxTypeError(f"{where}: primitive must be a jax.extend.core.Primitive or its name "
+                         f"(str); got {type(primitive).__name__} {primitive!r}")
+
+
+def _check_rule(rule: Any, where: str) -> None:
+    if not callable(rule):
+        raise LoraxTypeError(f"{where}: rule must be callable as rule(ctx, invals); got "
+                             f"{type(rule).__name__} {rule!r}")
 
 
 def register_rule(primitive: Any, rule: Rule) -> Rule:
@@ -150,24 +188,47 @@ def register_rule(primitive: Any, rule: Rule) -> Rule:
       ...     return ctx.bind(*ctx.densify(invals))
       >>> _ = lorax.register_rule("cumsum", cumsum_rule)
     """
-    if not callable(rule):
-        raise LoraxTypeError("lorax.register_rule: rule must be callable as rule(ctx, invals); "
-                             f"got {type(rule).__name__} {rule!r}")
-    if isinstance(primitive, str):
-        known = _compat.known_primitives()
-        if known and primitive not in known and primitive not in _RULES:
-            close = difflib.get_close_matches(primitive, sorted(known), n=5)
-            raise LoraxValueError(f"lorax.register_rule: primitive {primitive!r} is not the name "
-                                  f"of a JAX primitive (close: {close}); pass the "
-                                  "Primitive object itself for a primitive of your own")
-        name = primitive
-    elif isinstance(getattr(primitive, "name", None), str) and hasattr(primitive, "bind"):
-        name = primitive.name
-    else:
-        raise LoraxTypeError("lorax.register_rule: primitive must be a jax.extend.core.Primitive "
-                             f"or its name (str); got {type(primitive).__name__} {primitive!r}")
-    _RULES[name] = rule
+    _check_rule(rule, "lorax.register_rule")
+    _RULES[_rule_key(primitive, "lorax.register_rule")] = rule
     return rule
+
+
+@contextlib.contextmanager
+def using_rules(rules: Mapping[Any, Rule]) -> Iterator[None]:
+    """Registers ``rules`` for the duration of a ``with`` block, then restores the table.
+
+    What is traced inside the block uses them: call (or trace) the ``lorax.lora``-wrapped
+    function inside it. Blocks nest; the table is global, so do not overlap blocks from
+    several threads.
+
+    Args:
+      rules: ``{primitive: rule}``, each as for :func:`register_rule`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, lorax
+      >>> lp = lorax.wrap({"w": jnp.ones((4, 4))}, rank=2)
+      >>> f = lorax.lora(lambda p: jnp.cumsum(p["w"], axis=0))
+      >>> seen = []
+      >>> def cumsum_rule(ctx, invals):  # the dense weight, on purpose: no warning
+      ...     seen.append(ctx.names)
+      ...     return ctx.bind(*[lorax.merge(v) for v in invals])
+      >>> with lorax.using_rules({"cumsum": cumsum_rule}):
+      ...     _ = f(lp)
+      >>> seen
+      [('w',)]
+    """
+    entries = {}
+    for primitive, rule in dict(rules).items():
+        _check_rule(rule, "lorax.using_rules")
+        entries[_rule_key(primitive, "lorax.using_rules")] = rule
+    saved = {key: _RULES[key] for key in entries if key in _RULES}
+    _RULES.update(entries)
+    try:
+        yield
+    finally:
+        for key in entries:
+            _RULES.pop(key, None)
+        _RULES.update(saved)
 
 
 def lora(fn: Callable, strict: bool = False) -> Callable:
@@ -212,7 +273,7 @@ def lora(fn: Callable, strict: bool = False) -> Callable:
 
         def flat_fn(*dyn_values):
             full = list(leaves)
-            for i, v in zip(dynamic, dyn_values):
+            for i, v in zip(dynamic, dyn_values, strict=True):
                 full[i] = v
             f_args, f_kwargs = jax.tree_util.tree_unflatten(treedef, full)
             return fn(*f_args, **f_kwargs)
@@ -249,9 +310,8 @@ def _freeze(x: Any) -> Any:
     taken over the whole wrapped tree is exactly zero there and never computed."""
     if not is_lorax_leaf(x):
         return x
-    frozen = {f.name: jax.tree.map(jax.lax.stop_gradient, getattr(x, f.name))
-              for f in dataclasses.fields(x)
-              if not f.metadata.get("static") and f.name not in x.trainable_fields}
+    frozen = {name: jax.tree.map(jax.lax.stop_gradient, getattr(x, name))
+              for name in x.frozen_fields}
     return dataclasses.replace(x, **frozen)
 
 
@@ -276,9 +336,9 @@ def _eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any],
     def read(v: Any) -> Any:
         return v.val if isinstance(v, _compat.Literal) else env[v]
 
-    for v, val in zip(jaxpr.constvars, consts):
+    for v, val in zip(jaxpr.constvars, consts, strict=True):
         env[v] = val
-    for v, val, name in zip(jaxpr.invars, args, names):
+    for v, val, name in zip(jaxpr.invars, args, names, strict=True):
         env[v] = val
         if is_lorax_leaf(val):
             lazy_names[v] = name
@@ -291,18 +351,64 @@ def _eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any],
             in_names = tuple(lazy_names.get(v) if not isinstance(v, _compat.Literal) else None
                              for v in eqn.invars)
             ctx = RuleContext(eqn, in_names, strict, where, rng, index)
-            rule = _RULES.get(eqn.primitive.name, _densify_rule)
             with _compat.equation_context(eqn):
-                outvals = rule(ctx, invals)
-            if not eqn.primitive.multiple_results and not isinstance(outvals, list):
-                outvals = [outvals]
+                outvals = _evaluate(ctx, invals)
             first_name = next((n for n in in_names if n is not None), None)
-            for v, out in zip(eqn.outvars, outvals):
+            for v, out in zip(eqn.outvars, outvals, strict=True):
                 if is_lorax_leaf(out):
                     lazy_names[v] = first_name
-        for v, out in zip(eqn.outvars, outvals):
+        for v, out in zip(eqn.outvars, outvals, strict=True):
             env[v] = out
     return [read(v) for v in jaxpr.outvars]
+
+
+def _evaluate(ctx: RuleContext, invals: list) -> list:
+    """One equation with a lazy input: the primitive's rule, then each lazy leaf's hook,
+    then the dense computation. Returns the outputs as a list."""
+    prim = ctx.eqn.primitive
+    rule = _RULES.get(prim) or _RULES.get(prim.name)
+    if rule is not None:
+        out = rule(ctx, invals)
+        if out is not NotImplemented:
+            return _as_list(ctx, out, f"the rule for '{prim.name}'")
+    avals = tuple(v.aval for v in ctx.eqn.outvars)
+    for position, leaf in enumerate(invals):
+        if not is_lorax_leaf(leaf):
+            continue
+        call = PrimitiveCall(prim, ctx.params, tuple(invals), position, avals,
+                             bind=ctx.bind, key=ctx.key)
+        out = leaf.handle_primitive(call)
+        if out is not NotImplemented:
+            who = f"the {leaf.kind} leaf at '{ctx.names[position] or '<unknown path>'}'"
+            return _conform(_as_list(ctx, out, who), avals, who, prim.name)
+    return _densify_rule(ctx, invals)
+
+
+def _as_list(ctx: RuleContext, out: Any, who: str) -> list:
+    outs = list(out) if ctx.eqn.primitive.multiple_results else [out]
+    if len(outs) != len(ctx.eqn.outvars):
+        raise LoraxError(f"lorax: {who} returned {len(outs)} value(s) for primitive "
+                         f"'{ctx.eqn.primitive.name}', which has {len(ctx.eqn.outvars)}")
+    return outs
+
+
+def _conform(outs: list, avals: Sequence[Any], who: str, prim: str) -> list:
+    """A leaf's results must stand for what the primitive gives: same shapes; arrays are
+    cast to the declared dtype (a leaf may compute in a wider one), leaves must match it."""
+    fixed = []
+    for out, aval in zip(outs, avals, strict=True):
+        shape = tuple(getattr(out, "shape", ()))
+        if shape != tuple(aval.shape):
+            raise LoraxError(f"lorax: {who} computed '{prim}' as shape {shape}; the primitive "
+                             f"gives {tuple(aval.shape)} (a bug in the leaf kind)")
+        if is_lorax_leaf(out):
+            if jnp.dtype(out.dtype) != jnp.dtype(aval.dtype):
+                raise LoraxError(f"lorax: {who} computed '{prim}' as a {out.dtype} leaf; the "
+                                 f"primitive gives {aval.dtype} (a bug in the leaf kind)")
+        elif hasattr(out, "dtype") and out.dtype != aval.dtype:
+            out = out.astype(aval.dtype)
+        fixed.append(out)
+    return fixed
 
 
 # --------------------------------------------------------------------------------------
@@ -311,69 +417,6 @@ def _eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any],
 
 def _densify_rule(ctx: RuleContext, invals: list) -> list:
     return ctx.bind(*ctx.densify(invals))
-
-
-def _leaf_or_densify(ctx: RuleContext, invals: list, result: Any) -> list:
-    if result is NotImplemented:
-        return _densify_rule(ctx, invals)
-    return [result]
-
-
-def _dot_general_rule(ctx: RuleContext, invals: list) -> list:
-    lhs, rhs = invals
-    if is_lorax_leaf(lhs) and is_lorax_leaf(rhs):
-        return _densify_rule(ctx, invals)
-    leaf_is_lhs = is_lorax_leaf(lhs)
-    leaf, other = (lhs, rhs) if leaf_is_lhs else (rhs, lhs)
-    dropout = {"rng": ctx.key()} if ctx.rng is not None and getattr(leaf, "dropout", 0) else {}
-    out = leaf.dot_general(
-        other, dimension_numbers=ctx.params["dimension_numbers"], leaf_is_lhs=leaf_is_lhs,
-        precision=ctx.params.get("precision"),
-        preferred_element_type=ctx.params.get("preferred_element_type"),
-        bind=lambda a, b: ctx.bind(a, b)[0], **dropout)
-    if out is not NotImplemented:
-        out = out.astype(ctx.eqn.outvars[0].aval.dtype)
-    return _leaf_or_densify(ctx, invals, out)
-
-
-def _conv_rule(ctx: RuleContext, invals: list) -> list:
-    lhs, rhs = invals
-    if is_lorax_leaf(lhs):
-        return _densify_rule(ctx, invals)
-    out = rhs.conv_general_dilated(
-        lhs, dimension_numbers=ctx.params["dimension_numbers"],
-        feature_group_count=ctx.params["feature_group_count"],
-        batch_group_count=ctx.params["batch_group_count"],
-        bind=lambda a, b: ctx.bind(a, b)[0])
-    if out is not NotImplemented:
-        out = out.astype(ctx.eqn.outvars[0].aval.dtype)
-    return _leaf_or_densify(ctx, invals, out)
-
-
-def _gather_rule(ctx: RuleContext, invals: list) -> list:
-    operand, indices = invals
-    if is_lorax_leaf(indices):
-        return _densify_rule(ctx, invals)
-    out = operand.gather(indices, params=ctx.params, bind=lambda a, b: ctx.bind(a, b)[0])
-    return _leaf_or_densify(ctx, invals, out)
-
-
-def _convert_rule(ctx: RuleContext, invals: list) -> list:
-    return _leaf_or_densify(ctx, invals, invals[0].astype(ctx.params["new_dtype"]))
-
-
-def _transpose_rule(ctx: RuleContext, invals: list) -> list:
-    return _leaf_or_densify(ctx, invals, invals[0].transpose(ctx.params["permutation"]))
-
-
-def _reshape_rule(ctx: RuleContext, invals: list) -> list:
-    if ctx.params.get("dimensions") is not None or len(invals) != 1:
-        return _densify_rule(ctx, invals)
-    return _leaf_or_densify(ctx, invals, invals[0].reshape(ctx.params["new_sizes"]))
-
-
-def _copy_rule(ctx: RuleContext, invals: list) -> list:
-    return [invals[0]]  # copies of an immutable leaf are the leaf
 
 
 def _call_rule(jaxpr_param: str) -> Rule:
@@ -413,7 +456,7 @@ def _scan_rule(ctx: RuleContext, invals: list) -> list:
     carry = [ctx.densify([c])[0] if is_lorax_leaf(c) else c for c in carry]
     # A leaf scanned over must have a stack axis to slice; otherwise densify it.
     xs = [_densify_single(ctx, x, names[n_consts + n_carry + i])
-          if is_lorax_leaf(x) and getattr(x, "stack_ndim", 1) < 1 else x
+          if is_lorax_leaf(x) and x.stack_ndim < 1 else x
           for i, x in enumerate(xs)]
 
     key = ctx.key()
@@ -477,16 +520,10 @@ def _while_rule(ctx: RuleContext, invals: list) -> list:
     return list(jax.lax.while_loop(cond_fun, body_fun, init))[int(counted):]
 
 
-# The built-in rules go in directly: some names are those of other JAX releases (pjit,
-# remat2, ...), which register_rule's check for known primitive names would refuse.
+# The built-in rules are structural (the leaf kinds handle the rest through their hook) and
+# go in directly: some names are those of other JAX releases (pjit, remat2, ...), which
+# register_rule's check for known primitive names would refuse.
 _RULES.update({
-    "dot_general": _dot_general_rule,
-    "conv_general_dilated": _conv_rule,
-    "gather": _gather_rule,
-    "convert_element_type": _convert_rule,
-    "transpose": _transpose_rule,
-    "reshape": _reshape_rule,
-    "copy": _copy_rule,
     **{name: _call_rule("jaxpr") for name in ("jit", "pjit")},
     **{name: _call_rule("call_jaxpr") for name in ("closed_call", "core_call")},
     "custom_jvp_call": _call_rule("call_jaxpr"),

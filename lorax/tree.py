@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 
-from lorax.errors import LoraxValueError
+from lorax.errors import LoraxValueError, NotMergeableError
 from lorax.leaf import LoraxLeaf, is_lorax_leaf
-from lorax.methods.adapters import AdapterWeight
-from lorax.methods.dora import DoraWeight
-from lorax.methods.ia3 import IA3Weight
-from lorax.methods.lora import LoraWeight
 from lorax.paths import path_str
 
 
 def _leaf_parts(leaf: LoraxLeaf) -> tuple[LoraxLeaf, LoraxLeaf]:
-    fields = [f.name for f in dataclasses.fields(leaf) if not f.metadata.get("static")]
-    trainable = {f: (getattr(leaf, f) if f in leaf.trainable_fields else None) for f in fields}
-    frozen = {f: (None if f in leaf.trainable_fields else getattr(leaf, f)) for f in fields}
-    return dataclasses.replace(leaf, **trainable), dataclasses.replace(leaf, **frozen)
+    """The leaf with only its trainable fields, and with only its frozen ones."""
+    return (dataclasses.replace(leaf, **dict.fromkeys(leaf.frozen_fields)),
+            dataclasses.replace(leaf, **dict.fromkeys(leaf.trainable_fields)))
 
 
 def split(tree: Any) -> tuple[Any, Any]:
@@ -95,7 +89,7 @@ def combine(trainable: Any, frozen: Any) -> Any:
         if is_lorax_leaf(leaf):
             _check_whole(leaf, path_str(key_path), "lorax.combine",
                          "it is in neither tree (trees from one lorax.split?)")
-            problem = misfit(leaf)
+            problem = leaf.misfit()
             if problem:
                 raise LoraxValueError(f"lorax.combine: at '{path_str(key_path)}' {problem}")
     return out
@@ -108,8 +102,8 @@ def holes(leaf: LoraxLeaf) -> list[str]:
     (no double quantization) and is never a half."""
     if not leaf.trainable_fields:
         return []
-    return [f.name for f in dataclasses.fields(leaf)
-            if not f.metadata.get("static") and getattr(leaf, f.name) is None]
+    return [name for name in (*leaf.trainable_fields, *leaf.frozen_fields)
+            if getattr(leaf, name) is None]
 
 
 def _check_whole(leaf: LoraxLeaf, path: str, where: str, why: str) -> None:
@@ -119,62 +113,6 @@ def _check_whole(leaf: LoraxLeaf, path: str, where: str, why: str) -> None:
     if missing and any(hasattr(x, "shape") for x in jax.tree.leaves(leaf)):
         raise LoraxValueError(f"{where}: the {type(leaf).__name__} at '{path}' has no "
                               f"{', '.join(repr(m) for m in missing)}: {why}")
-
-
-def _shape(x: Any) -> tuple[int, ...] | None:
-    return tuple(x.shape) if hasattr(x, "shape") else None
-
-
-def _unfit(trainable: str, base: tuple[int, ...]) -> str:
-    return (f"the trainable {trainable} and the frozen base {base} do not fit together (an "
-            "adapter of another layout, or for another base?)")
-
-
-def _lora_misfit(leaf: LoraWeight) -> str | None:
-    w, a, b = tuple(leaf.shape), _shape(leaf.a), _shape(leaf.b)
-    if a is None or b is None:
-        return None
-    ns = len(a) + len(b) - 2 - len(w)
-    ni = len(a) - 1 - ns
-    if (ns < 0 or ni < 1 or len(w) - ns - ni < 1 or a[:ns] != w[:ns] or b[:ns] != w[:ns]
-            or a[ns:-1] != w[ns:ns + ni] or b[ns + 1:] != w[ns + ni:] or a[-1] != b[ns]):
-        return _unfit(f"a {a} and b {b}", w)
-    m, want = _shape(getattr(leaf, "magnitude", None)), w[:ns] + w[ns + ni:]
-    if isinstance(leaf, DoraWeight) and m not in (None, want):
-        return _unfit(f"magnitude {m} (expected {want})", w)
-    return None
-
-
-def _ia3_misfit(leaf: IA3Weight) -> str | None:
-    w, v, ns = tuple(leaf.shape), _shape(leaf.vector), leaf.stack_ndim
-    want = w[:ns] + (w[ns:ns + leaf.n_in] if leaf.on == "in" else w[ns + leaf.n_in:])
-    return None if v in (None, want) else _unfit(f"vector {v} (expected {want})", w)
-
-
-def _adapter_misfit(leaf: AdapterWeight) -> str | None:
-    w, d, u = tuple(leaf.shape), _shape(leaf.down), _shape(leaf.up)
-    if d is None or u is None or len(w) < 2:
-        return None
-    stack, fan = w[:-2], w[-1] if leaf.mode == "serial" else w[-2]
-    if d[:-1] != stack + (fan,) or u != stack + (d[-1], w[-1]):
-        return _unfit(f"down {d} and up {u}", w)
-    return None
-
-
-_MISFITS: tuple[tuple[type, Callable[[Any], str | None]], ...] = (
-    (LoraWeight, _lora_misfit), (IA3Weight, _ia3_misfit), (AdapterWeight, _adapter_misfit))
-
-
-def misfit(leaf: LoraxLeaf) -> str | None:
-    """Why ``leaf``'s trainable arrays cannot go with its frozen ones, or None."""
-    for kind, check in _MISFITS:
-        if isinstance(leaf, kind):
-            for name in leaf.trainable_fields:  # e.g. factors cast to int by mistake
-                dtype = getattr(getattr(leaf, name), "dtype", None)
-                if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
-                    return f"the trainable {name} is {dtype}; expected a floating dtype"
-            return check(leaf)
-    return None
 
 
 def _first_difference(t_flat, f_flat, t_def, f_def) -> str:
@@ -225,7 +163,7 @@ def merge(tree: Any) -> Any:
                      "this is one half of lorax.split; lorax.combine(trainable, frozen) first")
         try:
             return x.materialize()
-        except ValueError as e:  # e.g. a bottleneck adapter: say where
-            raise type(e)(f"lorax.merge: '{path_str(key_path)}': {e}") from None
+        except NotMergeableError as e:  # e.g. a bottleneck adapter: say where
+            raise NotMergeableError(f"lorax.merge: '{path_str(key_path)}': {e}") from None
 
     return jax.tree_util.tree_map_with_path(dense, tree, is_leaf=is_lorax_leaf)

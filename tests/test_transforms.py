@@ -91,14 +91,10 @@ def test_register_rule_for_a_new_primitive():
 
     prim = next(p for p in jax.extend.core.primitives.__dict__.values()
                 if getattr(p, "name", None) == "cumsum")
-    old = lorax.transform._RULES.get("cumsum")
-    lorax.register_rule(prim, rule)
-    try:
+    with lorax.using_rules({prim: rule}):
         got = lorax.lora(f, strict=True)(lp)
-    finally:
-        lorax.transform._RULES.pop("cumsum")
-        if old is not None:
-            lorax.transform._RULES["cumsum"] = old
+    with pytest.raises(lorax.LoraxDensifyError):  # the block's rule is gone after it
+        lorax.lora(f, strict=True)(lp)
     assert calls == [("k",)]
     assert_tree_close(got, f(lorax.merge(lp)))
 

@@ -32,36 +32,36 @@ import orbax.checkpoint as ocp
 from lorax.errors import (
     CheckpointError,
     LoraxFileNotFoundError,
+    LoraxKeyError,
     LoraxValueError,
     NonFiniteError,
 )
-from lorax.leaf import LEAF_KINDS, is_lorax_leaf
+from lorax.leaf import is_lorax_leaf, leaf_kind
 from lorax.paths import path_str
-from lorax.tree import misfit
 
-FORMAT, VERSION = "lorax-adapter", 1
+# Version 2 records leaf kinds by their registered names ("lora"); version 1 recorded class
+# names ("LoraWeight"), which the kinds keep as aliases, so both load.
+FORMAT, VERSION = "lorax-adapter", 2
 
 
 def adapter_state(tree: Any) -> tuple[dict[str, jax.Array], dict[str, Any]]:
     """The arrays a checkpoint holds (``"{path}/{field}"`` -> array) and its metadata."""
     arrays, leaves = {}, {}
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lorax_leaf)[0]:
-        if not is_lorax_leaf(leaf) or not getattr(leaf, "trainable_fields", ()):
+        if not is_lorax_leaf(leaf) or not leaf.trainable_fields:
             continue  # dense or quantized base weights are not written
         path = path_str(key_path)
-        if getattr(leaf, "base", ()) is None:
+        if any(getattr(leaf, name) is None for name in leaf.frozen_fields):
             raise LoraxValueError(f"lorax.save: '{path}' has no base (the trainable half of "
                                   "lorax.split?); save the combined tree "
                                   "(lorax.combine(trainable, frozen))")
-        fields = dataclasses.fields(leaf)
-        frozen = [f.name for f in fields if not f.metadata.get("static")
-                  and f.name not in leaf.trainable_fields]
+        frozen = list(leaf.frozen_fields)
         if frozen not in (["base"], []):
-            raise LoraxValueError(f"lorax.save: '{path}' ({type(leaf).__name__}) has frozen fields "
+            raise LoraxValueError(f"lorax.save: '{path}' ({leaf.kind}) has frozen fields "
                                   f"{frozen}; a checkpoint can rebuild leaves whose only frozen "
                                   "field is 'base'")
-        static = {f.name: getattr(leaf, f.name) for f in fields if f.metadata.get("static")}
-        entry = {"kind": type(leaf).__name__, "static": static, "has_base": bool(frozen),
+        static = {name: getattr(leaf, name) for name in leaf.static_fields}
+        entry = {"kind": leaf.kind, "static": static, "has_base": bool(frozen),
                  "base_shape": list(leaf.shape), "fields": {}}
         for name in leaf.trainable_fields:
             value = getattr(leaf, name)
@@ -372,14 +372,14 @@ def _checked_entries(entries: Any, where: str) -> dict[str, Any]:
         if not isinstance(entry, dict) or not {"kind", "static", "base_shape",
                                                "fields"} <= set(entry):
             raise bad(path, "lacks kind / static / base_shape / fields")
-        cls = LEAF_KINDS.get(entry["kind"]) if isinstance(entry["kind"], str) else None
-        if cls is None:
-            raise bad(path, f"names the leaf kind {entry['kind']!r}, which this lorax does "
-                            f"not know (known: {sorted(LEAF_KINDS)})")
+        try:
+            cls = leaf_kind(entry["kind"])
+        except LoraxKeyError as err:
+            raise bad(path, f"names a leaf kind this lorax does not know: {err.args[0]}") from None
         fields, static = entry["fields"], entry["static"]
         if not isinstance(fields, dict) or set(fields) != set(cls.trainable_fields):
             listed = sorted(fields) if isinstance(fields, dict) else fields
-            raise bad(path, f"lists the fields {listed!r}; a {cls.__name__} trains "
+            raise bad(path, f"lists the fields {listed!r}; a {cls.kind} leaf trains "
                             f"{sorted(cls.trainable_fields)}")
         for name, f in fields.items():
             shape, dtype = (f.get("shape"), f.get("dtype")) if isinstance(f, dict) else (0, 0)
@@ -391,9 +391,9 @@ def _checked_entries(entries: Any, where: str) -> dict[str, Any]:
                 floating = False
             if not floating:
                 raise bad(path, f"gives '{name}' the dtype {dtype!r}; adapters are floating")
-        statics = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("static")}
+        statics = {f.name: f for f in dataclasses.fields(cls) if f.name in cls.static_fields}
         if not isinstance(static, dict) or not set(static) <= set(statics):
-            raise bad(path, f"has static fields {static!r}; a {cls.__name__} has "
+            raise bad(path, f"has static fields {static!r}; a {cls.kind} leaf has "
                             f"{sorted(statics)}")
         for name, value in static.items():
             default = statics[name].default
@@ -416,7 +416,7 @@ def _checked_entries(entries: Any, where: str) -> dict[str, Any]:
 def _check_fits(leaf: Any, path: str, where: str) -> None:
     """The rebuilt leaf's arrays fit together and with the base (the same check as
     ``lorax.combine``), so a misfit fails here, by path, not later inside a model."""
-    problem = misfit(leaf)
+    problem = leaf.misfit()
     if problem:
         raise CheckpointError(f"lorax.load: the arrays saved for '{path}' in '{where}' do "
                               f"not fit: {problem}")
@@ -432,14 +432,14 @@ def attach(base: Any, entries: dict[str, Any], arrays: dict[str, Any], where: st
         if entry is None:
             return leaf
         found.add(path)
-        if is_lorax_leaf(leaf) and getattr(leaf, "trainable_fields", ()):
+        if is_lorax_leaf(leaf) and leaf.trainable_fields:
             raise LoraxValueError(f"lorax.load: '{path}' of the base already has an adapter; pass "
                                   "the base parameters")
         if tuple(leaf.shape) != tuple(entry["base_shape"]):
             raise LoraxValueError(f"lorax.load: the adapter for '{path}' was trained on a base of "
                                   f"shape {tuple(entry['base_shape'])}; this base has "
                                   f"{tuple(leaf.shape)} there")
-        cls = LEAF_KINDS[entry["kind"]]
+        cls = leaf_kind(entry["kind"])
         trained = {name: arrays[f"{path}/{name}"] for name in entry["fields"]}
         if not entry.get("has_base", True):  # a fully trained weight replaces the base's
             return cls(**trained, **entry["static"])

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from lorax._checks import check_key, floating_dtype, positive_int
 from lorax.errors import LoraxValueError, NotMergeableError
 from lorax.layout import infer_in_axes, infer_stack_axes
-from lorax.leaf import OverBase, register_leaf, static_field
+from lorax.leaf import OverBase, input_product, register_leaf, shape_of, static_field, unfit
 from lorax.paths import FlatTree
 from lorax.targets import Targets, select
 
@@ -23,7 +23,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu, "gelu": jax.nn.gelu, "silu": jax.nn.silu, "tanh": jnp.tanh}
 
 
-@register_leaf
+@register_leaf(kind="adapter", aliases=("AdapterWeight",))
 class AdapterWeight(OverBase):
     """A frozen 2-D (per layer) kernel ``W`` with a bottleneck adapter on its product:
     serial ``y + f(y D) U`` or parallel ``y + f(x D) U``, where ``y = x W``.
@@ -43,6 +43,7 @@ class AdapterWeight(OverBase):
     activation: str = static_field(default="relu")
 
     trainable_fields: ClassVar[tuple[str, ...]] = ("down", "up")
+    has_dense_form: ClassVar[bool] = False  # a nonlinearity sits between the projections
     cast_fields: ClassVar[tuple[str, ...]] = ("down", "up")
 
     @property
@@ -55,11 +56,21 @@ class AdapterWeight(OverBase):
             "is not a weight and cannot be merged or densified; run the model with "
             "lorax.lora(apply), whose rules compute it")
 
+    def misfit(self) -> str | None:
+        w, d, u = tuple(self.shape), shape_of(self.down), shape_of(self.up)
+        if super().misfit() or d is None or u is None or len(w) < 2:
+            return super().misfit()
+        stack, fan = w[:-2], w[-1] if self.mode == "serial" else w[-2]
+        if d[:-1] != stack + (fan,) or u != stack + (d[-1], w[-1]):
+            return unfit(f"down {d} and up {u}", w)
+        return None
+
     def dot_general(self, other, *, dimension_numbers, leaf_is_lhs, precision,
-                    preferred_element_type, bind):
-        (lc, rc), (lb, rb) = dimension_numbers
-        if leaf_is_lhs or self.stack_ndim or lb or rb or tuple(int(c) for c in rc) != (0,):
+                    preferred_element_type, bind, rng=None):
+        if not input_product(dimension_numbers, leaf_is_lhs=leaf_is_lhs,
+                             stack_ndim=self.stack_ndim, in_ndim=1):
             return NotImplemented  # only x @ W with W's input axis contracted
+        (lc, _), _ = dimension_numbers
         y = self.base_dot(other, dimension_numbers=dimension_numbers, leaf_is_lhs=False,
                           precision=precision, preferred_element_type=preferred_element_type,
                           bind=bind)

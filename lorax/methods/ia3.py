@@ -14,12 +14,13 @@ import jax.numpy as jnp
 from lorax._checks import compile_regex, floating_dtype
 from lorax.errors import LoraxTypeError, LoraxValueError
 from lorax.layout import infer_in_axes, infer_stack_axes
-from lorax.leaf import OverBase, materialize, register_leaf, static_field
+from lorax.leaf import (OverBase, input_product, materialize, register_leaf, shape_of,
+                        static_field, unfit)
 from lorax.paths import FlatTree
 from lorax.targets import Targets, select
 
 
-@register_leaf
+@register_leaf(kind="ia3", aliases=("IA3Weight",))
 class IA3Weight(OverBase):
     """A frozen base ``W`` whose output (or input) features are scaled by ``vector``.
 
@@ -55,12 +56,18 @@ class IA3Weight(OverBase):
         base = materialize(self.base)
         return (base * self._broadcast_vector().astype(base.dtype)).astype(base.dtype)
 
+    def misfit(self) -> str | None:
+        w, v, ns = tuple(self.shape), shape_of(self.vector), self.stack_ndim
+        want = w[:ns] + (w[ns:ns + self.n_in] if self.on == "in" else w[ns + self.n_in:])
+        return super().misfit() or (
+            None if v in (None, want) else unfit(f"vector {v} (expected {want})", w))
+
     def dot_general(self, other, *, dimension_numbers, leaf_is_lhs, precision,
-                    preferred_element_type, bind):
-        (lc, rc), (lb, rb) = dimension_numbers
-        if (leaf_is_lhs or self.stack_ndim or lb or rb
-                or sorted(int(c) for c in rc) != list(range(self.n_in))):
+                    preferred_element_type, bind, rng=None):
+        if not input_product(dimension_numbers, leaf_is_lhs=leaf_is_lhs,
+                             stack_ndim=self.stack_ndim, in_ndim=self.n_in):
             return NotImplemented  # only x @ W over W's input axes
+        (lc, rc), _ = dimension_numbers
         vector = self.vector.astype(other.dtype)
         if self.on == "in":  # (x * l) @ W: put l on x's contracted axes, in W's order
             order = sorted(range(len(rc)), key=lambda i: rc[i])

@@ -6,19 +6,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import string
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from lorax.leaf import (
-    Array,
-    LoraxLeaf,
-    OverBase,
-    materialize,
-    register_leaf,
-    static_field,
-)
+from lorax.leaf import (Array, OverBase, materialize, register_leaf, shape_of,
+                        static_field, unfit)
 
 _LETTERS = [c for c in string.ascii_letters if c != "r"]
 
@@ -27,7 +21,7 @@ def _prod(sizes: Sequence[int]) -> int:
     return math.prod(int(s) for s in sizes)
 
 
-@register_leaf
+@register_leaf(kind="lora", aliases=("LoraWeight",))
 class LoraWeight(OverBase):
     """A frozen base ``W`` plus a trainable low-rank update ``scale * A @ B``.
 
@@ -72,6 +66,18 @@ class LoraWeight(OverBase):
     def in_ndim(self) -> int:
         return self.a.ndim - 1 - self.stack_ndim
 
+    def misfit(self) -> str | None:
+        problem = super().misfit()
+        w, a, b = tuple(self.shape), shape_of(self.a), shape_of(self.b)
+        if problem or a is None or b is None:
+            return problem
+        ns = len(a) + len(b) - 2 - len(w)
+        ni = len(a) - 1 - ns
+        if (ns < 0 or ni < 1 or len(w) - ns - ni < 1 or a[:ns] != w[:ns] or b[:ns] != w[:ns]
+                or a[ns:-1] != w[ns:ns + ni] or b[ns + 1:] != w[ns + ni:] or a[-1] != b[ns]):
+            return unfit(f"a {a} and b {b}", w)
+        return None
+
     def _labels(self) -> tuple[list[str], str, str, str]:
         """Einsum labels: W's axes, then A's and B's specs."""
         nd, ns, ni = len(self.shape), self.stack_ndim, self.in_ndim
@@ -110,7 +116,7 @@ class LoraWeight(OverBase):
         if (self.stack_ndim or self.in_ndim != nd - 1 or out_feature_axis != nd - 1
                 or feature_group_count != 1 or batch_group_count != 1):
             return NotImplemented
-        base_out = _base_apply(self.base, lambda w: bind(lhs, w))
+        base_out = self.base_apply(lambda w: bind(lhs, w))
         if base_out is NotImplemented:
             return NotImplemented
         # A is a kernel with r output features: conv to r channels, then mix them with B.
@@ -134,7 +140,7 @@ class LoraWeight(OverBase):
         q_out = tuple(dnums.offset_dims[-nq:])
         if q_out != tuple(range(q_out[0], q_out[0] + nq)):
             return NotImplemented
-        base_out = _base_apply(self.base, lambda w: bind(w, indices))
+        base_out = self.base_apply(lambda w: bind(w, indices))
         if base_out is NotImplemented:
             return NotImplemented
         a_dnums = dnums._replace(offset_dims=tuple(dnums.offset_dims[:-nq]) + (q_out[0],))
@@ -156,7 +162,7 @@ class LoraWeight(OverBase):
         if sorted(stack) != list(range(ns)):
             return NotImplemented
         in_set, out_set = set(range(ns, ns + ni)), set(range(ns + ni, nd))
-        base = _base_apply(self.base, lambda w: jnp.transpose(w, perm),
+        base = self.base_apply(lambda w: jnp.transpose(w, perm),
                            lambda leaf: leaf.transpose(perm))
         if base is NotImplemented:
             return NotImplemented
@@ -186,26 +192,13 @@ class LoraWeight(OverBase):
                 break
         else:
             return NotImplemented
-        base = _base_apply(self.base, lambda w: jnp.reshape(w, new_sizes),
+        base = self.base_apply(lambda w: jnp.reshape(w, new_sizes),
                            lambda leaf: leaf.reshape(new_sizes))
         if base is NotImplemented:
             return NotImplemented
         a = jnp.reshape(self.a, new_sizes[:j] + (self.rank,))
         b = jnp.reshape(self.b, new_sizes[:ns] + (self.rank,) + new_sizes[j:])
         return dataclasses.replace(self, base=base, a=a, b=b)
-
-
-def _base_apply(base: Any, on_array: Callable[[Array], Any],
-                on_leaf: Callable[[LoraxLeaf], Any] | None = None) -> Any:
-    """Applies an op to a base that is an array, or to a base leaf (densified if it lacks
-    a method for the op, since the base is frozen and typically quantized)."""
-    if not isinstance(base, LoraxLeaf):
-        return on_array(base)
-    if on_leaf is not None:
-        out = on_leaf(base)
-        if out is not NotImplemented:
-            return out
-    return on_array(base.materialize())
 
 
 def _lowrank_dot(leaf: LoraWeight, x: Array, dimension_numbers, leaf_is_lhs: bool, precision,

@@ -17,12 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorax.errors import LoraxTypeError, LoraxValueError, NotMergeableError
-from lorax.leaf import OverBase, is_lorax_leaf, register_leaf
+from lorax.leaf import OverBase, input_product, is_lorax_leaf, register_leaf
 from lorax.methods.lora import LoraWeight
 from lorax.paths import path_str
 
 
-@register_leaf
+@register_leaf(kind="multi_lora", aliases=("MultiLoraWeight",))
 class MultiLoraWeight(OverBase):
     """A frozen 2-D (per layer) kernel with ``n`` LoRA adapters and a per-row choice.
 
@@ -41,6 +41,7 @@ class MultiLoraWeight(OverBase):
     index: Any
 
     trainable_fields: ClassVar[tuple[str, ...]] = ()  # for serving
+    has_dense_form: ClassVar[bool] = False  # each row has its own weight
     cast_fields: ClassVar[tuple[str, ...]] = ("a", "b")
 
     @property
@@ -52,9 +53,10 @@ class MultiLoraWeight(OverBase):
                                 "weight; merge the adapters one at a time instead")
 
     def dot_general(self, other, *, dimension_numbers, leaf_is_lhs, precision,
-                    preferred_element_type, bind):
-        (lc, rc), (lb, rb) = dimension_numbers
-        if (leaf_is_lhs or self.stack_ndim or lb or rb or tuple(int(c) for c in rc) != (0,)
+                    preferred_element_type, bind, rng=None):
+        (lc, _), _ = dimension_numbers
+        if (not input_product(dimension_numbers, leaf_is_lhs=leaf_is_lhs,
+                              stack_ndim=self.stack_ndim, in_ndim=1)
                 or tuple(int(c) for c in lc) != (other.ndim - 1,)
                 or other.shape[0] != self.index.shape[0]):
             return NotImplemented  # only x [batch, ..., in] @ W
@@ -116,8 +118,8 @@ def stack(trees: Sequence[Any], index: Any) -> Any:
     out = []
     for column in zip(*(f[0] for f in flats)):
         path, leaves = path_str(column[0][0]), [leaf for _, leaf in column]
-        if not any(isinstance(leaf, LoraWeight) for leaf in leaves):
-            out.append(leaves[0])
+        if not any(is_lorax_leaf(leaf) and leaf.trainable_fields for leaf in leaves):
+            out.append(leaves[0])  # the shared base
             continue
         if not all(type(leaf) is LoraWeight for leaf in leaves):
             raise LoraxValueError(f"lorax.stack: '{path}' is a LoRA leaf in some trees only (or "

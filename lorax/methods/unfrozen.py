@@ -18,14 +18,18 @@ from lorax.paths import FlatTree
 Selector = str | Sequence[str] | Callable[[str, Any], bool]
 
 
-@register_leaf
+@register_leaf(kind="unfrozen", aliases=("Unfrozen",))
 class Unfrozen(LoraxLeaf):
     """A weight trained in full. ``value`` is the array itself."""
 
     value: Any
 
     trainable_fields: ClassVar[tuple[str, ...]] = ("value",)
-    dense: ClassVar[bool] = True  # using it as an array costs nothing: no densify warning
+    dense_is_free: ClassVar[bool] = True  # using it as an array costs nothing: no warning
+
+    @property
+    def stack_ndim(self) -> int:
+        return self.value.ndim  # a plain array: lax.scan may slice any leading axis
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -129,6 +129,10 @@ def add_weighted(trees: Sequence[Any], weights: Sequence[float], method: str = "
             out.append(_combine_leaf(path, leaves, list(weights), method, rank))
         elif LoraWeight in kinds:
             raise LoraxValueError(f"lorax.add_weighted: '{path}' is a LoRA leaf in some trees only")
+        elif any(is_lorax_leaf(leaf) and leaf.trainable_fields for leaf in leaves):
+            kind = next(leaf.kind for leaf in leaves if is_lorax_leaf(leaf))
+            raise LoraxValueError(f"lorax.add_weighted: '{path}' is a {kind} leaf; only LoRA "
+                                  "leaves are combined (merge the others first)")
         else:
             out.append(leaves[0])
     return jax.tree_util.tree_unflatten(treedef, out)

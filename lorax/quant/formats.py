@@ -132,7 +132,7 @@ class QuantizedLeaf(LoraxLeaf):
         return jnp.dtype(self.cast_to or self.compute_dtype)
 
     def dot_general(self, other, *, dimension_numbers, leaf_is_lhs, precision,
-                    preferred_element_type, bind):
+                    preferred_element_type, bind, rng=None):
         return _dequantized_apply(self, other, leaf_is_lhs, bind)
 
     def astype(self, dtype):
@@ -141,7 +141,7 @@ class QuantizedLeaf(LoraxLeaf):
         return dataclasses.replace(self, cast_to=jnp.dtype(dtype).name)
 
 
-@register_leaf
+@register_leaf(kind="nf4", aliases=("NF4Weight",))
 class NF4Weight(QuantizedLeaf):
     """A frozen weight stored as NF4 codes (bitsandbytes layout); no trainable parts.
 
@@ -167,6 +167,10 @@ class NF4Weight(QuantizedLeaf):
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.codes.shape[:-1]) + tuple(self.layer_shape)
+
+    @property
+    def stack_ndim(self) -> int:
+        return self.codes.ndim - 1
 
     @property
     def double_quant(self) -> bool:
@@ -206,7 +210,7 @@ class NF4Weight(QuantizedLeaf):
         return _from_torch_order(values, self.layer_shape).astype(self.dtype)
 
 
-@register_leaf
+@register_leaf(kind="int8", aliases=("Int8Weight",))
 class Int8Weight(QuantizedLeaf):
     """A frozen weight stored as int8 with one float32 absmax scale per output channel."""
 
@@ -218,6 +222,17 @@ class Int8Weight(QuantizedLeaf):
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.codes.shape)
+
+    @property
+    def stack_ndim(self) -> int:
+        """Leading axes where the per-channel scale is as long as the codes (a layer stack:
+        the input axes, reduced for the scale, come next)."""
+        n = 0
+        for c, s in zip(self.codes.shape[:-2], self.scale.shape):
+            if c != s:
+                break
+            n += 1
+        return n
 
     def materialize(self) -> jax.Array:
         top = _finite_max(self.compute_dtype)
