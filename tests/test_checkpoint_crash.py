@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import lorax
-from lorax import checkpoint
+from lorax.io import checkpoint
 
 CHILD = textwrap.dedent("""
     import sys
