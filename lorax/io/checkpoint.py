@@ -36,7 +36,7 @@ from lorax.errors import (
     LoraxValueError,
     NonFiniteError,
 )
-from lorax.leaf import is_lorax_leaf, leaf_kind
+from lorax.leaf import LEAF_KINDS, is_lorax_leaf, leaf_kind
 from lorax.paths import path_str
 
 # Version 2 records leaf kinds by their registered names ("lora"); version 1 recorded class
@@ -374,12 +374,14 @@ def _checked_entries(entries: Any, where: str) -> dict[str, Any]:
             raise bad(path, "lacks kind / static / base_shape / fields")
         try:
             cls = leaf_kind(entry["kind"])
-        except LoraxKeyError as err:
-            raise bad(path, f"names a leaf kind this lorax does not know: {err.args[0]}") from None
+        except LoraxKeyError:
+            known = sorted({c.kind for c in LEAF_KINDS.values()})
+            raise bad(path, f"names the leaf kind {entry['kind']!r}, which this lorax does "
+                            f"not know (known: {known})") from None
         fields, static = entry["fields"], entry["static"]
         if not isinstance(fields, dict) or set(fields) != set(cls.trainable_fields):
             listed = sorted(fields) if isinstance(fields, dict) else fields
-            raise bad(path, f"lists the fields {listed!r}; a {cls.kind} leaf trains "
+            raise bad(path, f"lists the fields {listed!r}; a {cls.__name__} trains "
                             f"{sorted(cls.trainable_fields)}")
         for name, f in fields.items():
             shape, dtype = (f.get("shape"), f.get("dtype")) if isinstance(f, dict) else (0, 0)
@@ -393,7 +395,7 @@ def _checked_entries(entries: Any, where: str) -> dict[str, Any]:
                 raise bad(path, f"gives '{name}' the dtype {dtype!r}; adapters are floating")
         statics = {f.name: f for f in dataclasses.fields(cls) if f.name in cls.static_fields}
         if not isinstance(static, dict) or not set(static) <= set(statics):
-            raise bad(path, f"has static fields {static!r}; a {cls.kind} leaf has "
+            raise bad(path, f"has static fields {static!r}; a {cls.__name__} has "
                             f"{sorted(statics)}")
         for name, value in static.items():
             default = statics[name].default
