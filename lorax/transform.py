@@ -171,8 +171,10 @@ def register_rule(primitive: Any, rule: Rule) -> Rule:
       primitive: a ``jax.extend.core.Primitive`` or the name of one that JAX knows
         (``"dot_general"``); pass the object itself for a primitive of your own.
       rule: ``rule(ctx, invals) -> value or list of values``, where ``invals`` mixes plain
-        arrays and lorax leaves and ``ctx`` is a :class:`RuleContext`. Return
-        ``ctx.bind(*ctx.densify(invals))`` to fall back to the dense computation.
+        arrays and lorax leaves and ``ctx`` is a :class:`RuleContext`. It is asked before
+        the leaves' own ``handle_primitive`` hooks; return ``NotImplemented`` to pass the
+        equation on to them, or ``ctx.bind(*ctx.densify(invals))`` for the dense computation.
+        The rule stays until the process ends; :func:`using_rules` scopes one to a block.
 
     Returns:
       ``rule``, so this can be used as a decorator factory's inner call.
