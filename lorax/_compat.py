@@ -9,10 +9,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Sequence
 
-try:  # jax >= 0.4.30
-    from jax.extend import core as jex_core
-except ImportError:  # pragma: no cover - very old jax
-    from jax import core as jex_core  # type: ignore[no-redef]
+from jax.extend import core as jex_core  # the public home of these since jax 0.4.30
 
 try:
     from jax._src import source_info_util as _source_info_util

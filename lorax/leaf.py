@@ -116,6 +116,10 @@ class LoraxLeaf:
         """The dense weight this leaf stands for, in ``self.dtype``."""
         raise NotImplementedError
 
+    def replace(self, **changes: Any) -> Any:
+        """A copy with some fields changed (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
     def misfit(self) -> str | None:
         """Why the trainable arrays cannot go with the frozen ones (e.g. an adapter of
         another rank), or None. Shapes only: it is called under jit. Kinds extend it."""
@@ -217,6 +221,7 @@ class OverBase(LoraxLeaf):
     shape and dtype are the base's, and ``cast_fields`` are the arrays a cast converts."""
 
     cast_fields: ClassVar[tuple[str, ...]] = ()
+    base: Any  # declared by each kind as its first field
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -253,7 +258,7 @@ class OverBase(LoraxLeaf):
         base = self.base.astype(dtype)
         if base is NotImplemented:
             return NotImplemented
-        return dataclasses.replace(self, base=base, **{
+        return self.replace(base=base, **{
             name: getattr(self, name).astype(dtype) for name in self.cast_fields})
 
 

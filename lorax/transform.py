@@ -465,14 +465,12 @@ def _scan_rule(ctx: RuleContext, invals: list) -> list:
     counted = key is not None  # per-iteration dropout keys need the iteration number
 
     def body(carry, x):
-        rng = None
-        if counted:
-            step, carry = carry[0], carry[1:]
-            rng = jax.random.fold_in(key, step)
+        step, carry = (carry[0], carry[1:]) if counted else (None, carry)
+        rng = None if step is None else jax.random.fold_in(key, step)
         outs = ctx.eval_jaxpr(p["jaxpr"], [*consts, *carry, *x], names, rng=rng)
         outs = _densify_outputs(ctx, outs)
         new = list(outs[:n_carry])
-        return ([step + 1, *new] if counted else new), outs[n_carry:]
+        return (new if step is None else [step + 1, *new]), outs[n_carry:]
 
     init = [jnp.zeros((), jnp.int32), *carry] if counted else list(carry)
     carry_out, ys = jax.lax.scan(body, init, xs, length=p["length"], reverse=p["reverse"],
@@ -510,13 +508,11 @@ def _while_rule(ctx: RuleContext, invals: list) -> list:
         return ctx.eval_jaxpr(p["cond_jaxpr"], [*cconsts, *carry], cnames + free)[0]
 
     def body_fun(carry):
-        rng = None
-        if counted:
-            step, carry = carry[0], carry[1:]
-            rng = jax.random.fold_in(key, step)
+        step, carry = (carry[0], carry[1:]) if counted else (None, carry)
+        rng = None if step is None else jax.random.fold_in(key, step)
         outs = _densify_outputs(ctx, ctx.eval_jaxpr(p["body_jaxpr"], [*bconsts, *carry],
                                                     bnames + free, rng=rng))
-        return [step + 1, *outs] if counted else outs
+        return outs if step is None else [step + 1, *outs]
 
     init = [jnp.zeros((), jnp.int32), *init] if counted else list(init)
     return list(jax.lax.while_loop(cond_fun, body_fun, init))[int(counted):]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -14,8 +13,8 @@ from lorax.paths import path_str
 
 def _leaf_parts(leaf: LoraxLeaf) -> tuple[LoraxLeaf, LoraxLeaf]:
     """The leaf with only its trainable fields, and with only its frozen ones."""
-    return (dataclasses.replace(leaf, **dict.fromkeys(leaf.frozen_fields)),
-            dataclasses.replace(leaf, **dict.fromkeys(leaf.trainable_fields)))
+    return (leaf.replace(**dict.fromkeys(leaf.frozen_fields)),
+            leaf.replace(**dict.fromkeys(leaf.trainable_fields)))
 
 
 def split(tree: Any) -> tuple[Any, Any]:

@@ -3,10 +3,9 @@ for the dense weight without forming it (``x @ W + s * (x @ A) @ B``)."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import string
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,7 @@ from lorax.leaf import (Array, OverBase, materialize, register_leaf, shape_of,
 _LETTERS = [c for c in string.ascii_letters if c != "r"]
 
 
-def _prod(sizes: Sequence[int]) -> int:
+def _prod(sizes: Iterable[int]) -> int:
     return math.prod(int(s) for s in sizes)
 
 
@@ -172,13 +171,13 @@ class LoraWeight(OverBase):
         if set(ins) == in_set and set(perm[ns + ni:]) == out_set:  # axes stay in their group
             a = jnp.transpose(self.a, stack + [a_pos[p] for p in ins] + [ns + ni])
             b = jnp.transpose(self.b, stack + [ns] + [b_pos[p] for p in outs])
-            return dataclasses.replace(self, base=base, a=a, b=b)
+            return self.replace(base=base, a=a, b=b)
         no = nd - ns - ni
         new_in, new_out = perm[ns:ns + no], perm[ns + no:]
         if set(new_in) == out_set and set(new_out) == in_set:  # the groups swap: W.T
             a = jnp.transpose(self.b, stack + [b_pos[p] for p in new_in] + [ns])
             b = jnp.transpose(self.a, stack + [ns + ni] + [a_pos[p] for p in new_out])
-            return dataclasses.replace(self, base=base, a=a, b=b)
+            return self.replace(base=base, a=a, b=b)
         return NotImplemented
 
     def reshape(self, new_sizes):
@@ -198,7 +197,7 @@ class LoraWeight(OverBase):
             return NotImplemented
         a = jnp.reshape(self.a, new_sizes[:j] + (self.rank,))
         b = jnp.reshape(self.b, new_sizes[:ns] + (self.rank,) + new_sizes[j:])
-        return dataclasses.replace(self, base=base, a=a, b=b)
+        return self.replace(base=base, a=a, b=b)
 
 
 def _lowrank_dot(leaf: LoraWeight, x: Array, dimension_numbers, leaf_is_lhs: bool, precision,

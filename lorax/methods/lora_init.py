@@ -70,10 +70,10 @@ def loftq(w: jax.Array, rank: int, scale: float, ns: int, ni: int, dtype: Any,
     )
 
     m = _matrix_view(w, ns, ni)
-    low = jnp.zeros_like(m)
-    for _ in range(max(iterations, 1)):
-        q = quantize_nf4((m - low).reshape(w.shape), stack=ns, **nf4_options)
+    q = quantize_nf4(m.reshape(w.shape), stack=ns, **nf4_options)
+    a, b = _top_svd(m - _matrix_view(q.materialize(), ns, ni), rank, scale)
+    for _ in range(max(iterations, 1) - 1):  # alternate: quantize the residual, refit
+        q = quantize_nf4((m - scale * a @ b).reshape(w.shape), stack=ns, **nf4_options)
         a, b = _top_svd(m - _matrix_view(q.materialize(), ns, ni), rank, scale)
-        low = scale * a @ b
     a, b = _factors_to_leaf_shapes(a, b, w.shape, ns, ni, dtype)
     return LoraWeight(q, a, b, scale=scale)

@@ -16,7 +16,6 @@ first. Double quantization stores the block absmaxes as uint8 codes of bitsandby
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -127,6 +126,9 @@ class QuantizedLeaf(LoraxLeaf):
     ``compute_dtype``, then to ``cast_to`` when the model cast the weight (as a cast of the
     dense array would round), and products dequantize next to the use."""
 
+    compute_dtype: str  # static fields of each quantized kind
+    cast_to: str | None
+
     @property
     def dtype(self) -> Any:
         return jnp.dtype(self.cast_to or self.compute_dtype)
@@ -138,7 +140,7 @@ class QuantizedLeaf(LoraxLeaf):
     def astype(self, dtype):
         if not jnp.issubdtype(dtype, jnp.floating):
             return NotImplemented
-        return dataclasses.replace(self, cast_to=jnp.dtype(dtype).name)
+        return self.replace(cast_to=jnp.dtype(dtype).name)
 
 
 @register_leaf(kind="nf4", aliases=("NF4Weight",))
