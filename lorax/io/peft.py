@@ -3,19 +3,35 @@
 adapter_model.safetensors with ``base_model.model.<module>.lora_A.weight`` ``[r, in]`` and
 ``lora_B.weight`` ``[out, r]``.
 
-Module names come from the reference model's one table (``hf_table``), the same one its
-checkpoint loader reads, so a path such as ``h_3/attn/c_attn/kernel`` (or the layer-3 slice
-of ``ScanLayers/attn/c_attn/kernel``) is ``transformer.h.3.attn.c_attn`` in both places.
+This module knows no model. What it needs of one, which PyTorch module each Flax kernel path
+is and how PEFT's config describes the base, is a :class:`PeftModuleMap`. The ``model``
+argument of :func:`export_peft` and :func:`import_peft` gives one in any of four ways:
+
+- a :class:`PeftModuleMap` itself;
+- a model family (:class:`PeftFamily`): anything with a method
+  ``peft_modules(params) -> PeftModuleMap``, such as the reference models
+  ``lorax.models.gpt2.GPT2`` and ``lorax.models.llama.Llama``;
+- the name of a registered family (:func:`register_peft_family`): ``import lorax.models``
+  registers ``"gpt2"`` and ``"llama"``, which read the layer count from the paths;
+- a plain mapping ``{flax_path: module_name}`` (unscanned, ``fan_in_fan_out`` false).
+
+The reference models build their maps from their one table of Flax paths and Hugging Face
+names (``hf_table``), the same one their checkpoint loaders read, so a path such as
+``h_3/attn/c_attn/kernel`` (or the layer-3 slice of ``ScanLayers/attn/c_attn/kernel``) is
+``transformer.h.3.attn.c_attn`` in both places.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import re
+import types
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -42,47 +58,218 @@ CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 ModuleMap = Mapping[str, list[tuple[str, int | None]]]
 
 
-def module_map(params: Any, model: Any) -> dict[str, list[tuple[str, int | None]]]:
-    """Each kernel path of ``params`` with its Hugging Face module name(s) for ``model``:
-    ``"gpt2"``, ``"llama"``, a reference model instance, or a mapping
-    ``{flax_path: module_name}`` for other models (unscanned)."""
-    if isinstance(model, Mapping):
-        return {path: [(name, None)] for path, name in model.items()}
-    from lorax.models import gpt2, llama  # the models import lorax, not the reverse
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PeftModuleMap:
+    """What PEFT interop needs to know of a model: the PyTorch module of each adapted Flax
+    kernel, and the options of adapter_config.json that describe the base.
 
-    paths = [path_str(p) for p, _ in
-             jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lorax_leaf)[0]]
-    if isinstance(model, (gpt2.GPT2, llama.Llama)):
-        module, config, scan = (gpt2 if isinstance(model, gpt2.GPT2) else llama,
-                                model.config, model.scan_layers)
-    elif model in ("gpt2", "llama"):
-        module = gpt2 if model == "gpt2" else llama
-        scan = any(p.startswith("ScanLayers/") for p in paths)
-        config = _config_from_paths(module, params, paths, scan)
+    Attributes:
+      modules: ``{flax_kernel_path: module}``, the path '/'-joined as
+        ``"h_0/attn/c_attn/kernel"``. ``module`` is a PyTorch module name
+        (``"transformer.h.0.attn.c_attn"``), or for a scanned stack (a kernel with a leading
+        layer axis) the list ``[(module_name, layer_index), ...]`` of every layer, indices
+        ``0 .. n-1``. Stored normalized: each value a tuple of ``(name, layer)`` pairs
+        sorted by layer, ``layer`` None for an unstacked kernel.
+      fan_in_fan_out: written to adapter_config.json: the base module stores its weight
+        ``[in, out]`` (GPT-2's ``Conv1D``), not ``[out, in]`` as ``torch.nn.Linear``.
+      task_type: PEFT's ``task_type`` (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ... or None).
+
+    Raises:
+      LoraxTypeError: a field of the wrong type (a module name that is not a string, a layer
+        that is not an int).
+      LoraxValueError: an empty name or list, a negative or repeated layer index, indices
+        that are not ``0 .. n-1``, or an unstacked entry beside others for one path.
+
+    Example:
+      >>> from lorax.io.peft import PeftModuleMap
+      >>> m = PeftModuleMap(modules={"dense/kernel": "dense",
+      ...                            "ScanLayers/proj/kernel": [("blocks.1.proj", 1),
+      ...                                                       ("blocks.0.proj", 0)]})
+      >>> m.modules["dense/kernel"], m.modules["ScanLayers/proj/kernel"]
+      ((('dense', None),), (('blocks.0.proj', 0), ('blocks.1.proj', 1)))
+      >>> m.fan_in_fan_out, m.task_type
+      (False, 'CAUSAL_LM')
+    """
+
+    modules: Mapping[str, Any]
+    fan_in_fan_out: bool = False
+    task_type: str | None = "CAUSAL_LM"
+
+    def __post_init__(self):
+        where = "lorax.PeftModuleMap"
+        if not isinstance(self.modules, Mapping):
+            raise LoraxTypeError(f"{where}: modules must be a mapping {{flax_kernel_path: "
+                                 f"module name or [(module name, layer), ...]}}; got "
+                                 f"{type(self.modules).__name__}")
+        if not isinstance(self.fan_in_fan_out, bool):
+            raise LoraxTypeError(f"{where}: fan_in_fan_out must be True or False; got "
+                                 f"{type(self.fan_in_fan_out).__name__} {self.fan_in_fan_out!r}")
+        if self.task_type is not None and not isinstance(self.task_type, str):
+            raise LoraxTypeError(f"{where}: task_type must be a string or None; got "
+                                 f"{type(self.task_type).__name__} {self.task_type!r}")
+        modules = {path: _entries(where, path, value) for path, value in self.modules.items()}
+        object.__setattr__(self, "modules", types.MappingProxyType(modules))
+
+
+def _entries(where: str, path: Any, value: Any) -> tuple[tuple[str, int | None], ...]:
+    """One value of :attr:`PeftModuleMap.modules`, checked and normalized."""
+    if not isinstance(path, str) or not path:
+        raise LoraxTypeError(f"{where}: a key of modules is {type(path).__name__} {path!r}; "
+                             "keys are '/'-joined Flax kernel paths such as 'dense/kernel'")
+    if isinstance(value, str):
+        value = [(value, None)]
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not value:
+        raise LoraxValueError(f"{where}: modules['{path}'] must be a module name or a non-empty "
+                              f"list [(module name, layer), ...]; got {value!r}")
+    out = []
+    for entry in value:
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2):
+            raise LoraxTypeError(f"{where}: modules['{path}'] holds {entry!r}; each entry is a "
+                                 "pair (module name, layer index or None)")
+        name, layer = entry
+        if not isinstance(name, str) or not name:
+            raise LoraxTypeError(f"{where}: modules['{path}'] names module {name!r}; module "
+                                 "names are non-empty strings such as 'model.layers.0.q_proj'")
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
+            raise LoraxTypeError(f"{where}: modules['{path}'] gives '{name}' layer "
+                                 f"{type(layer).__name__} {layer!r}; a layer is an int or None")
+        out.append((name, layer))
+    layers = [layer for _, layer in out]
+    if None in layers:
+        if len(out) > 1:
+            raise LoraxValueError(f"{where}: modules['{path}'] has {len(out)} entries, one "
+                                  "without a layer index; an unstacked kernel is one module, "
+                                  "a stacked one lists (name, layer) for each layer")
+        return tuple(out)
+    if sorted(layers) != list(range(len(layers))):
+        raise LoraxValueError(f"{where}: modules['{path}'] gives layers {layers}; a stacked "
+                              f"kernel lists each layer 0 .. n-1 once")
+    return tuple(sorted(out, key=lambda e: e[1]))
+
+
+@runtime_checkable
+class PeftFamily(Protocol):
+    """A model family, or a model instance, that knows its PEFT module map.
+
+    Any object with this method is one; ``lorax.models.gpt2.GPT2`` and
+    ``lorax.models.llama.Llama`` instances are.
+
+    Example:
+      >>> from lorax.io.peft import PeftFamily, PeftModuleMap
+      >>> class Tiny:
+      ...     def peft_modules(self, params):
+      ...         return PeftModuleMap(modules={"proj/kernel": "proj"})
+      >>> isinstance(Tiny(), PeftFamily)
+      True
+    """
+
+    def peft_modules(self, params: Any) -> PeftModuleMap:
+        """The module map for ``params`` (a parameter tree of this family, wrapped or not).
+
+        Args:
+          params: the tree being exported, or the base that an adapter is imported onto.
+
+        Returns:
+          The :class:`PeftModuleMap` of its kernels.
+        """
+        ...
+
+
+FamilyLike = PeftFamily | Callable[[Any], PeftModuleMap]
+_FAMILIES: dict[str, FamilyLike] = {}
+
+
+def register_peft_family(name: str, family: FamilyLike) -> None:
+    """Makes ``model=name`` in :func:`export_peft` / :func:`import_peft` mean ``family``.
+
+    ``import lorax.models`` registers ``"gpt2"`` and ``"llama"``. Registering a name again
+    replaces its family.
+
+    Args:
+      name: the string callers pass as ``model``.
+      family: a :class:`PeftFamily`, or a function ``params -> PeftModuleMap``.
+
+    Raises:
+      LoraxTypeError: ``name`` is not a non-empty string, or ``family`` has no
+        ``peft_modules`` method and is not callable.
+
+    Example:
+      >>> from lorax.io.peft import PeftModuleMap, register_peft_family
+      >>> register_peft_family("tiny-doc", lambda params: PeftModuleMap(modules={
+      ...     "proj/kernel": "proj"}))
+    """
+    if not isinstance(name, str) or not name:
+        raise LoraxTypeError(f"lorax.register_peft_family: name must be a non-empty string; "
+                             f"got {type(name).__name__} {name!r}")
+    if not (isinstance(family, PeftFamily) or callable(family)):
+        raise LoraxTypeError(f"lorax.register_peft_family: family for {name!r} must have a "
+                             "method peft_modules(params) or be a function params -> "
+                             f"PeftModuleMap; got {type(family).__name__} {family!r}")
+    _FAMILIES[name] = family
+
+
+def _model_help() -> str:
+    return (f"registered names: {sorted(_FAMILIES)} (`import lorax.models` registers 'gpt2' "
+            "and 'llama'; lorax.io.peft.register_peft_family adds one); or pass a model with a "
+            "peft_modules(params) method, a lorax.io.peft.PeftModuleMap, or a mapping "
+            "{flax_path: module_name}")
+
+
+def peft_module_map(params: Any, model: Any, where: str = "lorax.peft") -> PeftModuleMap:
+    """The :class:`PeftModuleMap` that ``model`` gives for ``params``.
+
+    Args:
+      params: a parameter tree, wrapped (for export) or a base (for import).
+      model: a :class:`PeftModuleMap`, a :class:`PeftFamily` (e.g. a reference model
+        instance), the name of a registered family, or a mapping ``{flax_path: module_name}``.
+      where: the caller, named in errors.
+
+    Returns:
+      The module map.
+
+    Raises:
+      LoraxValueError: a name that no family is registered under (the error lists those that
+        are).
+      LoraxTypeError: ``model`` of another kind, or a family that does not return a
+        :class:`PeftModuleMap`.
+
+    Example:
+      >>> from lorax.io.peft import peft_module_map
+      >>> peft_module_map({}, {"dense/kernel": "dense"}).modules["dense/kernel"]
+      (('dense', None),)
+    """
+    if isinstance(model, PeftModuleMap):
+        return model
+    if isinstance(model, str):
+        if model not in _FAMILIES:
+            raise LoraxValueError(f"{where}: no model family {model!r} is registered; "
+                                  f"{_model_help()}")
+        family, what = _FAMILIES[model], f"family {model!r}"
+    elif isinstance(model, Mapping):
+        return PeftModuleMap(modules=model)
+    elif isinstance(model, PeftFamily):
+        family, what = model, f"{type(model).__name__}.peft_modules"
     else:
-        raise LoraxValueError(f"lorax.peft: model must be 'gpt2', 'llama', a reference model or a "
-                              f"mapping {{flax_path: module_name}}; got {model!r}")
-    out: dict[str, list[tuple[str, int | None]]] = {}
-    for entry in module.hf_table(config, scan):
-        if entry.path.endswith("/kernel") and entry.name.endswith(".weight"):
-            out.setdefault(entry.path, []).append((entry.name[:-len(".weight")], entry.layer))
+        raise LoraxTypeError(f"{where}: model must name a family or map modules; got "
+                             f"{type(model).__name__} {model!r}; {_model_help()}")
+    out = family.peft_modules(params) if isinstance(family, PeftFamily) else family(params)
+    if not isinstance(out, PeftModuleMap):
+        raise LoraxTypeError(f"{where}: {what} returned {type(out).__name__}, not a "
+                             "lorax.io.peft.PeftModuleMap")
     return out
 
 
-def _config_from_paths(module, params, paths, scan):
-    prefix = "h" if module.__name__.endswith("gpt2") else "layers"
-    if scan:
-        leaf = params["ScanLayers"]
-        while isinstance(leaf, Mapping):
-            leaf = next(iter(leaf.values()))
-        n_layers = int(leaf.shape[0])
-    else:
-        n_layers = 1 + max((int(m.group(1)) for p in paths
-                            if (m := re.match(rf"{prefix}_(\d+)/", p))), default=-1)
-    if module.__name__.endswith("gpt2"):
-        return module.GPT2Config(n_layer=n_layers)
-    return module.LlamaConfig(num_hidden_layers=n_layers,
-                              tie_word_embeddings=not any(p.startswith("lm_head/") for p in paths))
+def module_map(params: Any, model: Any) -> dict[str, list[tuple[str, int | None]]]:
+    """Each kernel path of ``params`` with its Hugging Face module name(s) for ``model``: the
+    ``modules`` of :func:`peft_module_map`, as lists (the 0.1 form).
+
+    Example:
+      >>> from lorax.io.peft import module_map
+      >>> module_map({}, {"dense/kernel": "dense"})
+      {'dense/kernel': [('dense', None)]}
+    """
+    return {path: list(entries)
+            for path, entries in peft_module_map(params, model).modules.items()}
 
 
 def export_peft(directory: str | os.PathLike, tree: Any, model: Any = "gpt2",
@@ -92,18 +279,33 @@ def export_peft(directory: str | os.PathLike, tree: Any, model: Any = "gpt2",
     Args:
       directory: where adapter_config.json and adapter_model.safetensors go.
       tree: a wrapped tree (from ``lorax.wrap`` or ``lorax.combine``).
-      model: ``"gpt2"``, ``"llama"``, the reference model instance, or a mapping
-        ``{flax_path: torch_module_name}``.
+      model: what names the modules (see :func:`peft_module_map`): a registered family
+        name (``"gpt2"``, ``"llama"`` once ``lorax.models`` is imported), a model with
+        ``peft_modules(params)`` (a reference model instance), a :class:`PeftModuleMap`, or
+        a mapping ``{flax_path: torch_module_name}``.
       base_model_name: recorded as ``base_model_name_or_path``.
 
     Returns:
       The directory.
 
     Raises:
-      ValueError: a leaf that PEFT's LoRA cannot express (not a 2-D kernel per layer), or a
-        path the model's table does not know.
+      LoraxValueError: a leaf that PEFT's LoRA cannot express (not a 2-D kernel per layer),
+        a path the module map does not know, a stacked path whose map lists another number of
+        layers than its factors hold, or a family name that is not registered.
+      LoraxTypeError: a ``model`` that is neither of the kinds above.
+
+    Example:
+      >>> import tempfile, jax.numpy as jnp, lorax
+      >>> lp = lorax.wrap({"proj": {"kernel": jnp.ones((4, 3))}}, rank=2)
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     _ = lorax.export_peft(d, lp, model={"proj/kernel": "proj"})
+      ...     back = lorax.import_peft(d, {"proj": {"kernel": jnp.ones((4, 3))}},
+      ...                              model={"proj/kernel": "proj"})
+      >>> back["proj"]["kernel"].a.shape
+      (4, 2)
     """
-    names = module_map(tree, model)
+    modules = peft_module_map(tree, model, "lorax.export_peft")
+    names = modules.modules
     tensors, ranks, alphas, kinds, dropouts = {}, {}, {}, set(), {0.0}
     flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lorax_leaf)[0]
     for key_path, leaf in flat:
@@ -119,6 +321,11 @@ def export_peft(directory: str | os.PathLike, tree: Any, model: Any = "gpt2",
             raise LoraxValueError(f"lorax.export_peft: no Hugging Face module is known for "
                                   f"'{path}'; pass model=... matching the tree, or a mapping")
         a, b = np.asarray(jax.device_get(leaf.a)), np.asarray(jax.device_get(leaf.b))
+        stacked = names[path][0][1] is not None
+        if stacked and (a.ndim < 3 or a.shape[0] != len(names[path])):
+            raise LoraxValueError(f"lorax.export_peft: the module map lists {len(names[path])} "
+                                  f"stacked layers for '{path}', whose factors have shape "
+                                  f"{a.shape} / {b.shape}")
         for name, layer in names[path]:
             la, lb = (a, b) if layer is None else (a[layer], b[layer])
             if la.ndim != 2 or lb.ndim != 2:
@@ -139,9 +346,9 @@ def export_peft(directory: str | os.PathLike, tree: Any, model: Any = "gpt2",
     r = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank
     alpha = max(set(alphas.values()), key=list(alphas.values()).count)
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
+        "peft_type": "LORA", "task_type": modules.task_type, "r": r, "lora_alpha": alpha,
         "target_modules": sorted(ranks), "lora_dropout": max(dropouts), "bias": "none",
-        "fan_in_fan_out": model == "gpt2" or type(model).__name__ == "GPT2",
+        "fan_in_fan_out": modules.fan_in_fan_out,
         "use_rslora": False,  # lora_alpha = scale * r reproduces any scaling
         "use_dora": DoraWeight in kinds,
         "rank_pattern": {n: v for n, v in ranks.items() if v != r},
@@ -256,8 +463,16 @@ def import_peft(directory: str | os.PathLike, params: Any, model: Any = "gpt2",
         (nothing is dropped silently). :class:`lorax.CheckpointError` (a ValueError) names a
         file that is not valid JSON or safetensors (truncated, corrupt).
       TypeError: a config value or a factor of the wrong type (``lora_alpha`` a string,
-        integer factors).
+        integer factors), or a ``model`` of no kind :func:`peft_module_map` takes.
+
+    The errors are lorax's (:class:`lorax.LoraxError`); a ``model`` name that no family is
+    registered under is a ValueError listing the names that are, raised before any file is
+    read.
+
+    Example:
+      :func:`export_peft`'s example exports an adapter and imports it back.
     """
+    names = peft_module_map(params, model, "lorax.import_peft").modules
     directory = Path(directory)
     if not directory.is_dir() and not directory.exists():  # a Hub name: download or cache
         try:
@@ -287,7 +502,6 @@ def import_peft(directory: str | os.PathLike, params: Any, model: Any = "gpt2",
                for k, v in tensors.items()}  # keys saved with an adapter name
     tensors = {re.sub(r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$",
                       ".lora_magnitude_vector", k): v for k, v in tensors.items()}
-    names = module_map(params, model)
     dropout = float(config.get("lora_dropout") or 0.0)
     used: set[str] = set()
 
@@ -342,6 +556,10 @@ def import_peft(directory: str | os.PathLike, params: Any, model: Any = "gpt2",
         stacked = found[0][1] is not None
         a = np.stack(a_list) if stacked else a_list[0]
         b = np.stack(b_list) if stacked else b_list[0]
+        if stacked and (len(leaf.shape) != 3 or leaf.shape[0] != len(found)):
+            raise LoraxValueError(f"lorax.import_peft: the module map lists {len(found)} "
+                                  f"stacked layers for '{path}', a base of shape "
+                                  f"{tuple(leaf.shape)}")
         per_layer = tuple(leaf.shape[1:] if stacked else leaf.shape)
         if (a.shape[-2], b.shape[-1]) != per_layer or a.shape[-1] != b.shape[-2]:
             raise LoraxValueError(f"lorax.import_peft: '{found[0][0]}' has lora_A "

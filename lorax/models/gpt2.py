@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from lorax.errors import LoraxValueError
+from lorax.io.peft import PeftModuleMap, register_peft_family
 from lorax.models import hub
 from lorax.models.layers import (
     KVCache,
@@ -177,6 +178,13 @@ class GPT2(nn.Module):
     def max_positions(self) -> int:
         return self.config.n_positions
 
+    def peft_modules(self, params: Any = None) -> PeftModuleMap:
+        """This model's PEFT module map, for ``lorax.export_peft(..., model=model)``: the
+        modules of its config's layers (scanned or not as the model is); ``params`` is not
+        read."""
+        return PeftModuleMap(modules=hub.peft_modules(hf_table(self.config, self.scan_layers)),
+                             fan_in_fan_out=True)
+
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
         """An empty KV cache for ``batch`` rows of at most ``max_len`` tokens."""
         c = self.config
@@ -222,18 +230,46 @@ HF_PREFIX = "transformer."
 HF_IGNORE = r"(\.attn\.bias|\.attn\.masked_bias|^lm_head\.weight)$"  # buffers; tied head
 
 
+def _blocks(n_layer: int, scan_layers: bool) -> list[hub.Entry]:
+    return hub.stack_rows([(path, name, False) for path, name in _LAYER_ROWS], n_layer,
+                          scan_layers, "h", "transformer.h")
+
+
 def hf_table(config: GPT2Config, scan_layers: bool = False) -> list[hub.Entry]:
     """Every parameter's Flax path and Hugging Face ``GPT2LMHeadModel`` tensor name."""
-    rows = [hub.Entry("wte/embedding", "transformer.wte.weight"),
+    return [hub.Entry("wte/embedding", "transformer.wte.weight"),
             hub.Entry("wpe/embedding", "transformer.wpe.weight"),
             hub.Entry("ln_f/scale", "transformer.ln_f.weight"),
-            hub.Entry("ln_f/bias", "transformer.ln_f.bias")]
-    for i in range(config.n_layer):
-        for path, name in _LAYER_ROWS:
-            flax_path = f"ScanLayers/{path}" if scan_layers else f"h_{i}/{path}"
-            rows.append(hub.Entry(flax_path, f"transformer.h.{i}.{name}",
-                                  layer=i if scan_layers else None))
-    return rows
+            hub.Entry("ln_f/bias", "transformer.ln_f.bias")] + _blocks(config.n_layer, scan_layers)
+
+
+def peft_modules(params: Any) -> PeftModuleMap:
+    """The PEFT module map of a GPT-2 parameter tree: what ``model="gpt2"`` means to
+    ``lorax.export_peft`` / ``lorax.import_peft`` (registered when this module is imported).
+
+    The layer count is read from the paths (``h_<i>/...``, or the stack of
+    ``ScanLayers/...``), so a tree of any depth maps. GPT-2's ``Conv1D`` stores its weight
+    ``[in, out]``: ``fan_in_fan_out`` is true.
+
+    Args:
+      params: a GPT-2 parameter tree, wrapped or not.
+
+    Returns:
+      Every block kernel's ``transformer.h.<i>...`` module.
+
+    Example:
+      >>> import numpy as np
+      >>> from lorax.models import gpt2
+      >>> m = gpt2.peft_modules({"h_1": {"mlp": {"c_fc": {"kernel": np.zeros((2, 8))}}}})
+      >>> m.modules["h_1/mlp/c_fc/kernel"], m.fan_in_fan_out
+      ((('transformer.h.1.mlp.c_fc', None),), True)
+    """
+    n_layer, scanned = hub.layer_count(params, hub.param_paths(params), "h")
+    return PeftModuleMap(modules=hub.peft_modules(_blocks(n_layer, scanned)),
+                         fan_in_fan_out=True)
+
+
+register_peft_family("gpt2", peft_modules)
 
 
 def from_pretrained(name_or_dir: str | os.PathLike, *, dtype: Any = jnp.float32,

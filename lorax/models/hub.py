@@ -29,6 +29,8 @@ from lorax.errors import (
     LoraxTypeError,
     LoraxValueError,
 )
+from lorax.leaf import is_lorax_leaf
+from lorax.paths import path_str
 
 CHECKPOINT_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json",
                     "model-*.safetensors", "generation_config.json", "tokenizer.json",
@@ -55,6 +57,88 @@ class Entry:
     name: str
     transpose: bool = False
     layer: int | None = None
+
+
+def stack_rows(block: Iterable[tuple[str, str, bool]], n_layers: int, scan_layers: bool,
+               flax_prefix: str, hf_prefix: str) -> list[Entry]:
+    """The entries of ``n_layers`` blocks of one kind.
+
+    Args:
+      block: ``(flax path inside a block, Hugging Face name inside a block, transposed)``.
+      n_layers: how many blocks.
+      scan_layers: the blocks are one ``ScanLayers`` stack (``layer`` set) rather than
+        modules ``<flax_prefix>_<i>``.
+      flax_prefix: the blocks' module name prefix (``"h"``: ``h_0``, ``h_1``, ...).
+      hf_prefix: the blocks' Hugging Face prefix (``"transformer.h"``).
+
+    Returns:
+      The entries, block by block.
+
+    Example:
+      >>> from lorax.models import hub
+      >>> rows = hub.stack_rows([("mlp/kernel", "mlp.weight", True)], 2, True, "h", "model.h")
+      >>> [(e.path, e.name, e.layer) for e in rows][1]
+      ('ScanLayers/mlp/kernel', 'model.h.1.mlp.weight', 1)
+    """
+    rows = []
+    for i in range(n_layers):
+        for path, name, transpose in block:
+            flax_path = f"ScanLayers/{path}" if scan_layers else f"{flax_prefix}_{i}/{path}"
+            rows.append(Entry(flax_path, f"{hf_prefix}.{i}.{name}", transpose,
+                              layer=i if scan_layers else None))
+    return rows
+
+
+def peft_modules(table: Iterable[Entry]) -> dict[str, list[tuple[str, int | None]]]:
+    """The PEFT module names of a model's table: each kernel path with the module(s) whose
+    ``.weight`` it is, and the layer along a scanned stack (None unscanned).
+
+    Example:
+      >>> from lorax.models import hub
+      >>> hub.peft_modules([hub.Entry("q/kernel", "model.q.weight", True),
+      ...                   hub.Entry("q/bias", "model.q.bias")])
+      {'q/kernel': [('model.q', None)]}
+    """
+    out: dict[str, list[tuple[str, int | None]]] = {}
+    for entry in table:
+        if entry.path.endswith("/kernel") and entry.name.endswith(".weight"):
+            out.setdefault(entry.path, []).append((entry.name[:-len(".weight")], entry.layer))
+    return out
+
+
+def param_paths(params: Any) -> list[str]:
+    """The '/'-joined path of every leaf of ``params`` (a lorax leaf is one leaf)."""
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lorax_leaf)[0]
+    return [path_str(p) for p, _ in flat]
+
+
+def layer_count(params: Any, paths: Iterable[str], flax_prefix: str) -> tuple[int, bool]:
+    """How many blocks a parameter tree holds, read from its paths.
+
+    Args:
+      params: the tree (wrapped or not).
+      paths: its leaf paths (:func:`param_paths`).
+      flax_prefix: the blocks' module name prefix (``"h"`` for ``h_0``, ``h_1``, ...).
+
+    Returns:
+      ``(n_layers, scanned)``: the length of the ``ScanLayers`` stack when the tree has one,
+      else 1 + the largest ``i`` of a path ``<flax_prefix>_<i>/...`` (0 when none).
+
+    Example:
+      >>> import numpy as np
+      >>> from lorax.models import hub
+      >>> tree = {"h_0": {"w": np.zeros(2)}, "h_3": {"w": np.zeros(2)}}
+      >>> hub.layer_count(tree, hub.param_paths(tree), "h")
+      (4, False)
+    """
+    paths = list(paths)
+    if any(p.startswith("ScanLayers/") for p in paths):
+        leaf = params["ScanLayers"]
+        while isinstance(leaf, Mapping):
+            leaf = next(iter(leaf.values()))
+        return int(leaf.shape[0]), True
+    block = re.compile(rf"{re.escape(flax_prefix)}_(\d+)/")
+    return 1 + max((int(m.group(1)) for p in paths if (m := block.match(p))), default=-1), False
 
 
 def resolve(name_or_dir: str | os.PathLike) -> Path:

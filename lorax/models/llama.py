@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from lorax.errors import LoraxTypeError, LoraxValueError
+from lorax.io.peft import PeftModuleMap, register_peft_family
 from lorax.models import hub
 from lorax.models.layers import (
     KVCache,
@@ -265,6 +266,12 @@ class Llama(nn.Module):
     def max_positions(self) -> int | None:
         return None  # RoPE has no table; longer contexts degrade but run
 
+    def peft_modules(self, params: Any = None) -> PeftModuleMap:
+        """This model's PEFT module map (as :meth:`lorax.models.gpt2.GPT2.peft_modules`;
+        ``fan_in_fan_out`` false)."""
+        return PeftModuleMap(modules=hub.peft_modules(hf_table(self.config, self.scan_layers)),
+                             fan_in_fan_out=False)
+
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
         """An empty KV cache for ``batch`` rows of at most ``max_len`` tokens."""
         c = self.config
@@ -312,8 +319,7 @@ def _ignore(config: LlamaConfig) -> str:
     return HF_IGNORE if config.tie_word_embeddings else r"rotary_emb\.inv_freq$"
 
 
-def hf_table(config: LlamaConfig, scan_layers: bool = False) -> list[hub.Entry]:
-    """Every parameter's Flax path and Hugging Face ``LlamaForCausalLM`` tensor name."""
+def _block_rows(config: LlamaConfig) -> list[tuple[str, str, bool]]:
     layer_rows = list(_LAYER_ROWS)
     if config.attention_bias:
         layer_rows += [(f"self_attn/{p}/bias", f"self_attn.{p}.bias", False)
@@ -321,16 +327,52 @@ def hf_table(config: LlamaConfig, scan_layers: bool = False) -> list[hub.Entry]:
     if config.mlp_bias:
         layer_rows += [(f"mlp/{p}/bias", f"mlp.{p}.bias", False)
                        for p in ("gate_proj", "up_proj", "down_proj")]
+    return layer_rows
+
+
+_LM_HEAD = hub.Entry("lm_head/kernel", "lm_head.weight", transpose=True)
+
+
+def hf_table(config: LlamaConfig, scan_layers: bool = False) -> list[hub.Entry]:
+    """Every parameter's Flax path and Hugging Face ``LlamaForCausalLM`` tensor name."""
     rows = [hub.Entry("embed_tokens/embedding", "model.embed_tokens.weight"),
             hub.Entry("norm/scale", "model.norm.weight")]
     if not config.tie_word_embeddings:
-        rows.append(hub.Entry("lm_head/kernel", "lm_head.weight", transpose=True))
-    for i in range(config.num_hidden_layers):
-        for path, name, transpose in layer_rows:
-            flax_path = f"ScanLayers/{path}" if scan_layers else f"layers_{i}/{path}"
-            rows.append(hub.Entry(flax_path, f"model.layers.{i}.{name}", transpose,
-                                  layer=i if scan_layers else None))
-    return rows
+        rows.append(_LM_HEAD)
+    return rows + hub.stack_rows(_block_rows(config), config.num_hidden_layers, scan_layers,
+                                 "layers", "model.layers")
+
+
+def peft_modules(params: Any) -> PeftModuleMap:
+    """The PEFT module map of a Llama parameter tree: what ``model="llama"`` means to
+    ``lorax.export_peft`` / ``lorax.import_peft`` (registered when this module is imported).
+
+    The layer count is read from the paths (``layers_<i>/...``, or the stack of
+    ``ScanLayers/...``), and ``lm_head`` is mapped when the tree has one (untied head).
+    ``fan_in_fan_out`` is false (``torch.nn.Linear``).
+
+    Args:
+      params: a Llama parameter tree, wrapped or not.
+
+    Returns:
+      Every projection's ``model.layers.<i>...`` module, and ``lm_head``'s if present.
+
+    Example:
+      >>> import numpy as np
+      >>> from lorax.models import llama
+      >>> tree = {"ScanLayers": {"self_attn": {"q_proj": {"kernel": np.zeros((2, 8, 8))}}}}
+      >>> llama.peft_modules(tree).modules["ScanLayers/self_attn/q_proj/kernel"]
+      (('model.layers.0.self_attn.q_proj', 0), ('model.layers.1.self_attn.q_proj', 1))
+    """
+    paths = hub.param_paths(params)
+    n_layers, scanned = hub.layer_count(params, paths, "layers")
+    rows = hub.stack_rows(_LAYER_ROWS, n_layers, scanned, "layers", "model.layers")
+    if any(p.startswith("lm_head/") for p in paths):
+        rows.append(_LM_HEAD)
+    return PeftModuleMap(modules=hub.peft_modules(rows), fan_in_fan_out=False)
+
+
+register_peft_family("llama", peft_modules)
 
 
 def from_pretrained(name_or_dir: str | os.PathLike, *, dtype: Any = jnp.float32,
