@@ -79,7 +79,9 @@ def main(argv=None) -> list[dict]:
                                    vocab_size=500)
         args.prompt, args.new = min(args.prompt, 32), min(args.new, 8)
     else:
-        config = llama.CONFIGS["llama-1b-anchor"]
+        from bench_shapes import llama_config
+
+        config = llama_config("llama-1b-anchor")
     model = llama.Llama(config, jnp.bfloat16, scan_layers=True)
     if jax.default_backend() == "gpu":
         model = model.clone(attention_impl="cudnn")

@@ -33,12 +33,14 @@ GB, GIB = 1e9, 2**30
 def config_for(args):
     import dataclasses
 
+    from bench_shapes import llama_config
+
     from lorax.models import llama
 
     if args.small:
         return llama.LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                                  num_attention_heads=8, vocab_size=1000)
-    config = llama.CONFIGS["llama-65b"]
+    config = llama_config("llama-65b")
     if args.layers:
         config = dataclasses.replace(config, num_hidden_layers=args.layers)
     return config

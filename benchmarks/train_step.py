@@ -39,6 +39,7 @@ ANCHOR, ANCHOR_QLORA = BENCH / "anchor_peft.py", BENCH / "anchor_qlora.py"
 
 def build(name: str, small: bool, remat: str | None):
     import jax.numpy as jnp
+    from bench_shapes import llama_config
 
     from lorax.models import gpt2, llama
 
@@ -50,7 +51,7 @@ def build(name: str, small: bool, remat: str | None):
     else:
         config = (llama.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=2)
-                  if small else llama.CONFIGS[family])
+                  if small else llama_config(family))
         model = llama.Llama(config, jnp.bfloat16, scan_layers=True, remat_policy=remat)
     if small:
         batch, seq = 2, 64

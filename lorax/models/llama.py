@@ -188,13 +188,7 @@ CONFIGS = {
                                 rope_scaling={**_LLAMA3_ROPE, "factor": 8.0},
                                 max_position_embeddings=131072, bos_token_id=128000,
                                 eos_token_id=128001),
-    # the benchmark shapes of docs/benchmarks.md
-    "llama-1b-anchor": LlamaConfig(hidden_size=2048, intermediate_size=8192,
-                                   num_hidden_layers=16, num_attention_heads=32,
-                                   num_key_value_heads=8),
-    "llama-65b": LlamaConfig(hidden_size=8192, intermediate_size=22016, num_hidden_layers=80,
-                             num_attention_heads=64, rms_norm_eps=1e-5),
-}
+}  # the benchmarks' own shapes (Llama-1B anchor, LLaMA-65B) are in benchmarks/bench_shapes.py
 
 
 def _dense(features: int, bias: bool, config: LlamaConfig, dtype: Any, name: str) -> nn.Dense:
