@@ -96,7 +96,7 @@ class PeftModuleMap:
     task_type: str | None = "CAUSAL_LM"
 
     def __post_init__(self):
-        where = "lorax.PeftModuleMap"
+        where = "lorax.io.peft.PeftModuleMap"
         if not isinstance(self.modules, Mapping):
             raise LoraxTypeError(f"{where}: modules must be a mapping {{flax_kernel_path: "
                                  f"module name or [(module name, layer), ...]}}; got "
@@ -197,14 +197,18 @@ def register_peft_family(name: str, family: FamilyLike) -> None:
       >>> from lorax.io.peft import PeftModuleMap, register_peft_family
       >>> register_peft_family("tiny-doc", lambda params: PeftModuleMap(modules={
       ...     "proj/kernel": "proj"}))
+      >>> import lorax.io.peft
+      >>> lorax.io.peft.peft_module_map({}, "tiny-doc").modules
+      mappingproxy({'proj/kernel': (('proj', None),)})
     """
+    where = "lorax.io.peft.register_peft_family"
     if not isinstance(name, str) or not name:
-        raise LoraxTypeError(f"lorax.register_peft_family: name must be a non-empty string; "
-                             f"got {type(name).__name__} {name!r}")
+        raise LoraxTypeError(f"{where}: name must be a non-empty string; got "
+                             f"{type(name).__name__} {name!r}")
     if not (isinstance(family, PeftFamily) or callable(family)):
-        raise LoraxTypeError(f"lorax.register_peft_family: family for {name!r} must have a "
-                             "method peft_modules(params) or be a function params -> "
-                             f"PeftModuleMap; got {type(family).__name__} {family!r}")
+        raise LoraxTypeError(f"{where}: family for {name!r} must have a method "
+                             "peft_modules(params) or be a function params -> PeftModuleMap; "
+                             f"got {type(family).__name__} {family!r}")
     _FAMILIES[name] = family
 
 
@@ -215,7 +219,8 @@ def _model_help() -> str:
             "{flax_path: module_name}")
 
 
-def peft_module_map(params: Any, model: Any, where: str = "lorax.peft") -> PeftModuleMap:
+def peft_module_map(params: Any, model: Any,
+                    where: str = "lorax.io.peft.peft_module_map") -> PeftModuleMap:
     """The :class:`PeftModuleMap` that ``model`` gives for ``params``.
 
     Args:

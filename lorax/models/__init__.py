@@ -10,7 +10,9 @@ Transformers no longer ships Flax models, so lorax carries two compact ones::
 
 Both keep Hugging Face's module names in their parameter paths and own one table between
 those paths and the checkpoint's tensor names (``hf_table``), which loading, saving and the
-PEFT interop all read.
+PEFT interop all read. The core does not import this package: importing it registers the
+PEFT families ``"gpt2"`` and ``"llama"`` (``lorax.export_peft(..., model="gpt2")``), and a
+model instance gives its own map (``lorax.export_peft(..., model=model)``).
 """
 
 from lorax.models import gpt2 as gpt2
