@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 
@@ -166,3 +166,36 @@ def merge(tree: Any) -> Any:
             raise NotMergeableError(f"lorax.merge: '{path_str(key_path)}': {e}") from None
 
     return jax.tree_util.tree_map_with_path(dense, tree, is_leaf=is_lorax_leaf)
+
+
+def attach(params: Any, build: Callable[[str, Any], Any], *, what: str,
+           error: type[Exception] = LoraxValueError) -> tuple[Any, set[str]]:
+    """Puts adapters read from a file on ``params``: the one walk of ``lorax.load`` and
+    ``lorax.import_peft``.
+
+    ``build(path, leaf)`` returns the new lorax leaf for a path, or None to keep the leaf.
+    A leaf that is adapted already is refused (an adapter goes on the base), and each new
+    leaf is checked with ``misfit`` (the check of :func:`combine`), so a mismatch fails here,
+    by path, not later inside a model.
+
+    Returns:
+      The new tree and the set of paths that got an adapter (the callers check it against
+      what the file holds).
+    """
+    found: set[str] = set()
+
+    def visit(key_path: Any, leaf: Any) -> Any:
+        path = path_str(key_path)
+        new = build(path, leaf)
+        if new is None:
+            return leaf
+        if is_lorax_leaf(leaf) and leaf.trainable_fields:
+            raise LoraxValueError(f"{what}: '{path}' of the base already has an adapter; pass "
+                                  "the base parameters")
+        problem = new.misfit()
+        if problem:
+            raise error(f"{what}: the adapter for '{path}' does not fit: {problem}")
+        found.add(path)
+        return new
+
+    return jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_lorax_leaf), found

@@ -37,6 +37,7 @@ from lorax.errors import (
     NonFiniteError,
 )
 from lorax.leaf import LEAF_KINDS, is_lorax_leaf, leaf_kind
+from lorax import tree
 from lorax.paths import path_str
 
 # Version 2 records leaf kinds by their registered names ("lora"); version 1 recorded class
@@ -415,28 +416,13 @@ def _checked_entries(entries: Any, where: str) -> dict[str, Any]:
     return entries
 
 
-def _check_fits(leaf: Any, path: str, where: str) -> None:
-    """The rebuilt leaf's arrays fit together and with the base (the same check as
-    ``lorax.combine``), so a misfit fails here, by path, not later inside a model."""
-    problem = leaf.misfit()
-    if problem:
-        raise CheckpointError(f"lorax.load: the arrays saved for '{path}' in '{where}' do "
-                              f"not fit: {problem}")
-
-
 def attach(base: Any, entries: dict[str, Any], arrays: dict[str, Any], where: str) -> Any:
     """Puts saved leaves on ``base`` by path, checking each base shape."""
-    found = set()
 
-    def rebuild(key_path, leaf):
-        path = path_str(key_path)
+    def rebuild(path: str, leaf: Any) -> Any:
         entry = entries.get(path)
         if entry is None:
-            return leaf
-        found.add(path)
-        if is_lorax_leaf(leaf) and leaf.trainable_fields:
-            raise LoraxValueError(f"lorax.load: '{path}' of the base already has an adapter; pass "
-                                  "the base parameters")
+            return None
         if tuple(leaf.shape) != tuple(entry["base_shape"]):
             raise LoraxValueError(f"lorax.load: the adapter for '{path}' was trained on a base of "
                                   f"shape {tuple(entry['base_shape'])}; this base has "
@@ -449,11 +435,9 @@ def attach(base: Any, entries: dict[str, Any], arrays: dict[str, Any], where: st
             raise LoraxValueError(f"lorax.load: the base at '{path}' is {jnp.dtype(leaf.dtype)}"
                                   "; an adapter goes on a floating weight (or an NF4 / int8 "
                                   "leaf from lorax.quantize)")
-        rebuilt = cls(base=leaf, **trained, **entry["static"])
-        _check_fits(rebuilt, path, where)
-        return rebuilt
+        return cls(base=leaf, **trained, **entry["static"])
 
-    out = jax.tree_util.tree_map_with_path(rebuild, base, is_leaf=is_lorax_leaf)
+    out, found = tree.attach(base, rebuild, what=f"lorax.load ({where})", error=CheckpointError)
     missing = sorted(set(entries) - found)
     if missing:
         raise LoraxValueError(f"lorax.load: the checkpoint '{where}' has adapters for {missing[:5]}"

@@ -50,6 +50,7 @@ from lorax.leaf import is_lorax_leaf
 from lorax.methods.dora import DoraWeight
 from lorax.methods.lora import LoraWeight
 from lorax.paths import path_str
+from lorax.tree import attach
 
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -510,13 +511,12 @@ def import_peft(directory: str | os.PathLike, params: Any, model: Any = "gpt2",
     dropout = float(config.get("lora_dropout") or 0.0)
     used: set[str] = set()
 
-    def attach(key_path, leaf):
-        path = path_str(key_path)
+    def build(path: str, leaf: Any) -> Any:
         if path not in names:
-            return leaf
+            return None
         found = [(n, layer) for n, layer in names[path] if f"{n}.lora_A.weight" in tensors]
         if not found:
-            return leaf
+            return None
         if len(found) != len(names[path]):
             raise LoraxValueError(f"lorax.import_peft: the adapter covers {len(found)} of the "
                                   f"{len(names[path])} layers stacked in '{path}'")
@@ -577,7 +577,7 @@ def import_peft(directory: str | os.PathLike, params: Any, model: Any = "gpt2",
                               magnitude=cast(m))
         return LoraWeight(leaf, cast(a), cast(b), scale=scales.pop(), dropout=dropout)
 
-    out = jax.tree_util.tree_map_with_path(attach, params, is_leaf=is_lorax_leaf)
+    out, _ = attach(params, build, what="lorax.import_peft")
     unused = sorted(set(tensors) - used)
     if unused:
         raise LoraxValueError(f"lorax.import_peft: {len(unused)} adapter tensors fit no parameter "
