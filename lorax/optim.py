@@ -11,22 +11,22 @@ from lorax.errors import LoraxValueError
 from lorax.tree import mask
 
 
-def optimizer(tx: optax.GradientTransformation, tree: Any) -> optax.GradientTransformation:
-    """Wraps ``tx`` so that it updates only the adapter leaves of ``tree``.
+def optimizer(tx: optax.GradientTransformation, params: Any, /) -> optax.GradientTransformation:
+    """Wraps ``tx`` so that it updates only the adapter leaves of ``params``.
 
-    ``optax.masked(tx, lorax.mask(tree))`` alone passes the gradients of unmasked leaves
+    ``optax.masked(tx, lorax.mask(params))`` alone passes the gradients of unmasked leaves
     through unchanged (plain leaves such as biases would then move by their raw gradient);
     this chains it with ``optax.freeze`` of the rest. Frozen leaves hold no optimizer state.
 
     Args:
       tx: any optax transformation, e.g. ``optax.adamw(1e-4)``.
-      tree: the wrapped tree (from ``lorax.wrap``) whose structure the updates have.
+      params: the wrapped tree (from ``lorax.wrap``) whose structure the updates have.
 
     Returns:
       An ``optax.GradientTransformation`` for gradients with respect to the whole tree.
 
     Raises:
-      LoraxValueError: ``tree`` has no trainable arrays (it would train nothing).
+      LoraxValueError: ``params`` has no trainable arrays (it would train nothing).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, lorax
@@ -38,10 +38,10 @@ def optimizer(tx: optax.GradientTransformation, tree: Any) -> optax.GradientTran
       >>> float(jax.numpy.abs(updates["b"]).max()), updates["w"].a.shape
       (0.0, (4, 2))
     """
-    trainable = mask(tree)
+    trainable = mask(params)
     if not any(jax.tree.leaves(trainable)):  # every update would be zero: nothing trains
-        raise LoraxValueError(f"lorax.optimizer: tree has no trainable adapter arrays (got "
-                              f"{type(tree).__name__}); pass the tree from lorax.wrap / "
+        raise LoraxValueError(f"lorax.optimizer: the tree has no trainable adapter arrays (got "
+                              f"{type(params).__name__}); pass the tree from lorax.wrap / "
                               "lorax.unfreeze, not the base parameters")
     frozen = jax.tree.map(lambda m: not m, trainable)
     return optax.chain(optax.masked(tx, trainable), optax.freeze(frozen))

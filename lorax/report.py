@@ -79,11 +79,11 @@ def _count(x: Any) -> tuple[int, int]:
     return 0, 0
 
 
-def summary(tree: Any) -> Summary:
+def summary(params: Any, /) -> Summary:
     """Counts trainable and total parameters per module of a (wrapped) tree.
 
     Args:
-      tree: any parameter tree, typically from ``lorax.wrap``.
+      params: any parameter tree, typically from ``lorax.wrap``.
 
     Returns:
       A :class:`Summary`; ``print(summary)`` shows it as a table.
@@ -96,9 +96,9 @@ def summary(tree: Any) -> Summary:
       >>> s.trainable, s.total
       (64, 336)
     """
-    trainable_tree, _ = split(tree)
+    trainable_tree, _ = split(params)
     rows: dict[str, list[int]] = {}
-    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lorax_leaf)[0]
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lorax_leaf)[0]
     t_flat = jax.tree_util.tree_flatten_with_path(
         trainable_tree, is_leaf=lambda x: x is None or is_lorax_leaf(x))[0]
     for (path, leaf), (_, t_leaf) in zip(flat, t_flat):

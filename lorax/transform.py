@@ -233,7 +233,7 @@ def using_rules(rules: Mapping[Any, Rule]) -> Iterator[None]:
         _RULES.update(saved)
 
 
-def lora(fn: Callable, strict: bool = False) -> Callable:
+def lora(fn: Callable, /, *, strict: bool = False) -> Callable:
     """Transforms ``fn`` so that it accepts lorax leaves wherever it accepts arrays.
 
     Args:

@@ -17,11 +17,11 @@ def _leaf_parts(leaf: LoraxLeaf) -> tuple[LoraxLeaf, LoraxLeaf]:
             leaf.replace(**dict.fromkeys(leaf.trainable_fields)))
 
 
-def split(tree: Any) -> tuple[Any, Any]:
+def split(params: Any, /) -> tuple[Any, Any]:
     """Splits a wrapped tree into ``(trainable, frozen)``, with ``None`` in the holes.
 
     Args:
-      tree: a tree from ``lorax.wrap`` (or any pytree).
+      params: a tree from ``lorax.wrap`` (or any pytree).
 
     Returns:
       ``trainable`` holds only the adapter arrays (e.g. LoRA ``a``, ``b``); ``frozen`` holds
@@ -35,14 +35,14 @@ def split(tree: Any) -> tuple[Any, Any]:
       >>> [x.shape for x in jax.tree.leaves(trainable)]
       [(8, 2), (2, 8)]
     """
-    trainable = jax.tree.map(lambda x: _leaf_parts(x)[0] if is_lorax_leaf(x) else None, tree,
+    trainable = jax.tree.map(lambda x: _leaf_parts(x)[0] if is_lorax_leaf(x) else None, params,
                              is_leaf=is_lorax_leaf)
-    frozen = jax.tree.map(lambda x: _leaf_parts(x)[1] if is_lorax_leaf(x) else x, tree,
+    frozen = jax.tree.map(lambda x: _leaf_parts(x)[1] if is_lorax_leaf(x) else x, params,
                           is_leaf=is_lorax_leaf)
     return trainable, frozen
 
 
-def combine(trainable: Any, frozen: Any) -> Any:
+def combine(trainable: Any, frozen: Any, /) -> Any:
     """Inverse of :func:`split`: fills each ``None`` of one tree from the other.
 
     Args:
@@ -127,8 +127,8 @@ def _first_difference(t_flat, f_flat, t_def, f_def) -> str:
     return f"same paths but different node types or metadata:\n  {t_def}\n  {f_def}"
 
 
-def mask(tree: Any) -> Any:
-    """A bool tree of ``tree``'s structure: True on trainable adapter arrays.
+def mask(params: Any, /) -> Any:
+    """A bool tree of ``params``'s structure: True on trainable adapter arrays.
 
     ``lorax.optimizer(tx, lp)`` uses it; to build your own, make labels for
     ``optax.multi_transform`` from it, or pair ``optax.masked(tx, mask)`` with
@@ -141,12 +141,12 @@ def mask(tree: Any) -> Any:
       >>> jax.tree.leaves(lorax.mask(lp))
       [False, False, True, True]
     """
-    trainable, _ = split(tree)
-    return jax.tree.map(lambda t, x: t is not None, trainable, tree,
+    trainable, _ = split(params)
+    return jax.tree.map(lambda t, x: t is not None, trainable, params,
                         is_leaf=lambda x: x is None)
 
 
-def merge(tree: Any) -> Any:
+def merge(params: Any, /) -> Any:
     """Replaces every lorax leaf by its dense weight (for export or plain inference).
 
     Example:
@@ -165,7 +165,7 @@ def merge(tree: Any) -> Any:
         except NotMergeableError as e:  # e.g. a bottleneck adapter: say where
             raise NotMergeableError(f"lorax.merge: '{path_str(key_path)}': {e}") from None
 
-    return jax.tree_util.tree_map_with_path(dense, tree, is_leaf=is_lorax_leaf)
+    return jax.tree_util.tree_map_with_path(dense, params, is_leaf=is_lorax_leaf)
 
 
 def attach(params: Any, build: Callable[[str, Any], Any], *, what: str,

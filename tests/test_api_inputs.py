@@ -152,11 +152,11 @@ def test_equal_but_distinct_arrays_do_not_warn():
     (lambda: lorax.wrap(PARAMS, rank=2, alpha_pattern={"[": 1.0}),
      r"alpha_pattern key '\[' is not a valid regex"),
     (lambda: lorax.wrap(PARAMS, rank=2, stacked="(x"), r"stacked '\(x' is not a valid regex"),
-    (lambda: lorax.unfreeze(PARAMS, "(x"), r"lorax\.unfreeze: select '\(x' is not a valid"),
+    (lambda: lorax.unfreeze(PARAMS, targets="(x"), r"lorax\.unfreeze: targets '\(x' is not a valid"),
     (lambda: lorax.ia3(PARAMS, targets="(x"), r"targets '\(x' is not a valid regex"),
     (lambda: lorax.ia3(PARAMS, targets=["dense"], feedforward="(x"),
      r"lorax\.ia3: feedforward '\(x' is not a valid regex"),
-    (lambda: lorax.adapters(PARAMS, "(x"), r"targets '\(x' is not a valid regex"),
+    (lambda: lorax.adapters(PARAMS, targets="(x"), r"targets '\(x' is not a valid regex"),
 ])
 def test_bad_regex_names_the_argument(call, match):
     with _raises(match, ValueError):
@@ -176,12 +176,12 @@ def test_wrap_and_adapters_refuse_non_keys(key):
     with _raises(r"lorax\.wrap: key must be one PRNG key, jax\.random\.key", TypeError):
         lorax.wrap(PARAMS, rank=2, key=key)
     with _raises(r"lorax\.adapters: key must be one PRNG key", TypeError):
-        lorax.adapters(PARAMS, ["dense"], key=key)
+        lorax.adapters(PARAMS, targets=["dense"], key=key)
 
 
 def test_legacy_keys_are_accepted():
     lorax.wrap(PARAMS, rank=2, key=jax.random.PRNGKey(1))
-    lorax.adapters(PARAMS, ["dense"], key=jax.random.PRNGKey(1))
+    lorax.adapters(PARAMS, targets=["dense"], key=jax.random.PRNGKey(1))
 
 
 @pytest.mark.parametrize("rng", [123, "k", jnp.ones(2)])
@@ -219,8 +219,8 @@ def test_combine_with_factors_of_mixed_ranks():
 def test_combine_checks_other_leaf_kinds():
     small = {"k": {"kernel": jnp.ones((8, 4))}}
     big = {"k": {"kernel": jnp.ones((8, 6))}}
-    for build in (lambda p: lorax.ia3(p, ["k"]), lambda p: lorax.adapters(p, ["k"]),
-                  lambda p: lorax.wrap(p, rank=2, method="dora")):
+    for build in (lambda p: lorax.ia3(p, targets=["k"]), lambda p: lorax.adapters(p, targets=["k"]),
+                  lambda p: lorax.wrap(p, rank=2, dora=True)):
         t, _ = lorax.split(build(small))
         _, f = lorax.split(build(big))
         with _raises(r"lorax\.combine: at 'k/kernel' the trainable .* do not fit"):
@@ -315,14 +315,14 @@ def test_wrap_argument_types(kwargs, match, cls):
 
 
 @pytest.mark.parametrize("select, match, cls", [
-    (None, r"lorax\.unfreeze: select must be", TypeError),
-    (3, r"lorax\.unfreeze: select must be", TypeError),
-    (["bias", 3], r"lorax\.unfreeze: select must be", TypeError),
+    (None, r"lorax\.unfreeze: targets must be", TypeError),
+    (3, r"lorax\.unfreeze: targets must be", TypeError),
+    (["bias", 3], r"lorax\.unfreeze: targets must be", TypeError),
     (["bias", "bais"], r"lorax\.unfreeze: the names \['bais'\] select no plain array", ValueError),
 ])
 def test_unfreeze_select(select, match, cls):
     with _raises(match, cls):
-        lorax.unfreeze(PARAMS, select)
+        lorax.unfreeze(PARAMS, targets=select)
 
 
 @pytest.mark.parametrize("kwargs, match, cls", [
@@ -347,11 +347,11 @@ def test_ia3_arguments(kwargs, match, cls):
 ])
 def test_adapters_arguments(kwargs, match, cls):
     with _raises(r"lorax\.adapters: " + match, cls):
-        lorax.adapters(PARAMS, ["dense"], **kwargs)
+        lorax.adapters(PARAMS, targets=["dense"], **kwargs)
 
 
 def test_adapters_numpy_bottleneck_is_accepted():
-    tree = lorax.adapters(PARAMS, ["dense"], bottleneck=np.int64(3))
+    tree = lorax.adapters(PARAMS, targets=["dense"], bottleneck=np.int64(3))
     assert tree["dense"]["kernel"].down.shape == (6, 3)
 
 
@@ -377,15 +377,15 @@ def test_stack_arguments(trees, index, match, cls):
 @pytest.mark.parametrize("args, kwargs, match, cls", [
     (lambda: (_lp(), [1.0]), {}, r"trees must be a list of wrapped trees", TypeError),
     (lambda: ([_lp()], None), {}, r"weights must be a list of numbers", TypeError),
-    (lambda: ([_lp()], ["1"]), dict(method="cat"), r"weights\[0\] must be a real number",
+    (lambda: ([_lp()], ["1"]), dict(combination="cat"), r"weights\[0\] must be a real number",
      TypeError),
-    (lambda: ([_lp()], [math.nan]), dict(method="cat"), r"weights\[0\] must be finite",
+    (lambda: ([_lp()], [math.nan]), dict(combination="cat"), r"weights\[0\] must be finite",
      ValueError),
-    (lambda: ([_lp()], [1.0]), dict(method="svd", rank=0), r"rank must be a positive int",
+    (lambda: ([_lp()], [1.0]), dict(combination="svd", rank=0), r"rank must be a positive int",
      ValueError),
-    (lambda: ([_lp()], [1.0]), dict(method="svd", rank=2.5), r"rank must be a positive int",
+    (lambda: ([_lp()], [1.0]), dict(combination="svd", rank=2.5), r"rank must be a positive int",
      ValueError),
-    (lambda: ([_lp()], [1.0]), dict(method="cat", rank=2), r"rank is only for method='svd'",
+    (lambda: ([_lp()], [1.0]), dict(combination="cat", rank=2), r"rank is only for combination='svd'",
      ValueError),
 ])
 def test_add_weighted_arguments(args, kwargs, match, cls):
@@ -394,6 +394,6 @@ def test_add_weighted_arguments(args, kwargs, match, cls):
 
 
 def test_add_weighted_accepts_numpy_and_array_weights():
-    out = lorax.add_weighted([_lp(), _lp()], jnp.array([0.5, 0.5]), method="svd",
+    out = lorax.add_weighted([_lp(), _lp()], jnp.array([0.5, 0.5]), combination="svd",
                              rank=np.int64(2))
     assert out["dense"]["kernel"].rank == 2

@@ -215,7 +215,7 @@ def test_lora_dropout_rng(rng):
 @FUZZ
 @given(select=st.one_of(bad_regexes, st.lists(absent_names, min_size=1, max_size=2)))
 def test_unfreeze_select(select):
-    _raises_lorax_error(lambda: lorax.unfreeze(PARAMS, select), "select", "unfreeze")
+    _raises_lorax_error(lambda: lorax.unfreeze(PARAMS, targets=select), "targets", "unfreeze")
 
 
 @FUZZ
@@ -225,7 +225,7 @@ def test_unfreeze_select(select):
        method=st.sampled_from(["linear", "cat", "svd"]))
 def test_add_weighted_weights(weights, method):
     trees = [lorax.wrap(PARAMS, rank=2, key=jax.random.key(i)) for i in range(2)]
-    _raises_lorax_error(lambda: lorax.add_weighted(trees, weights, method=method), "weight")
+    _raises_lorax_error(lambda: lorax.add_weighted(trees, weights, combination=method), "weight")
 
 
 @FUZZ

@@ -49,7 +49,7 @@ def _reference_layers(params, tree, x, mode):
 def test_adapter_equals_reference_and_trains(mode):
     model, x = Net(), jax.random.normal(jax.random.key(0), (16, 3, 12))
     params = model.init(jax.random.key(1), x)["params"]
-    tree = lorax.adapters(params, ["proj"], bottleneck=4, mode=mode, activation="gelu")
+    tree = lorax.adapters(params, targets=["proj"], bottleneck=4, mode=mode, activation="gelu")
     apply = lorax.lora(model.apply)
     np.testing.assert_allclose(apply({"params": tree}, x), model.apply({"params": params}, x),
                                atol=1e-6)  # up = 0: unchanged at init
@@ -75,7 +75,7 @@ def test_adapter_equals_reference_and_trains(mode):
 def test_adapters_are_not_mergeable_and_say_where(tmp_path):
     model, x = Net(), jnp.ones((2, 3, 12))
     params = model.init(jax.random.key(1), x)["params"]
-    tree = lorax.adapters(params, ["proj"])
+    tree = lorax.adapters(params, targets=["proj"])
     with pytest.raises(ValueError, match=r"'ScanLayers/proj/kernel'.*cannot be merged"):
         lorax.merge(tree)
     with warnings.catch_warnings():
@@ -87,7 +87,7 @@ def test_adapters_are_not_mergeable_and_say_where(tmp_path):
     np.testing.assert_array_equal(lorax.lora(model.apply)({"params": loaded}, x),
                                   lorax.lora(model.apply)({"params": tree}, x))
     with pytest.raises(ValueError, match="2-D"):
-        lorax.adapters({"k": {"kernel": jnp.ones((4, 2, 3)), "bias": jnp.ones((2, 3))}}, ["k"])
+        lorax.adapters({"k": {"kernel": jnp.ones((4, 2, 3)), "bias": jnp.ones((2, 3))}}, targets=["k"])
 
 
 def test_adapter_on_nf4_base():
@@ -95,10 +95,10 @@ def test_adapter_on_nf4_base():
     params = model.init(jax.random.key(1), x)["params"]
     q = lorax.quantize(params, "nf4", targets=["proj", "inner"], compute_dtype=jnp.float32,
                        block_size=32)
-    tree = lorax.adapters(q, ["proj"], bottleneck=4, key=jax.random.key(3))
+    tree = lorax.adapters(q, targets=["proj"], bottleneck=4, key=jax.random.key(3))
     trainable, frozen = lorax.split(tree)
     trainable = jax.tree.map(lambda v: v + 0.3, trainable)
-    dense = lorax.adapters(lorax.merge(q), ["proj"], bottleneck=4, key=jax.random.key(3))
+    dense = lorax.adapters(lorax.merge(q), targets=["proj"], bottleneck=4, key=jax.random.key(3))
     dense = lorax.combine(jax.tree.map(lambda v: v + 0.3, lorax.split(dense)[0]),
                           lorax.split(dense)[1])
     with jax.default_matmul_precision("highest"):

@@ -152,7 +152,7 @@ def _adapters():
 @pytest.mark.parametrize("weights", [(0.7, 0.3), (1.0, -0.5)])
 def test_add_weighted_cat_is_the_weighted_sum(weights):
     t1, t2 = _adapters()
-    out = lorax.add_weighted([t1, t2], weights, method="cat")
+    out = lorax.add_weighted([t1, t2], weights, combination="cat")
     assert out["w"].rank == 5
     want = weights[0] * _delta(t1["w"]) + weights[1] * _delta(t2["w"])
     np.testing.assert_allclose(_delta(out["w"]), want, atol=1e-5)
@@ -160,25 +160,25 @@ def test_add_weighted_cat_is_the_weighted_sum(weights):
 
 def test_add_weighted_linear():
     t1, t2 = _adapters()
-    one = lorax.add_weighted([t1], [0.4], method="linear")
+    one = lorax.add_weighted([t1], [0.4], combination="linear")
     np.testing.assert_allclose(_delta(one["w"]), 0.4 * _delta(t1["w"]), atol=1e-5)
     # two adapters: peft's definition, (sum_i c_i A_i)(sum_i c_i B_i), c_i = sqrt(w_i s_i)
     leaf = t1["w"]
     t3 = randomize_b(lorax.wrap({"w": leaf.base}, rank=3, alpha=2, key=jax.random.key(7)),
                      jax.random.key(6))
-    two = lorax.add_weighted([t1, t3], [0.5, 0.25], method="linear")
+    two = lorax.add_weighted([t1, t3], [0.5, 0.25], combination="linear")
     c1, c3 = np.sqrt(0.5 * leaf.scale), np.sqrt(0.25 * t3["w"].scale)
     a = c1 * np.asarray(leaf.a, np.float64) + c3 * np.asarray(t3["w"].a, np.float64)
     b = c1 * np.asarray(leaf.b, np.float64) + c3 * np.asarray(t3["w"].b, np.float64)
     np.testing.assert_allclose(_delta(two["w"]), a @ b, atol=1e-5)
     with pytest.raises(ValueError, match="equal ranks"):
-        lorax.add_weighted([t1, t2], [0.5, 0.5], method="linear")
+        lorax.add_weighted([t1, t2], [0.5, 0.5], combination="linear")
 
 
 @pytest.mark.parametrize("rank", [1, 2, 4])
 def test_add_weighted_svd_is_the_best_rank_r_approximation(rank):
     t1, t2 = _adapters()
-    out = lorax.add_weighted([t1, t2], [0.6, 0.9], method="svd", rank=rank)
+    out = lorax.add_weighted([t1, t2], [0.6, 0.9], combination="svd", rank=rank)
     target = 0.6 * _delta(t1["w"]) + 0.9 * _delta(t2["w"])
     u, s, vt = np.linalg.svd(target)
     best = (u[:, :rank] * s[:rank]) @ vt[:rank]  # Eckart-Young
@@ -190,7 +190,7 @@ def test_add_weighted_stacked_and_errors():
     params, lp = _small()
     other = randomize_b(lorax.wrap(params, rank=4, key=jax.random.key(9), stacked=r"stack/.*",
                                    rank_pattern={"stack": 2}), jax.random.key(8))
-    out = lorax.add_weighted([lp, other], [1.0, 1.0], method="svd", rank=2)
+    out = lorax.add_weighted([lp, other], [1.0, 1.0], combination="svd", rank=2)
     for layer in range(3):
         a = lorax.merge(lp)["stack"]["kernel"][layer] - params["stack"]["kernel"][layer]
         b = lorax.merge(other)["stack"]["kernel"][layer] - params["stack"]["kernel"][layer]
@@ -198,7 +198,7 @@ def test_add_weighted_stacked_and_errors():
         u, s, vt = np.linalg.svd(np.asarray(a + b, np.float64))
         np.testing.assert_allclose(got, (u[:, :2] * s[:2]) @ vt[:2], atol=1e-4)
     with pytest.raises(ValueError, match="method"):
-        lorax.add_weighted([lp], [1.0], method="ties")
+        lorax.add_weighted([lp], [1.0], combination="ties")
     with pytest.raises(ValueError, match="one weight per tree"):
         lorax.add_weighted([lp, other], [1.0])
     with pytest.raises(ValueError, match="another structure"):

@@ -61,7 +61,7 @@ def _dense_reference(lp):
 def test_dora_equals_merged_and_dense_gradients(model, shape):
     x = jax.random.normal(jax.random.key(0), shape)
     params = model.init(jax.random.key(1), x)["params"]
-    lp = lorax.wrap(params, rank=3, alpha=6, method="dora", key=jax.random.key(2))
+    lp = lorax.wrap(params, rank=3, alpha=6, dora=True, key=jax.random.key(2))
     with jax.default_matmul_precision("highest"):
         np.testing.assert_allclose(lorax.lora(model.apply)({"params": lp}, x),
                                    model.apply({"params": params}, x), atol=1e-5)  # at init
@@ -86,7 +86,7 @@ def test_dora_on_nf4_base_trains():
     y = jnp.sin(3 * x)
     params = model.init(jax.random.key(1), x)["params"]
     q = lorax.quantize(params, "nf4", compute_dtype=jnp.float32)
-    lp = lorax.wrap(q, rank=4, method="dora", key=jax.random.key(2))
+    lp = lorax.wrap(q, rank=4, dora=True, key=jax.random.key(2))
     trainable, frozen = lorax.split(lp)
     apply = lorax.lora(model.apply)
     loss = lambda t: ((apply({"params": lorax.combine(t, frozen)}, x) - y) ** 2).mean()  # noqa
@@ -99,7 +99,7 @@ def test_dora_on_nf4_base_trains():
 
 def test_dora_checkpoint_round_trip(tmp_path):
     params = Net().init(jax.random.key(1), jnp.ones((1, 16)))["params"]
-    lp = _perturb(lorax.wrap(params, rank=3, method="dora"), jax.random.key(4))
+    lp = _perturb(lorax.wrap(params, rank=3, dora=True), jax.random.key(4))
     lorax.save(tmp_path / "dora", lp)
     loaded = lorax.load(tmp_path / "dora", params)
     assert isinstance(loaded["up"]["kernel"], lorax.DoraWeight)
@@ -124,7 +124,7 @@ def test_dora_equals_peft(tmp_path, name):
     module = gpt2 if name == "gpt2" else llama
     targets = ["c_attn", "c_fc"] if name == "gpt2" else ["q_proj", "v_proj", "down_proj"]
     model, params = module.from_pretrained(tmp_path / "base", scan_layers=True)
-    lp = _perturb(lorax.wrap(params, rank=4, alpha=8, targets=targets, method="dora",
+    lp = _perturb(lorax.wrap(params, rank=4, alpha=8, targets=targets, dora=True,
                              key=jax.random.key(0)), jax.random.key(1))
     lorax.export_peft(tmp_path / "ours", lp, model=model)
     ids = _tokens()

@@ -337,7 +337,7 @@ def test_adapter_factor_shapes(adapter):
 
 def test_dora_magnitude_shape_is_checked(saved, tmp_path):
     model, params = gpt2.from_pretrained(saved["gpt2"][0])
-    lp = lorax.wrap(params, rank=4, targets=["c_attn"], method="dora")
+    lp = lorax.wrap(params, rank=4, targets=["c_attn"], dora=True)
     directory = lorax.export_peft(tmp_path / "dora", lp)
     key = "base_model.model.transformer.h.0.attn.c_attn.lora_magnitude_vector"
     _rewrite_tensors(directory, _set(key, lambda m: m[:-1]))

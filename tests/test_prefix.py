@@ -93,7 +93,7 @@ def test_prefix_and_prompt_save_and_load(tmp_path):
 
     model, _ = MODELS[1]
     prefix = init_prefix(model, 3, jax.random.key(4), hidden=8)
-    lorax.save(tmp_path / "prefix", lorax.unfreeze(prefix, ".*"))
+    lorax.save(tmp_path / "prefix", lorax.unfreeze(prefix, targets=".*"))
     template = init_prefix(model, 3, jax.random.key(0), hidden=8)
     loaded = lorax.merge(lorax.load(tmp_path / "prefix", template))
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(prefix)):

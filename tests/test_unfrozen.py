@@ -28,7 +28,7 @@ def _setup():
 def test_bitfit_and_lora_train_only_what_they_should():
     model, x, params = _setup()
     y = jnp.sin(x[:, :3])
-    tree = lorax.unfreeze(lorax.wrap(params, rank=2, targets=["body"]), ["bias"])
+    tree = lorax.unfreeze(lorax.wrap(params, rank=2, targets=["body"]), targets=["bias"])
     trainable, frozen = lorax.split(tree)
     names = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(trainable)}
     assert any("bias" in n for n in names) and any(".a" in n for n in names)
@@ -49,7 +49,7 @@ def test_bitfit_and_lora_train_only_what_they_should():
 
 def test_modules_to_save_round_trip(tmp_path):
     model, x, params = _setup()
-    tree = lorax.unfreeze(lorax.wrap(params, rank=2, targets=["body"]), ["head", "norm"])
+    tree = lorax.unfreeze(lorax.wrap(params, rank=2, targets=["body"]), targets=["head", "norm"])
     trainable, frozen = lorax.split(tree)
     trainable = jax.tree.map(lambda v: v + 1.0, trainable)
     tree = lorax.combine(trainable, frozen)
@@ -62,4 +62,4 @@ def test_modules_to_save_round_trip(tmp_path):
     with pytest.raises(ValueError, match=r"'head/bias'.*\(3,\).*\(4,\)"):
         lorax.load(tmp_path / "ckpt", other)
     with pytest.raises(ValueError, match="selects no plain array"):
-        lorax.unfreeze(params, ["nothing"])
+        lorax.unfreeze(params, targets=["nothing"])

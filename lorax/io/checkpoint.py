@@ -92,8 +92,8 @@ def digest(leaves: dict[str, Any], arrays: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-def save(target: str | os.PathLike | ocp.CheckpointManager, tree: Any,
-         step: int | None = None, *, force: bool = False, check_finite: bool = True) -> None:
+def save(target: str | os.PathLike | ocp.CheckpointManager, tree: Any, /, *,
+         step: int | None = None, force: bool = False, check_finite: bool = True) -> None:
     """Saves the adapter of ``tree`` (never its base weights).
 
     A save never loses the checkpoint it replaces: the new one is written completely beside
@@ -288,7 +288,7 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
             and (path / "adapter").is_dir())
 
 
-def load(source: str | os.PathLike | ocp.CheckpointManager, base: Any,
+def load(source: str | os.PathLike | ocp.CheckpointManager, base: Any, /, *,
          step: int | None = None) -> Any:
     """Rebuilds the wrapped tree: the saved adapter on ``base``.
 

@@ -278,7 +278,7 @@ def module_map(params: Any, model: Any) -> dict[str, list[tuple[str, int | None]
             for path, entries in peft_module_map(params, model).modules.items()}
 
 
-def export_peft(directory: str | os.PathLike, tree: Any, model: Any = "gpt2",
+def export_peft(directory: str | os.PathLike, tree: Any, /, *, model: Any = "gpt2",
                 base_model_name: str | None = None) -> Path:
     """Writes the LoRA leaves of ``tree`` as a Hugging Face PEFT adapter directory.
 
@@ -325,7 +325,7 @@ def export_peft(directory: str | os.PathLike, tree: Any, model: Any = "gpt2",
         dropouts.add(leaf.dropout)
         if path not in names:
             raise LoraxValueError(f"lorax.export_peft: no Hugging Face module is known for "
-                                  f"'{path}'; pass model=... matching the tree, or a mapping")
+                                  f"'{path}'; pass ... matching the tree, or a mapping")
         a, b = np.asarray(jax.device_get(leaf.a)), np.asarray(jax.device_get(leaf.b))
         stacked = names[path][0][1] is not None
         if stacked and (a.ndim < 3 or a.shape[0] != len(names[path])):
@@ -447,7 +447,7 @@ def _read_tensors(file: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def import_peft(directory: str | os.PathLike, params: Any, model: Any = "gpt2",
+def import_peft(directory: str | os.PathLike, params: Any, /, *, model: Any = "gpt2",
                 dtype: Any = None) -> Any:
     """Puts the LoRA adapter in a Hugging Face PEFT directory onto ``params``.
 

@@ -12,12 +12,11 @@ from typing import Any, Callable, ClassVar
 import jax
 import jax.numpy as jnp
 
-from lorax._checks import check_key, floating_dtype, positive_int
+from lorax._build import Site, build
+from lorax._checks import floating_dtype, positive_int
 from lorax.errors import LoraxValueError, NotMergeableError
-from lorax.layout import infer_in_axes, infer_stack_axes
 from lorax.leaf import OverBase, input_product, register_leaf, shape_of, static_field, unfit
-from lorax.paths import FlatTree
-from lorax.targets import Targets, select
+from lorax.targets import Targets
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu, "gelu": jax.nn.gelu, "silu": jax.nn.silu, "tanh": jnp.tanh}
@@ -84,7 +83,7 @@ class AdapterWeight(OverBase):
         return y + (hidden @ self.up.astype(hidden.dtype)).astype(y.dtype)
 
 
-def adapters(params: Any, targets: Targets, bottleneck: int = 16, mode: str = "serial",
+def adapters(params: Any, /, *, targets: Targets, bottleneck: int = 16, mode: str = "serial",
              activation: str = "relu", key: jax.Array | None = None, dtype: Any = None) -> Any:
     """Returns ``params`` with bottleneck adapters on the targeted 2-D kernels.
 
@@ -95,7 +94,8 @@ def adapters(params: Any, targets: Targets, bottleneck: int = 16, mode: str = "s
       mode: "serial" (fed by the projection's output, as Houlsby) or "parallel" (fed by
         its input).
       activation: one of ``ACTIVATIONS``.
-      key: PRNG key for the down-projections; default ``jax.random.key(0)``.
+      key: PRNG key for the random down-projections, split per adapted weight. Default
+        ``jax.random.key(0)``: two calls without a key give the same adapters.
       dtype: dtype of the adapter; default the base's promoted to at least float32.
 
     Returns:
@@ -104,7 +104,8 @@ def adapters(params: Any, targets: Targets, bottleneck: int = 16, mode: str = "s
 
     Example:
       >>> import jax.numpy as jnp, lorax
-      >>> t = lorax.adapters({"proj": {"kernel": jnp.ones((8, 6))}}, ["proj"], bottleneck=2)
+      >>> t = lorax.adapters({"proj": {"kernel": jnp.ones((8, 6))}}, targets=["proj"],
+      ...                    bottleneck=2)
       >>> t["proj"]["kernel"].down.shape, t["proj"]["kernel"].up.shape
       ((6, 2), (2, 6))
     """
@@ -115,17 +116,11 @@ def adapters(params: Any, targets: Targets, bottleneck: int = 16, mode: str = "s
                               f"got {activation!r}")
     bottleneck = positive_int(bottleneck, "lorax.adapters: bottleneck")
     dtype = floating_dtype(dtype, "lorax.adapters: dtype")
-    if key is not None:
-        check_key(key, "lorax.adapters: key")
-    tree = FlatTree.of(params)
-    chosen = select(targets, tree.paths, tree.leaves)
-    keys = jax.random.split(jax.random.key(0) if key is None else key, max(len(chosen), 1))
-    out = list(tree.leaves)
-    for k, i in zip(keys, sorted(chosen)):
-        path, leaf = tree.paths[i], tree.leaves[i]
-        siblings = tree.siblings(path)
-        ns = infer_stack_axes(path, leaf.shape, siblings)
-        if len(leaf.shape) - ns != 2 or infer_in_axes(leaf.shape, siblings, ns) != 1:
+
+    def make(site: Site) -> AdapterWeight:
+        path, leaf, k = site.path, site.leaf, site.key
+        ns = site.stack_axes()
+        if len(leaf.shape) - ns != 2 or site.in_axes(ns) != 1:
             raise LoraxValueError(f"lorax.adapters: '{path}' has shape {tuple(leaf.shape)}; "
                                   "adapters go on 2-D (per layer) kernels")
         stack, (d_in, d_out) = tuple(leaf.shape[:ns]), tuple(leaf.shape[ns:])
@@ -134,5 +129,7 @@ def adapters(params: Any, targets: Targets, bottleneck: int = 16, mode: str = "s
         bound = 1.0 / math.sqrt(fan)
         down = jax.random.uniform(k, stack + (fan, bottleneck), vdtype, -bound, bound)
         up = jnp.zeros(stack + (bottleneck, d_out), vdtype)
-        out[i] = AdapterWeight(leaf, down, up, mode=mode, activation=activation)
-    return tree.rebuild(out)
+        return AdapterWeight(leaf, down, up, mode=mode, activation=activation)
+
+    return build(params, make, targets=targets,
+                 key=jax.random.key(0) if key is None else key, what="lorax.adapters")

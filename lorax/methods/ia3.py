@@ -11,13 +11,12 @@ from typing import Any, ClassVar, Sequence
 import jax
 import jax.numpy as jnp
 
+from lorax._build import Site, build
 from lorax._checks import compile_regex, floating_dtype
 from lorax.errors import LoraxTypeError, LoraxValueError
-from lorax.layout import infer_in_axes, infer_stack_axes
 from lorax.leaf import (OverBase, input_product, materialize, register_leaf, shape_of,
                         static_field, unfit)
-from lorax.paths import FlatTree
-from lorax.targets import Targets, select
+from lorax.targets import Targets
 
 
 @register_leaf(kind="ia3", aliases=("IA3Weight",))
@@ -88,7 +87,7 @@ class IA3Weight(OverBase):
         return out
 
 
-def ia3(params: Any, targets: Targets, feedforward: Sequence[str] | str | None = None,
+def ia3(params: Any, /, *, targets: Targets, feedforward: Sequence[str] | str | None = None,
         dtype: Any = None) -> Any:
     """Returns ``params`` with IA3 leaves on the targeted weights.
 
@@ -118,29 +117,29 @@ def ia3(params: Any, targets: Targets, feedforward: Sequence[str] | str | None =
                                           and all(isinstance(n, str) for n in feedforward)):
         raise LoraxTypeError("lorax.ia3: feedforward must be None, a regex (str) or a list of "
                              f"module names (str); got {feedforward!r}")
-    tree = FlatTree.of(params)
-    chosen = select(targets, tree.paths, tree.leaves)
-    adapted = [tree.paths[i] for i in sorted(chosen)]
     names = () if ff_regex is not None else tuple(feedforward or ())
-    unmatched = sorted(n for n in names if not any(n in p.split("/") for p in adapted))
-    if ff_regex is not None and not any(ff_regex.fullmatch(p) for p in adapted):
-        unmatched = [feedforward]
-    if unmatched:  # a typo would silently scale the outputs instead of the inputs
-        raise LoraxValueError(f"lorax.ia3: feedforward {unmatched} matches no targeted path; "
-                              "the targeted paths are: " + ", ".join(adapted[:40]))
-    out = list(tree.leaves)
-    for i in sorted(chosen):
-        path, leaf = tree.paths[i], tree.leaves[i]
+
+    def check(sites: list[Site]) -> None:
+        adapted = [s.path for s in sites]
+        unmatched = sorted(n for n in names if not any(n in p.split("/") for p in adapted))
+        if ff_regex is not None and not any(ff_regex.fullmatch(p) for p in adapted):
+            unmatched = [feedforward]
+        if unmatched:  # a typo would silently scale the outputs instead of the inputs
+            raise LoraxValueError(f"lorax.ia3: feedforward {unmatched} matches no targeted "
+                                  "path; the targeted paths are: " + ", ".join(adapted[:40]))
+
+    def make(site: Site) -> IA3Weight:
+        path, leaf = site.path, site.leaf
         if ff_regex is not None:
             on_input = ff_regex.fullmatch(path) is not None
         else:
             on_input = any(n in path.split("/") for n in names)
-        siblings = tree.siblings(path)
-        ns = infer_stack_axes(path, leaf.shape, siblings)
-        ni = infer_in_axes(leaf.shape, siblings, ns)
+        ns = site.stack_axes()
+        ni = site.in_axes(ns)
         no = len(leaf.shape) - ns - ni
         axes = leaf.shape[:ns] + (leaf.shape[ns:ns + ni] if on_input else leaf.shape[ns + ni:])
         vdtype = dtype if dtype is not None else jnp.promote_types(leaf.dtype, jnp.float32)
-        out[i] = IA3Weight(leaf, jnp.ones(axes, vdtype), n_in=ni, n_out=no,
-                           on="in" if on_input else "out")
-    return tree.rebuild(out)
+        return IA3Weight(leaf, jnp.ones(axes, vdtype), n_in=ni, n_out=no,
+                         on="in" if on_input else "out")
+
+    return build(params, make, targets=targets, check=check, what="lorax.ia3")

@@ -74,7 +74,7 @@ class MultiLoraWeight(OverBase):
         return y + low.astype(y.dtype)
 
 
-def stack(trees: Sequence[Any], index: Any) -> Any:
+def stack(trees: Sequence[Any], index: Any, /) -> Any:
     """One tree serving several LoRA adapters of the same base, row by row.
 
     Args:

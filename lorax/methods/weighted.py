@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import math
 from typing import Any, Sequence
 
@@ -62,20 +64,22 @@ def _combine_leaf(path: str, leaves: Sequence[LoraWeight], weights: Sequence[flo
     return LoraWeight(first.base, a.astype(first.a.dtype), b.astype(first.b.dtype), scale=1.0)
 
 
-def add_weighted(trees: Sequence[Any], weights: Sequence[float], method: str = "linear",
-                 rank: int | None = None) -> Any:
+def add_weighted(trees: Sequence[Any], weights: Sequence[float], /, *,
+                 combination: str = "linear", rank: int | None = None,
+                 method: str | None = None) -> Any:
     """One adapter from several of the same base: ``sum_i weights[i] * delta_i``.
 
     Args:
       trees: wrapped trees over the same base, with LoRA leaves at the same paths.
       weights: one weight per tree.
-      method: ``"cat"`` concatenates the factors along the rank (exact, rank = sum of
+      combination: (peft's ``combination_type``) ``"cat"`` concatenates the factors along the rank (exact, rank = sum of
         ranks); ``"svd"`` takes the best rank-``rank`` approximation of the weighted sum of
         the deltas per layer (default rank: the largest input rank); ``"linear"`` adds the
         factors scaled by ``sqrt(weight * scale)`` (equal ranks), peft's definition: the
         delta is ``(sum c_i A_i)(sum c_i B_i)``, which has cross terms, so it equals the
         weighted sum of the deltas for a single adapter only; use "cat" for exactness.
       rank: the rank for ``"svd"`` (a positive int; only with ``"svd"``).
+      method: the deprecated name of ``combination``; warns.
 
     Returns:
       A tree with the first tree's base and the combined LoRA leaves (scale 1).
@@ -85,11 +89,16 @@ def add_weighted(trees: Sequence[Any], weights: Sequence[float], method: str = "
       >>> w = {"w": jnp.ones((8, 8))}
       >>> t1 = lorax.wrap(w, rank=2, key=jax.random.key(1))
       >>> t2 = lorax.wrap(w, rank=3, key=jax.random.key(2))
-      >>> lorax.add_weighted([t1, t2], [0.5, 0.5], method="cat")["w"].rank
+      >>> lorax.add_weighted([t1, t2], [0.5, 0.5], combination="cat")["w"].rank
       5
     """
+    if method is not None:
+        warnings.warn("lorax.add_weighted: method= is deprecated; pass combination=",
+                      DeprecationWarning, stacklevel=2)
+        combination = method
+    method = combination
     if method not in METHODS:
-        raise LoraxValueError(f"lorax.add_weighted: method must be one of {METHODS}; "
+        raise LoraxValueError(f"lorax.add_weighted: combination must be one of {METHODS}; "
                               f"got {method!r}")
     if not isinstance(trees, (list, tuple)):  # one tree (a dict) would combine its keys
         raise LoraxTypeError(f"lorax.add_weighted: trees must be a list of wrapped trees; got "
@@ -108,8 +117,8 @@ def add_weighted(trees: Sequence[Any], weights: Sequence[float], method: str = "
             raise LoraxValueError(f"lorax.add_weighted: weights[{i}] must be finite; got {w!r}")
     if rank is not None:
         if method != "svd":  # would be ignored: say so rather than return another rank
-            raise LoraxValueError(f"lorax.add_weighted: rank is only for method='svd'; got "
-                                  f"rank={rank!r} with method={method!r}")
+            raise LoraxValueError(f"lorax.add_weighted: rank is only for combination='svd'; "
+                                  f"got rank={rank!r} with combination={method!r}")
         rank = positive_int(rank, "lorax.add_weighted: rank")
     flats = [jax.tree_util.tree_flatten_with_path(t, is_leaf=is_lorax_leaf) for t in trees]
     treedef = flats[0][1]

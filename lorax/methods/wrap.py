@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
 import warnings
@@ -13,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorax._checks import (
-    check_key,
     compile_regex,
     floating_dtype,
     is_real_scalar,
@@ -26,17 +24,18 @@ from lorax.leaf import is_lorax_leaf
 from lorax.methods import lora_init
 from lorax.methods.dora import dora_from_lora
 from lorax.methods.lora import LoraWeight
-from lorax.paths import FlatTree
-from lorax.targets import Targets, pattern_matches, select
+from lorax._build import Site, build
+from lorax.targets import Targets, pattern_matches
 
 _INITS = ("kaiming", "gaussian", "pissa", "olora", "loftq")
 
 
-def wrap(params: Any, rank: int = 8, alpha: float | None = None, targets: Targets = None,
-         key: jax.Array | None = None, rank_pattern: Mapping[str, int] | None = None,
+def wrap(params: Any, /, *, rank: int = 8, alpha: float | None = None,
+         targets: Targets = None, key: jax.Array | None = None,
+         rank_pattern: Mapping[str, int] | None = None,
          alpha_pattern: Mapping[str, float] | None = None, rslora: bool = False,
-         dtype: Any = None, init: str = "kaiming", stacked: Any = None,
-         method: str = "lora", dropout: float = 0.0) -> Any:
+         dtype: Any = None, init: str = "kaiming", stacked: Any = None, dora: bool = False,
+         dropout: float = 0.0, method: str | None = None) -> Any:
     """Returns ``params`` with the targeted weights replaced by :class:`LoraWeight` leaves.
 
     Each LoRA leaf keeps the original weight as its frozen base (never copied) and adds
@@ -54,8 +53,9 @@ def wrap(params: Any, rank: int = 8, alpha: float | None = None, targets: Target
       targets: a regex matched in full against the '/'-joined path, a list of module names
         (path components), a callable ``(path, leaf) -> bool | LoraSpec``, or None for
         every floating weight of rank >= 2 except embedding tables.
-      key: PRNG key for ``A`` (``jax.random.key(...)`` or a legacy uint32[2] key); default
-        ``jax.random.key(0)``.
+      key: PRNG key for the random ``A`` (``jax.random.key(...)`` or a legacy uint32[2]
+        key), split per adapted weight. Default ``jax.random.key(0)``: two calls without a
+        key give the same factors; pass one per run or per adapter you want to differ.
       rank_pattern: per-path rank overrides ``{name_or_regex: rank}``: a key applies to the
         adapted weights one of whose path components it is, or whose whole path it matches
         as a regex; the first key that applies wins, and a key that applies to no adapted
@@ -72,8 +72,9 @@ def wrap(params: Any, rank: int = 8, alpha: float | None = None, targets: Target
         with the same leading axis).
       dropout: LoRA dropout rate on the low-rank path's input (as peft's ``lora_dropout``);
         it is applied when the transformed function gets ``dropout_rng=key``.
-      method: ``"lora"``, or ``"dora"`` for :class:`lorax.DoraWeight` leaves (LoRA plus a
-        magnitude per output feature, initialised to the base's norms).
+      dora: :class:`lorax.DoraWeight` leaves (LoRA plus a magnitude per output feature,
+        initialised to the base's norms), as peft's ``use_dora``.
+      method: deprecated spelling of ``dora`` (``"lora"`` / ``"dora"``); warns.
 
     Returns:
       A tree of the same structure with :class:`LoraWeight` leaves where targeted.
@@ -101,38 +102,42 @@ def wrap(params: Any, rank: int = 8, alpha: float | None = None, targets: Target
         raise LoraxTypeError(f"lorax.wrap: dropout must be a number in [0, 1); got {dropout!r}")
     if not 0.0 <= dropout < 1.0:
         raise LoraxValueError(f"lorax.wrap: dropout must be in [0, 1); got {dropout!r}")
-    if method not in ("lora", "dora"):
-        raise LoraxValueError(f"lorax.wrap: method must be 'lora' or 'dora'; got {method!r}")
+    if method is not None:
+        if method not in ("lora", "dora"):
+            raise LoraxValueError(f"lorax.wrap: method must be 'lora' or 'dora'; got {method!r}")
+        warnings.warn("lorax.wrap: method= is deprecated; pass dora=True for DoRA (method="
+                      "'lora' is the default)", DeprecationWarning, stacklevel=2)
+        dora = dora or method == "dora"
+    if not isinstance(dora, (bool, np.bool_)):
+        raise LoraxTypeError(f"lorax.wrap: dora must be a bool; got {dora!r}")
     if not isinstance(rslora, (bool, np.bool_)):
         raise LoraxTypeError(f"lorax.wrap: rslora must be a bool; got {rslora!r}")
     dtype = floating_dtype(dtype, "lorax.wrap: dtype")
-    if key is not None:
-        check_key(key, "lorax.wrap: key")
     if alpha is not None:
         check_alpha(alpha, "lorax.wrap: alpha")
     rank_pattern = _patterns(rank_pattern, "rank_pattern")
     alpha_pattern = _patterns(alpha_pattern, "alpha_pattern")
-    tree = FlatTree.of(params)
-    chosen = select(targets, tree.paths, tree.leaves)
-    adapted = [tree.paths[i] for i in sorted(chosen)]
-    for name, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
-        _check_pattern_keys(name, patterns, adapted)
-    _warn_tied(tree, sorted(chosen))
-    key = jax.random.key(0) if key is None else key
-    keys = jax.random.split(key, max(len(chosen), 1))
-    out = list(tree.leaves)
-    for k, (i, spec) in zip(keys, sorted(chosen.items())):
-        path, leaf = tree.paths[i], tree.leaves[i]
+
+    def check(sites: list[Site]) -> None:
+        adapted = [s.path for s in sites]
+        for name, patterns in (("rank_pattern", rank_pattern),
+                               ("alpha_pattern", alpha_pattern)):
+            _check_pattern_keys(name, patterns, adapted)
+        _warn_tied(sites)
+
+    def make(site: Site) -> Any:
+        path, spec = site.path, site.spec
         r = _resolve(spec.rank, rank_pattern, "rank", rank, path, positive_int)
         a_ = _resolve(spec.alpha, alpha_pattern, "alpha", alpha, path, check_alpha)
-        out[i] = make_lora_leaf(path, leaf, r, a_, k, siblings=tree.siblings(path),
-                                rslora=rslora, dtype=dtype, init=init, in_axes=spec.in_axes,
-                                stack_axes=stack_axes_for(stacked, spec.stack_axes, path))
-        if method == "dora":
-            out[i] = dora_from_lora(out[i])
-        if dropout:
-            out[i] = dataclasses.replace(out[i], dropout=float(dropout))
-    return tree.rebuild(out)
+        leaf = make_lora_leaf(path, site.leaf, r, a_, site.key, siblings=site.siblings,
+                              rslora=rslora, dtype=dtype, init=init, in_axes=spec.in_axes,
+                              stack_axes=stack_axes_for(stacked, spec.stack_axes, path))
+        if dora:
+            leaf = dora_from_lora(leaf)
+        return leaf.replace(dropout=float(dropout)) if dropout else leaf
+
+    return build(params, make, targets=targets, key=jax.random.key(0) if key is None else key,
+                 check=check, what="lorax.wrap")
 
 
 def check_alpha(value: Any, what: str) -> float:
@@ -184,17 +189,17 @@ def _resolve(explicit: Any, patterns: Mapping[str, Any], what: str, default: Any
     return default if default is None else check(default, f"lorax.wrap: {what} for '{path}'")
 
 
-def _warn_tied(tree: FlatTree, chosen: list[int]) -> None:
+def _warn_tied(sites: list[Site]) -> None:
     """Warns when one array object is at several targeted paths (tied weights)."""
     first: dict[int, str] = {}
-    for i in chosen:
-        path = tree.paths[i]
-        other = first.setdefault(id(tree.leaves[i]), path)
+    for site in sites:
+        path = site.path
+        other = first.setdefault(id(site.leaf), path)
         if other != path:
             warnings.warn(f"lorax.wrap: '{other}' and '{path}' are the same array (tied "
                           "weights); each gets its own adapter over the shared base, so they "
                           "are no longer tied once trained. Target only one of them to keep "
-                          "them tied.", LoraxTiedWeightWarning, stacklevel=3)
+                          "them tied.", LoraxTiedWeightWarning, stacklevel=5)
 
 
 def _is_int(x: Any) -> bool:

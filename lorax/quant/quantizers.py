@@ -25,9 +25,8 @@ import numpy as np
 
 from lorax._checks import floating_dtype, require_finite
 from lorax.errors import LoraxTypeError, LoraxValueError
-from lorax.layout import infer_in_axes, infer_stack_axes, stack_axes_for
 from lorax.leaf import is_lorax_leaf
-from lorax.paths import FlatTree
+from lorax._build import Site, build
 from lorax.quant.formats import (
     DYNAMIC_MAP,
     NESTED_BLOCK,
@@ -39,7 +38,7 @@ from lorax.quant.formats import (
     _normalize,
     _to_torch_order,
 )
-from lorax.targets import Targets, select
+from lorax.targets import Targets
 
 
 def _compute_dtype(value: Any, where: str) -> str:
@@ -141,9 +140,9 @@ def _int8(w: jax.Array, compute_dtype: str, stack: int, in_axes: int) -> Int8Wei
     return Int8Weight(codes=codes, scale=scale, compute_dtype=compute_dtype)
 
 
-def quantize(params: Any, method: str = "nf4", block_size: int = 64, double_quant: bool = True,
-             targets: Targets = None, compute_dtype: Any = jnp.bfloat16,
-             stacked: Any = None) -> Any:
+def quantize(params: Any, /, method: str = "nf4", *, targets: Targets = None,
+             block_size: int = 64, double_quant: bool = True,
+             compute_dtype: Any = jnp.bfloat16, stacked: Any = None) -> Any:
     """Replaces the targeted weights of ``params`` by quantized frozen leaves.
 
     Args:
@@ -177,28 +176,23 @@ def quantize(params: Any, method: str = "nf4", block_size: int = 64, double_quan
         raise LoraxValueError(f"lorax.quantize: method must be 'nf4' or 'int8'; got {method!r}")
     _check_nf4_options(block_size, double_quant, "lorax.quantize")
     dtype = _compute_dtype(compute_dtype, "lorax.quantize")
-    tree = FlatTree.of(params)
-    chosen = select(targets, tree.paths, tree.leaves)
-    out = list(tree.leaves)
-    for i, spec in chosen.items():
-        path, leaf = tree.paths[i], tree.leaves[i]
+
+    def make(site: Site) -> Any:
+        path, leaf = site.path, site.leaf
         if is_lorax_leaf(leaf):
             raise LoraxValueError(f"lorax.quantize: '{path}' is already a {type(leaf).__name__}; "
                                   "quantize the dense tree before wrapping it")
-        siblings = tree.siblings(path)
-        stack = stack_axes_for(stacked, spec.stack_axes, path)
-        stack = infer_stack_axes(path, leaf.shape, siblings) if stack is None else stack
+        stack = site.stack_axes(stacked)
         require_finite(leaf, f"lorax.quantize: '{path}'")
         if method == "nf4":
-            out[i] = _nf4(leaf, int(block_size), bool(double_quant), dtype, stack)
-        else:
-            in_axes = spec.in_axes or infer_in_axes(leaf.shape, siblings, stack)
-            out[i] = _int8(leaf, dtype, stack, in_axes)
-    return tree.rebuild(out)
+            return _nf4(leaf, int(block_size), bool(double_quant), dtype, stack)
+        return _int8(leaf, dtype, stack, site.in_axes(stack))
+
+    return build(params, make, targets=targets, what="lorax.quantize")
 
 
-def dequantize(tree: Any) -> Any:
+def dequantize(params: Any, /) -> Any:
     """Dense weights for every quantized leaf (alias of ``lorax.merge`` on such trees)."""
     from lorax.tree import merge
 
-    return merge(tree)
+    return merge(params)
