@@ -14,11 +14,21 @@ from __future__ import annotations
 LLAMA = {
     # Llama-3.2-1B's widths with Llama 2's vocabulary and RoPE: the anchor of train_step.py
     # and multi_adapter.py
-    "llama-1b-anchor": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                            num_attention_heads=32, num_key_value_heads=8),
+    "llama-1b-anchor": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+    ),
     # LLaMA-65B (d 8192, 80 layers, 64 heads without GQA, ff 22016, vocab 32000): qlora_65b.py
-    "llama-65b": dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=80,
-                      num_attention_heads=64, rms_norm_eps=1e-5),
+    "llama-65b": dict(
+        hidden_size=8192,
+        intermediate_size=22016,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        rms_norm_eps=1e-5,
+    ),
 }
 
 

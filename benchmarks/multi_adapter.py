@@ -33,12 +33,17 @@ def adapters(base, n: int, rank: int):
 
     trees = []
     for i in range(n):
-        tree = lorax.wrap(base, rank=rank, alpha=2 * rank, targets=TARGETS,
-                          key=jax.random.key(100 + i))
+        tree = lorax.wrap(
+            base, rank=rank, alpha=2 * rank, targets=TARGETS, key=jax.random.key(100 + i)
+        )
         leaves, treedef = jax.tree.flatten(tree, is_leaf=lorax.is_lorax_leaf)
         keys = jax.random.split(jax.random.key(200 + i), len(leaves))
-        leaves = [dataclasses.replace(x, b=0.01 * jax.random.normal(k, x.b.shape, x.b.dtype))
-                  if isinstance(x, lorax.LoraWeight) else x for x, k in zip(leaves, keys)]
+        leaves = [
+            dataclasses.replace(x, b=0.01 * jax.random.normal(k, x.b.shape, x.b.dtype))
+            if isinstance(x, lorax.LoraWeight)
+            else x
+            for x, k in zip(leaves, keys)
+        ]
         trees.append(jax.tree.unflatten(treedef, leaves))
     return trees
 
@@ -74,9 +79,14 @@ def main(argv=None) -> list[dict]:
     from lorax.models import generate, llama
 
     if args.small:
-        config = llama.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2,
-                                   vocab_size=500)
+        config = llama.LlamaConfig(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=500,
+        )
         args.prompt, args.new = min(args.prompt, 32), min(args.new, 8)
     else:
         from bench_shapes import llama_config
@@ -89,36 +99,52 @@ def main(argv=None) -> list[dict]:
     base = jax.tree.map(lambda x: x.astype(jnp.bfloat16), base)
     trees = adapters(base, args.adapters, args.rank)
     rows_adapter = jnp.arange(args.batch) % args.adapters
-    params = {"merged": lorax.merge(trees[0]), "single": trees[0],
-              "multi": lorax.stack(trees, rows_adapter)}
-    prompt = jax.random.randint(jax.random.key(1), (args.batch, args.prompt), 0,
-                                config.vocab_size)
+    params = {
+        "merged": lorax.merge(trees[0]),
+        "single": trees[0],
+        "multi": lorax.stack(trees, rows_adapter),
+    }
+    prompt = jax.random.randint(jax.random.key(1), (args.batch, args.prompt), 0, config.vocab_size)
     forward = jax.jit(lambda p, x: lorax.lora(model.apply)({"params": p}, x))
 
     results = []
     for mode in MODES:
         prefill_s = timed(lambda m=mode: forward(params[m], prompt), args.repeats)
-        generate_s = timed(lambda m=mode: generate(model, params[m], prompt, args.new),
-                           max(1, args.repeats // 2))
-        results.append(dict(
-            mode=mode, adapters=args.adapters if mode == "multi" else 1, batch=args.batch,
-            prompt=args.prompt, new=args.new, rank=args.rank,
-            prefill_tok_s=round(args.batch * args.prompt / prefill_s),
-            generate_tok_s=round(args.batch * args.new / generate_s),
-            prefill_ms=round(1e3 * prefill_s, 2), generate_ms=round(1e3 * generate_s, 2),
-            backend=jax.default_backend(), device=jax.devices()[0].device_kind))
+        generate_s = timed(
+            lambda m=mode: generate(model, params[m], prompt, args.new), max(1, args.repeats // 2)
+        )
+        results.append(
+            dict(
+                mode=mode,
+                adapters=args.adapters if mode == "multi" else 1,
+                batch=args.batch,
+                prompt=args.prompt,
+                new=args.new,
+                rank=args.rank,
+                prefill_tok_s=round(args.batch * args.prompt / prefill_s),
+                generate_tok_s=round(args.batch * args.new / generate_s),
+                prefill_ms=round(1e3 * prefill_s, 2),
+                generate_ms=round(1e3 * generate_s, 2),
+                backend=jax.default_backend(),
+                device=jax.devices()[0].device_kind,
+            )
+        )
         print(json.dumps(results[-1]), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "multi_adapter.jsonl", "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in results)
     single = next(r for r in results if r["mode"] == "single")
-    print("| mode | adapters | prefill tokens/s | generate tokens/s | prefill vs single | "
-          "generate vs single |\n| --- | --- | --- | --- | --- | --- |")
+    print(
+        "| mode | adapters | prefill tokens/s | generate tokens/s | prefill vs single | "
+        "generate vs single |\n| --- | --- | --- | --- | --- | --- |"
+    )
     for r in results:
-        print(f"| {r['mode']} | {r['adapters']} | {r['prefill_tok_s']:,} | "
-              f"{r['generate_tok_s']:,} | {r['prefill_tok_s'] / single['prefill_tok_s']:.2f}x | "
-              f"{r['generate_tok_s'] / single['generate_tok_s']:.2f}x |")
+        print(
+            f"| {r['mode']} | {r['adapters']} | {r['prefill_tok_s']:,} | "
+            f"{r['generate_tok_s']:,} | {r['prefill_tok_s'] / single['prefill_tok_s']:.2f}x | "
+            f"{r['generate_tok_s'] / single['generate_tok_s']:.2f}x |"
+        )
     return results
 
 

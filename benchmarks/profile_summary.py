@@ -48,8 +48,10 @@ def summarize(trace_dir: str, steps: int = 1, top: int = 15) -> dict:
     """
     from jax.profiler import ProfileData
 
-    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True),
-                   key=os.path.getmtime)
+    files = sorted(
+        glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True),
+        key=os.path.getmtime,
+    )
     if not files:
         raise FileNotFoundError(f"profile_summary: no *.xplane.pb under {trace_dir}")
     data = ProfileData.from_file(files[-1])
@@ -74,10 +76,15 @@ def summarize(trace_dir: str, steps: int = 1, top: int = 15) -> dict:
     for _, kind, ms in by_op.values():
         kinds[kind] += ms
     ranked = sorted(by_op.values(), key=lambda e: -e[2])[:top]
-    return dict(plane=planes[0].name if planes else None, busy_ms=round(busy, 3),
-                kinds={k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
-                top=[[op, kind, round(ms, 3), round(ms / busy, 4) if busy else 0.0]
-                     for op, kind, ms in ranked])
+    return dict(
+        plane=planes[0].name if planes else None,
+        busy_ms=round(busy, 3),
+        kinds={k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+        top=[
+            [op, kind, round(ms, 3), round(ms / busy, 4) if busy else 0.0]
+            for op, kind, ms in ranked
+        ],
+    )
 
 
 def main(argv=None) -> None:

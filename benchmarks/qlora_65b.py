@@ -38,8 +38,13 @@ def config_for(args):
     from lorax.models import llama
 
     if args.small:
-        return llama.LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                                 num_attention_heads=8, vocab_size=1000)
+        return llama.LlamaConfig(
+            hidden_size=256,
+            intermediate_size=688,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            vocab_size=1000,
+        )
     config = llama_config("llama-65b")
     if args.layers:
         config = dataclasses.replace(config, num_hidden_layers=args.layers)
@@ -79,8 +84,9 @@ def make_base(model, key):
         elif name.endswith(("scale", "weight")):  # RMSNorm gains
             leaves.append(jnp.ones(sds.shape, jnp.bfloat16))
         else:
-            leaves.append(jax.jit(lambda k, s=sds.shape: 0.02 * jax.random.normal(
-                k, s, jnp.bfloat16))(k))
+            leaves.append(
+                jax.jit(lambda k, s=sds.shape: 0.02 * jax.random.normal(k, s, jnp.bfloat16))(k)
+            )
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes), leaves)
 
 
@@ -92,16 +98,20 @@ def nbytes(tree) -> int:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--analyze", action="store_true",
-                   help="compile for abstract inputs and print XLA's memory plan")
+    p.add_argument(
+        "--analyze",
+        action="store_true",
+        help="compile for abstract inputs and print XLA's memory plan",
+    )
     p.add_argument("--small", action="store_true", help="tiny width (CPU smoke test)")
     p.add_argument("--layers", type=int, default=None, help="override the 80 layers")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--remat", default="nothing_saveable",
-                   help="jax.checkpoint_policies name per layer")
+    p.add_argument(
+        "--remat", default="nothing_saveable", help="jax.checkpoint_policies name per layer"
+    )
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args(argv)
 
@@ -117,18 +127,25 @@ def main(argv=None) -> dict:
     if jax.default_backend() == "gpu":
         model = model.clone(attention_impl="cudnn")
     key = jax.random.key(0)
-    tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq + 1), 0,
-                                config.vocab_size)
+    tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq + 1), 0, config.vocab_size)
 
     def adapt(base):
-        return lorax.wrap(base, rank=args.rank, alpha=2 * args.rank, targets=TARGETS,
-                          dtype=jnp.float32, key=jax.random.key(2))
+        return lorax.wrap(
+            base,
+            rank=args.rank,
+            alpha=2 * args.rank,
+            targets=TARGETS,
+            dtype=jnp.float32,
+            key=jax.random.key(2),
+        )
 
     def loss_of(trainable, frozen, tokens):
-        logits = lorax.lora(model.apply)({"params": lorax.combine(trainable, frozen)},
-                                         tokens[:, :-1])
+        logits = lorax.lora(model.apply)(
+            {"params": lorax.combine(trainable, frozen)}, tokens[:, :-1]
+        )
         return optax.softmax_cross_entropy_with_integer_labels(
-            logits.astype(jnp.float32), tokens[:, 1:]).mean()
+            logits.astype(jnp.float32), tokens[:, 1:]
+        ).mean()
 
     tx = optax.adamw(1e-4)
 
@@ -138,12 +155,21 @@ def main(argv=None) -> dict:
         return optax.apply_updates(trainable, updates), opt_state, value
 
     step = jax.jit(update, donate_argnums=(0, 1))
-    n_params = sum(x.size for x in jax.tree.leaves(
-        jax.eval_shape(model.init, key, jnp.zeros((1, 8), jnp.int32))))
-    result = dict(shape="llama-65b" if not args.small else "small", layers=config.num_hidden_layers,
-                  params=n_params, rank=args.rank, batch=args.batch, seq=args.seq,
-                  remat=args.remat, backend=jax.default_backend(),
-                  device=jax.devices()[0].device_kind)
+    n_params = sum(
+        x.size
+        for x in jax.tree.leaves(jax.eval_shape(model.init, key, jnp.zeros((1, 8), jnp.int32)))
+    )
+    result = dict(
+        shape="llama-65b" if not args.small else "small",
+        layers=config.num_hidden_layers,
+        params=n_params,
+        rank=args.rank,
+        batch=args.batch,
+        seq=args.seq,
+        remat=args.remat,
+        backend=jax.default_backend(),
+        device=jax.devices()[0].device_kind,
+    )
 
     if args.analyze:
         base = jax.eval_shape(lambda k: make_base(model, k), key)
@@ -152,20 +178,29 @@ def main(argv=None) -> dict:
         start = time.perf_counter()
         compiled = step.lower(trainable, opt_state, frozen, tokens).compile()
         m = compiled.memory_analysis()
-        peak = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-                + m.temp_size_in_bytes)
-        result.update(mode="analyze", compile_s=round(time.perf_counter() - start, 1),
-                      frozen_gb=round(nbytes(frozen) / GB, 3),
-                      trainable_params=sum(x.size for x in jax.tree.leaves(trainable)),
-                      arguments_gb=round(m.argument_size_in_bytes / GB, 3),
-                      outputs_gb=round(m.output_size_in_bytes / GB, 3),
-                      aliased_gb=round(m.alias_size_in_bytes / GB, 3),
-                      temp_gb=round(m.temp_size_in_bytes / GB, 3),
-                      predicted_peak_gb=round(peak / GB, 3),
-                      predicted_peak_gib=round(peak / GIB, 3))
+        peak = (
+            m.argument_size_in_bytes
+            + m.output_size_in_bytes
+            - m.alias_size_in_bytes
+            + m.temp_size_in_bytes
+        )
+        result.update(
+            mode="analyze",
+            compile_s=round(time.perf_counter() - start, 1),
+            frozen_gb=round(nbytes(frozen) / GB, 3),
+            trainable_params=sum(x.size for x in jax.tree.leaves(trainable)),
+            arguments_gb=round(m.argument_size_in_bytes / GB, 3),
+            outputs_gb=round(m.output_size_in_bytes / GB, 3),
+            aliased_gb=round(m.alias_size_in_bytes / GB, 3),
+            temp_gb=round(m.temp_size_in_bytes / GB, 3),
+            predicted_peak_gb=round(peak / GB, 3),
+            predicted_peak_gib=round(peak / GIB, 3),
+        )
     else:
+
         def stats() -> dict:
             return jax.devices()[0].memory_stats() or {}  # None on the CPU
+
         start = time.perf_counter()
         base = make_base(model, key)
         jax.block_until_ready(base)
@@ -182,15 +217,21 @@ def main(argv=None) -> dict:
             losses.append(float(value))  # a host sync per step: this measures memory
             times.append(time.perf_counter() - start)
         peak = stats().get("peak_bytes_in_use", 0)
-        result.update(mode="run", build_s=round(built_s, 1),
-                      frozen_gb=round(nbytes(frozen) / GB, 3),
-                      trainable_params=sum(x.size for x in jax.tree.leaves(trainable)),
-                      build_peak_gb=round(build_peak / GB, 3),
-                      resident_gb=round(resident / GB, 3),
-                      peak_gb=round(peak / GB, 3), peak_gib=round(peak / GIB, 3),
-                      host_peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                                             * 1024 / GB, 3),
-                      step_s=round(min(times[1:] or times), 3), losses=losses)
+        result.update(
+            mode="run",
+            build_s=round(built_s, 1),
+            frozen_gb=round(nbytes(frozen) / GB, 3),
+            trainable_params=sum(x.size for x in jax.tree.leaves(trainable)),
+            build_peak_gb=round(build_peak / GB, 3),
+            resident_gb=round(resident / GB, 3),
+            peak_gb=round(peak / GB, 3),
+            peak_gib=round(peak / GIB, 3),
+            host_peak_rss_gb=round(
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB, 3
+            ),
+            step_s=round(min(times[1:] or times), 3),
+            losses=losses,
+        )
         if not all(math.isfinite(v) for v in losses):
             raise SystemExit(f"qlora_65b: non-finite loss {losses}")
     print(json.dumps(result), flush=True)

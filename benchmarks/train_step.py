@@ -30,8 +30,10 @@ import time
 from pathlib import Path
 
 PEAK_FLOPS = 800e12
-SHAPES = {"gpt2-124m": ("gpt2", 8, 1024, ["c_attn"]),
-          "llama-1b": ("llama-1b-anchor", 4, 2048, ["q_proj", "k_proj", "v_proj", "o_proj"])}
+SHAPES = {
+    "gpt2-124m": ("gpt2", 8, 1024, ["c_attn"]),
+    "llama-1b": ("llama-1b-anchor", 4, 2048, ["q_proj", "k_proj", "v_proj", "o_proj"]),
+}
 MODES = ("full", "lora", "qlora")
 BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "bench"
 ANCHOR, ANCHOR_QLORA = BENCH / "anchor_peft.py", BENCH / "anchor_qlora.py"
@@ -45,21 +47,33 @@ def build(name: str, small: bool, remat: str | None):
 
     family, batch, seq, targets = SHAPES[name]
     if name.startswith("gpt2"):
-        config = (gpt2.GPT2Config(n_embd=128, n_layer=2, n_head=4, n_positions=128)
-                  if small else gpt2.CONFIGS[family])
+        config = (
+            gpt2.GPT2Config(n_embd=128, n_layer=2, n_head=4, n_positions=128)
+            if small
+            else gpt2.CONFIGS[family]
+        )
         model = gpt2.GPT2(config, jnp.bfloat16, scan_layers=True, remat_policy=remat)
     else:
-        config = (llama.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2)
-                  if small else llama_config(family))
+        config = (
+            llama.LlamaConfig(
+                hidden_size=128,
+                intermediate_size=256,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+            )
+            if small
+            else llama_config(family)
+        )
         model = llama.Llama(config, jnp.bfloat16, scan_layers=True, remat_policy=remat)
     if small:
         batch, seq = 2, 64
     return model, batch, seq, targets
 
 
-def measure(name: str, mode: str, small: bool, remat: str | None, steps: int,
-            profile: bool = False) -> dict:
+def measure(
+    name: str, mode: str, small: bool, remat: str | None, steps: int, profile: bool = False
+) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
@@ -127,62 +141,89 @@ def measure(name: str, mode: str, small: bool, remat: str | None, steps: int,
     width = getattr(c, "n_embd", None) or c.hidden_size
     per_token = (6 if mode == "full" else 4) * n_params + layers * 3 * 4 * seq * width
     tokens_per_s = batch * seq / seconds
-    return dict(model=name, mode=mode, batch=batch, seq=seq, tok_s=round(tokens_per_s),
-                step_ms=round(seconds * 1e3, 2), mfu=round(per_token * tokens_per_s / PEAK_FLOPS,
-                                                          4),
-                peak_gib=round(stats.get("peak_bytes_in_use", 0) / 2**30, 2),
-                params=n_params, trainable=n_trainable, loss=final, remat=remat,
-                backend=jax.default_backend(), device=jax.devices()[0].device_kind,
-                **({"profile": summary} if summary else {}))
+    return dict(
+        model=name,
+        mode=mode,
+        batch=batch,
+        seq=seq,
+        tok_s=round(tokens_per_s),
+        step_ms=round(seconds * 1e3, 2),
+        mfu=round(per_token * tokens_per_s / PEAK_FLOPS, 4),
+        peak_gib=round(stats.get("peak_bytes_in_use", 0) / 2**30, 2),
+        params=n_params,
+        trainable=n_trainable,
+        loss=final,
+        remat=remat,
+        backend=jax.default_backend(),
+        device=jax.devices()[0].device_kind,
+        **({"profile": summary} if summary else {}),
+    )
 
 
 def table(rows: list[dict], anchors: list[dict]) -> str:
     by = {(a["model"], a["mode"]): a for a in anchors}
     ours = {(r["model"], r["mode"]): r for r in rows}
-    lines = ["| model | mode | tokens/s | step ms | MFU | peak GiB | vs peft eager | "
-             "vs peft+compile | vs bnb QLoRA |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| model | mode | tokens/s | step ms | MFU | peak GiB | vs peft eager | "
+        "vs peft+compile | vs bnb QLoRA |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         eager = by.get((r["model"], "lora" if r["mode"] != "full" else "full"))
         compiled = by.get((r["model"], "lora+compile")) if r["mode"] != "full" else None
         bnb = by.get((r["model"], "qlora-bnb")) if r["mode"] == "qlora" else None
         ratio = lambda a: f"{r['tok_s'] / a['tok_s']:.2f}x" if a else "-"  # noqa: E731
-        lines.append(f"| {r['model']} | {r['mode']} | {r['tok_s']:,} | {r['step_ms']} | "
-                     f"{100 * r['mfu']:.1f}% | {r['peak_gib']} | {ratio(eager)} | "
-                     f"{ratio(compiled)} | {ratio(bnb)} |")
+        lines.append(
+            f"| {r['model']} | {r['mode']} | {r['tok_s']:,} | {r['step_ms']} | "
+            f"{100 * r['mfu']:.1f}% | {r['peak_gib']} | {ratio(eager)} | "
+            f"{ratio(compiled)} | {ratio(bnb)} |"
+        )
     for a in anchors:
-        lines.append(f"| {a['model']} | peft {a['mode']} | {a['tok_s']:,} | {a['step_ms']} | "
-                     f"- | {a['peak_gib']} | | | |")
+        lines.append(
+            f"| {a['model']} | peft {a['mode']} | {a['tok_s']:,} | {a['step_ms']} | "
+            f"- | {a['peak_gib']} | | | |"
+        )
     for model in SHAPES:
         lora, qlora = ours.get((model, "lora")), ours.get((model, "qlora"))
         if lora and qlora:
-            lines.append(f"\n{model}: our QLoRA step / our LoRA step = "
-                         f"{qlora['step_ms'] / lora['step_ms']:.3f}")
+            lines.append(
+                f"\n{model}: our QLoRA step / our LoRA step = "
+                f"{qlora['step_ms'] / lora['step_ms']:.3f}"
+            )
     return "\n".join(lines)
 
 
 def run_anchors(models: list[str], modes: list[str]) -> list[dict]:
     """The PyTorch anchors in child processes; their JSON lines as rows of the table."""
     anchors = []
-    done = subprocess.run([sys.executable, str(ANCHOR), *models], capture_output=True,
-                          text=True)
+    done = subprocess.run([sys.executable, str(ANCHOR), *models], capture_output=True, text=True)
     anchors += [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode:
         print(f"anchor failed:\n{done.stderr[-3000:]}", file=sys.stderr)
     if "llama-1b" not in models or "qlora" not in modes:
         return anchors
-    if subprocess.run([sys.executable, "-c", "import bitsandbytes"],
-                      capture_output=True).returncode:
-        print("QLoRA anchor skipped: bitsandbytes does not import (benchmarks/NOTES.md)",
-              file=sys.stderr)
+    if subprocess.run(
+        [sys.executable, "-c", "import bitsandbytes"], capture_output=True
+    ).returncode:
+        print(
+            "QLoRA anchor skipped: bitsandbytes does not import (benchmarks/NOTES.md)",
+            file=sys.stderr,
+        )
         return anchors
     done = subprocess.run([sys.executable, str(ANCHOR_QLORA)], capture_output=True, text=True)
     for line in done.stdout.splitlines():
         if line.startswith("{") and '"qlora-anchor"' in line:
             row = json.loads(line)
-            anchors.append(dict(model="llama-1b", mode=f"{row['mode']}-bnb",
-                                tok_s=row["tok_s"], step_ms=row["step_ms"],
-                                peak_gib=row["peak_gib"], weights_gib=row["weights_gib"]))
+            anchors.append(
+                dict(
+                    model="llama-1b",
+                    mode=f"{row['mode']}-bnb",
+                    tok_s=row["tok_s"],
+                    step_ms=row["step_ms"],
+                    peak_gib=row["peak_gib"],
+                    weights_gib=row["weights_gib"],
+                )
+            )
         elif line.startswith("{"):
             print(line, file=sys.stderr)  # bitsandbytes' NF4 against the numpy reference
     if done.returncode:
@@ -198,23 +239,41 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke test)")
     p.add_argument("--no-anchor", action="store_true", help="skip the PyTorch peft anchor")
-    p.add_argument("--profile", action="store_true",
-                   help="trace 3 more steps of each mode and report time per XLA op")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="trace 3 more steps of each mode and report time per XLA op",
+    )
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="where results.jsonl goes")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child process
     args = p.parse_args(argv)
     models, modes = args.model or sorted(SHAPES), args.mode or list(MODES)
     if args.one:
-        print(json.dumps(measure(models[0], modes[0], args.small, args.remat, args.steps,
-                                 args.profile)))
+        print(
+            json.dumps(
+                measure(models[0], modes[0], args.small, args.remat, args.steps, args.profile)
+            )
+        )
         return
     rows = []
     for model in models:
         for mode in modes:
-            cmd = [sys.executable, __file__, "--one", "--model", model, "--mode", mode,
-                   "--steps", str(args.steps)] + (["--small"] if args.small else []) + (
-                ["--remat", args.remat] if args.remat else []) + (
-                ["--profile"] if args.profile else [])
+            cmd = (
+                [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    "--model",
+                    model,
+                    "--mode",
+                    mode,
+                    "--steps",
+                    str(args.steps),
+                ]
+                + (["--small"] if args.small else [])
+                + (["--remat", args.remat] if args.remat else [])
+                + (["--profile"] if args.profile else [])
+            )
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 print(f"{model} {mode} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
@@ -232,8 +291,10 @@ def main(argv=None):
         if "profile" in r:
             prof = r["profile"]
             kinds = ", ".join(f"{k} {v:.2f}" for k, v in prof["kinds"].items())
-            print(f"\n{r['model']} {r['mode']}: ops busy {prof['busy_ms']:.2f} of "
-                  f"{r['step_ms']} ms per step ({kinds})")
+            print(
+                f"\n{r['model']} {r['mode']}: ops busy {prof['busy_ms']:.2f} of "
+                f"{r['step_ms']} ms per step ({kinds})"
+            )
             for op, kind, ms, share in prof["top"][:8]:
                 print(f"  {ms:8.3f} ms  {100 * share:5.1f}%  {kind:10s} {op}")
 

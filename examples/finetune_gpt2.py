@@ -48,8 +48,16 @@ def task_b(a: int, b: int) -> tuple[str, str]:
     prompt, answer = task_a(a, b)
     return prompt.translate(LETTERS), answer
 
-BASE_CONFIG = dict(vocab_size=256, n_positions=128, n_embd=128, n_layer=4, n_head=4,
-                   bos_token_id=10, eos_token_id=10)
+
+BASE_CONFIG = dict(
+    vocab_size=256,
+    n_positions=128,
+    n_embd=128,
+    n_layer=4,
+    n_head=4,
+    bos_token_id=10,
+    eos_token_id=10,
+)
 
 
 def positive_int(text: str) -> int:
@@ -74,26 +82,41 @@ def positive_float(text: str) -> float:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="Hub name or checkpoint directory of a pretrained GPT-2; "
-                   "default: train a small base on task A (cached in --out)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model",
+        help="Hub name or checkpoint directory of a pretrained GPT-2; "
+        "default: train a small base on task A (cached in --out)",
+    )
     p.add_argument("--data", help="a text file to fine-tune on instead of task B")
     p.add_argument("--qlora", action="store_true", help="store the base in NF4 (QLoRA)")
     p.add_argument("--rank", type=positive_int, default=8)
     p.add_argument("--alpha", type=finite_float, default=16.0)
-    p.add_argument("--targets", default="c_attn,c_proj,c_fc",
-                   help="comma-separated module names to adapt (default: %(default)s)")
-    p.add_argument("--steps", type=positive_int, default=400,
-                   help="LoRA steps (default: %(default)s)")
+    p.add_argument(
+        "--targets",
+        default="c_attn,c_proj,c_fc",
+        help="comma-separated module names to adapt (default: %(default)s)",
+    )
+    p.add_argument(
+        "--steps", type=positive_int, default=400, help="LoRA steps (default: %(default)s)"
+    )
     p.add_argument("--lr", type=positive_float, default=1e-2, help="LoRA peak learning rate")
     p.add_argument("--batch", type=positive_int, default=64)
-    p.add_argument("--seq", type=positive_int, default=None,
-                   help="tokens per row (default: 16 for the tasks, 64 for --data)")
-    p.add_argument("--base-steps", type=positive_int, default=1500,
-                   help="steps to train the small base on task A")
-    p.add_argument("--eval", type=positive_int, default=300,
-                   help="examples to measure accuracy on")
+    p.add_argument(
+        "--seq",
+        type=positive_int,
+        default=None,
+        help="tokens per row (default: 16 for the tasks, 64 for --data)",
+    )
+    p.add_argument(
+        "--base-steps",
+        type=positive_int,
+        default=1500,
+        help="steps to train the small base on task A",
+    )
+    p.add_argument("--eval", type=positive_int, default=300, help="examples to measure accuracy on")
     p.add_argument("--out", default="runs/finetune_gpt2", help="where base and adapter go")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -134,6 +157,7 @@ class HFTokenizer:
 
 # ----------------------------------------------------------------------------------- data
 
+
 def number_pairs(seed: int, n_eval: int):
     """All pairs of two-digit numbers, split into training pairs and held-out pairs."""
     pairs = np.array([(a, b) for a in range(100) for b in range(100)])
@@ -153,8 +177,8 @@ def rows_from_examples(examples, seq, pad):
     for i, (p, a) in enumerate(examples):
         if len(p) + len(a) > seq + 1:
             sys.exit(f"--seq {seq} is too short for an example of {len(p) + len(a)} tokens")
-        tokens[i, :len(p) + len(a)] = p + a
-        mask[i, len(p):len(p) + len(a)] = 1
+        tokens[i, : len(p) + len(a)] = p + a
+        mask[i, len(p) : len(p) + len(a)] = 1
     return tokens, mask
 
 
@@ -176,7 +200,7 @@ def rows_from_text(text, tok, seq):
     n = len(ids) // (seq + 1)
     if n < 2:
         sys.exit(f"--data: the file has {len(ids)} tokens; need at least {2 * (seq + 1)}")
-    tokens = ids[:n * (seq + 1)].reshape(n, seq + 1)
+    tokens = ids[: n * (seq + 1)].reshape(n, seq + 1)
     return tokens, np.ones(tokens.shape, np.float32)
 
 
@@ -188,6 +212,7 @@ def batches(tokens, mask, batch, seed):
 
 
 # ------------------------------------------------------------------------------ training
+
 
 def loss_fn(apply, params, tokens, mask):
     logits = apply({"params": params}, tokens[:, :-1])
@@ -208,9 +233,15 @@ class Progress:
         self.tty = sys.stdout.isatty()
         self.every = max(total // 5, 1)
         # in a log (not a terminal) the bar is drawn by update alone, one line each time
-        self.bar = tqdm(total=total, desc=label, unit="step", dynamic_ncols=True,
-                        file=sys.stdout if self.tty else _Lines(sys.stdout),
-                        miniters=None if self.tty else total + 1, leave=self.tty)
+        self.bar = tqdm(
+            total=total,
+            desc=label,
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stdout if self.tty else _Lines(sys.stdout),
+            miniters=None if self.tty else total + 1,
+            leave=self.tty,
+        )
         self.t0 = self.last = time.perf_counter()
 
     def __enter__(self):
@@ -221,8 +252,9 @@ class Progress:
 
     def update(self, step, loss):
         now = time.perf_counter()
-        due = step == self.total or (now - self.last >= 0.25 if self.tty
-                                     else step % self.every == 0)
+        due = step == self.total or (
+            now - self.last >= 0.25 if self.tty else step % self.every == 0
+        )
         if due:
             loss = float(loss)  # waits for the step
             self.last = time.perf_counter()
@@ -276,19 +308,24 @@ def stop_unless_finite(label, finite, value, step, lr):
     """Ends the run (exit status 1) once a loss was inf or NaN: nothing is saved, so the
     adapter of the last good run stays as it was."""
     if not bool(finite):
-        sys.exit(f"{label}: the loss was not finite at or before step {step} (now "
-                 f"{float(value)}); stopping without saving anything. Lower --lr (now {lr}).")
+        sys.exit(
+            f"{label}: the loss was not finite at or before step {step} (now "
+            f"{float(value)}); stopping without saving anything. Lower --lr (now {lr})."
+        )
 
 
 def accuracy(model, params, examples, tok, batch=100):
     """Exact-match accuracy of greedy answers (prompts of equal length, batched)."""
     correct = 0
     for start in range(0, len(examples), batch):
-        chunk = examples[start:start + batch]
+        chunk = examples[start : start + batch]
         prompts = np.array([p for p, _ in chunk], np.int32)
-        new = np.asarray(generate(model, params, prompts, len(chunk[0][1]),
-                                  eos_token_id=tok.eos, pad_token_id=tok.eos))
-        correct += sum(list(row) == a for row, (_, a) in zip(new, chunk))
+        new = np.asarray(
+            generate(
+                model, params, prompts, len(chunk[0][1]), eos_token_id=tok.eos, pad_token_id=tok.eos
+            )
+        )
+        correct += sum(list(row) == a for row, (_, a) in zip(new, chunk, strict=True))
     return correct / len(examples)
 
 
@@ -298,6 +335,7 @@ def held_out_loss(apply, params, tokens, mask):
 
 # --------------------------------------------------------------------------------- steps
 
+
 def pretrained_base(args, out: Path):
     """(model, params, tokenizer): --model, or the small base trained on task A (cached)."""
     if args.model:
@@ -306,8 +344,15 @@ def pretrained_base(args, out: Path):
         return model, params, HFTokenizer(directory, model.config.eos_token_id), None
     tok = ByteTokenizer()
     base_dir = out / "base"
-    stamp = json.dumps({"config": BASE_CONFIG, "task": task_a(12, 34), "steps": args.base_steps,
-                        "seed": args.seed}, sort_keys=True)
+    stamp = json.dumps(
+        {
+            "config": BASE_CONFIG,
+            "task": task_a(12, 34),
+            "steps": args.base_steps,
+            "seed": args.seed,
+        },
+        sort_keys=True,
+    )
     if (base_dir / "stamp.json").is_file() and (base_dir / "stamp.json").read_text() == stamp:
         model, params = gpt2.from_pretrained(base_dir)
         print(f"base: loaded the cached task-A model from {base_dir}")
@@ -315,12 +360,17 @@ def pretrained_base(args, out: Path):
     model = gpt2.GPT2(gpt2.GPT2Config(**BASE_CONFIG))
     params = model.init(jax.random.key(args.seed), jnp.zeros((1, 8), jnp.int32))["params"]
     train_pairs, _ = number_pairs(args.seed, args.eval)
-    tokens, mask = rows_from_examples(task_examples(task_a, train_pairs, tok), args.seq,
-                                      tok.eos)
+    tokens, mask = rows_from_examples(task_examples(task_a, train_pairs, tok), args.seq, tok.eos)
     t0 = time.perf_counter()
-    params = train("base (task A, full)", lambda p, t, m: loss_fn(model.apply, p, t, m),
-                   params, batches(tokens, mask, args.batch, args.seed), args.base_steps,
-                   3e-3, args.batch * args.seq)
+    params = train(
+        "base (task A, full)",
+        lambda p, t, m: loss_fn(model.apply, p, t, m),
+        params,
+        batches(tokens, mask, args.batch, args.seed),
+        args.base_steps,
+        3e-3,
+        args.batch * args.seq,
+    )
     base_time = time.perf_counter() - t0
     gpt2.save_pretrained(base_dir, model, params)
     (base_dir / "stamp.json").write_text(stamp)
@@ -355,26 +405,34 @@ def main(argv=None) -> dict:
         eval_rows, (tokens, mask) = (tokens[:cut], mask[:cut]), (tokens[cut:], mask[cut:])
     else:
         train_pairs, eval_pairs = number_pairs(args.seed, args.eval)
-        tokens, mask = rows_from_examples(task_examples(task_b, train_pairs, tok), args.seq,
-                                          tok.eos)
+        tokens, mask = rows_from_examples(
+            task_examples(task_b, train_pairs, tok), args.seq, tok.eos
+        )
         eval_b = task_examples(task_b, eval_pairs, tok)
         eval_rows = rows_from_examples(eval_b, args.seq, tok.eos)
         if not args.model:
-            result["task_a_accuracy"] = accuracy(model, params,
-                                                 task_examples(task_a, eval_pairs, tok), tok)
+            result["task_a_accuracy"] = accuracy(
+                model, params, task_examples(task_a, eval_pairs, tok), tok
+            )
             print(f"base on task A (held-out pairs): accuracy {result['task_a_accuracy']:.1%}")
 
     base = lorax.quantize(params, "nf4") if args.qlora else params
-    wrap = lambda base: lorax.wrap(base, rank=args.rank, alpha=args.alpha,  # noqa: E731
-                                   targets=args.targets.split(","),
-                                   key=jax.random.key(args.seed + 1))
+    wrap = lambda base: lorax.wrap(
+        base,
+        rank=args.rank,
+        alpha=args.alpha,  # noqa: E731
+        targets=args.targets.split(","),
+        key=jax.random.key(args.seed + 1),
+    )
     lp = wrap(base)
     print(lorax.summary(lp))
     trainable, frozen = lorax.split(lp)
     n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
     n_total = sum(x.size for x in jax.tree.leaves(params))
-    print(f"trainable parameters: {n_trainable:,}; the base model has {n_total:,} "
-          f"({100 * n_trainable / n_total:.2f}%)")
+    print(
+        f"trainable parameters: {n_trainable:,}; the base model has {n_total:,} "
+        f"({100 * n_trainable / n_total:.2f}%)"
+    )
 
     def metric(lp):
         if args.data:
@@ -385,9 +443,15 @@ def main(argv=None) -> dict:
     print(f"before LoRA: {name} {before:.4f}")
     t0 = time.perf_counter()
     loss = lambda t, x, m: loss_fn(apply, lorax.combine(t, frozen), x, m)  # noqa: E731
-    trainable = train("lora" + (" (nf4 base)" if args.qlora else ""), loss, trainable,
-                      batches(tokens, mask, args.batch, args.seed + 2), args.steps, args.lr,
-                      args.batch * args.seq)
+    trainable = train(
+        "lora" + (" (nf4 base)" if args.qlora else ""),
+        loss,
+        trainable,
+        batches(tokens, mask, args.batch, args.seed + 2),
+        args.steps,
+        args.lr,
+        args.batch * args.seq,
+    )
     result["lora_seconds"] = time.perf_counter() - t0
     lp = lorax.combine(trainable, frozen)
     _, after = metric(lp)
@@ -398,30 +462,46 @@ def main(argv=None) -> dict:
     adapter_dir = out / "adapter"
     lorax.save(adapter_dir, lp, force=True)
     result["adapter_bytes"], result["model_bytes"] = dir_bytes(adapter_dir), tree_bytes(params)
-    print(f"adapter checkpoint: {result['adapter_bytes'] / 1e6:.2f} MB on disk; the full "
-          f"model is {result['model_bytes'] / 1e6:.2f} MB "
-          f"({result['model_bytes'] / result['adapter_bytes']:.0f}x larger)")
+    print(
+        f"adapter checkpoint: {result['adapter_bytes'] / 1e6:.2f} MB on disk; the full "
+        f"model is {result['model_bytes'] / 1e6:.2f} MB "
+        f"({result['model_bytes'] / result['adapter_bytes']:.0f}x larger)"
+    )
     _, fresh = gpt2.from_pretrained(args.model or out / "base")
     reloaded = lorax.load(adapter_dir, lorax.quantize(fresh, "nf4") if args.qlora else fresh)
     x = jnp.asarray(eval_rows[0][:8, :-1])
-    same = np.array_equal(jax.jit(apply)({"params": reloaded}, x),
-                          jax.jit(apply)({"params": lp}, x))
+    same = np.array_equal(
+        jax.jit(apply)({"params": reloaded}, x), jax.jit(apply)({"params": lp}, x)
+    )
     result["reload_matches"] = bool(same)
     print(f"reloaded adapter reproduces the outputs: {'yes' if same else 'NO'}")
 
-    peft_dir = lorax.export_peft(out / "peft_adapter", lp, model=model,
-                                 base_model_name=args.model or str(out / "base"))
+    peft_dir = lorax.export_peft(
+        out / "peft_adapter", lp, model=model, base_model_name=args.model or str(out / "base")
+    )
     print(f"Hugging Face PEFT copy (PeftModel.from_pretrained reads it): {peft_dir}")
 
     # merge for deployment and show a few generations
     merged = lorax.merge(lp)
-    prompts = ([p for p, _ in eval_b[:4]] if not args.data
-               else [list(r[:args.seq // 2]) for r in eval_rows[0][:2]])
+    prompts = (
+        [p for p, _ in eval_b[:4]]
+        if not args.data
+        else [list(r[: args.seq // 2]) for r in eval_rows[0][:2]]
+    )
     for p in prompts:
-        new = generate(model, merged, jnp.array([p], jnp.int32), args.seq - len(p),
-                       eos_token_id=tok.eos, pad_token_id=tok.eos)[0]
-        text = tok.decode(list(new)).split(tok.decode([tok.eos]))[0] if not args.data \
+        new = generate(
+            model,
+            merged,
+            jnp.array([p], jnp.int32),
+            args.seq - len(p),
+            eos_token_id=tok.eos,
+            pad_token_id=tok.eos,
+        )[0]
+        text = (
+            tok.decode(list(new)).split(tok.decode([tok.eos]))[0]
+            if not args.data
             else tok.decode(list(new))
+        )
         print(f"  {tok.decode(p)!r} -> {text!r}")
     result["seconds"] = time.perf_counter() - t_start
     print(f"done in {result['seconds']:.0f}s")

@@ -29,8 +29,9 @@ class Model(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = nn.Dense(64, name="embed_in")(x)
-        x, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                       length=2)(name="ScanBlocks")(x, None)
+        x, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)(
+            name="ScanBlocks"
+        )(x, None)
         return nn.Dense(1, name="head")(x)[..., 0]
 
 
@@ -66,8 +67,7 @@ def main():
     params, loss_a = fit(lambda p: mse(model.apply({"params": p}, xa), ya), params, 200, 3e-3)
     print(f"base model, task A: loss {loss_a:.4f}  ({time.time() - t0:.1f}s)")
 
-    lp = lorax.wrap(params, rank=4, alpha=8, targets=["attn", "up", "down"],
-                    key=jax.random.key(3))
+    lp = lorax.wrap(params, rank=4, alpha=8, targets=["attn", "up", "down"], key=jax.random.key(3))
     print(lorax.summary(lp))
     apply = lorax.lora(model.apply)
     trainable, frozen = lorax.split(lp)

@@ -17,75 +17,110 @@ computes ``x @ W + s * (x @ A) @ B`` without ever forming ``W + s * A @ B``; see
 
 from importlib import metadata as _metadata
 
-# Building wrapped trees
-from lorax.methods.wrap import wrap as wrap
-from lorax.methods.ia3 import ia3 as ia3
-from lorax.methods.adapters import adapters as adapters
-from lorax.methods.unfrozen import unfreeze as unfreeze
-from lorax.quant.quantizers import quantize as quantize
-from lorax.quant.quantizers import dequantize as dequantize
-from lorax.targets import LoraSpec as LoraSpec
+from lorax.errors import CheckpointError as CheckpointError
 
-# Running and training them
-from lorax.transform import lora as lora
-from lorax.tree import split as split
-from lorax.tree import combine as combine
-from lorax.tree import mask as mask
-from lorax.tree import merge as merge
-from lorax.optim import optimizer as optimizer
-from lorax.report import summary as summary
-from lorax.report import Summary as Summary
-
-# Many adapters
-from lorax.methods.multi import stack as stack
-from lorax.methods.weighted import add_weighted as add_weighted
+# Errors and warnings
+from lorax.errors import LoraxError as LoraxError
+from lorax.errors import LoraxTiedWeightWarning as LoraxTiedWeightWarning
+from lorax.errors import NonFiniteError as NonFiniteError
+from lorax.errors import NotMergeableError as NotMergeableError
+from lorax.io.checkpoint import load as load
 
 # Files
 from lorax.io.checkpoint import save as save
-from lorax.io.checkpoint import load as load
 from lorax.io.peft import export_peft as export_peft
 from lorax.io.peft import import_peft as import_peft
-
-# Leaf kinds
-from lorax.methods.lora import LoraWeight as LoraWeight
-from lorax.methods.dora import DoraWeight as DoraWeight
-from lorax.methods.ia3 import IA3Weight as IA3Weight
-from lorax.methods.adapters import AdapterWeight as AdapterWeight
-from lorax.methods.unfrozen import Unfrozen as Unfrozen
-from lorax.methods.multi import MultiLoraWeight as MultiLoraWeight
-from lorax.quant.formats import NF4Weight as NF4Weight
-from lorax.quant.formats import Int8Weight as Int8Weight
 
 # Extending lorax: a leaf kind of one's own, a rule for a primitive
 from lorax.leaf import LoraxLeaf as LoraxLeaf
 from lorax.leaf import PrimitiveCall as PrimitiveCall
+from lorax.leaf import is_lorax_leaf as is_lorax_leaf
 from lorax.leaf import register_leaf as register_leaf
 from lorax.leaf import static_field as static_field
-from lorax.leaf import is_lorax_leaf as is_lorax_leaf
-from lorax.transform import RuleContext as RuleContext
-from lorax.transform import register_rule as register_rule
-from lorax.transform import using_rules as using_rules
+from lorax.methods.adapters import AdapterWeight as AdapterWeight
+from lorax.methods.adapters import adapters as adapters
+from lorax.methods.dora import DoraWeight as DoraWeight
+from lorax.methods.ia3 import IA3Weight as IA3Weight
+from lorax.methods.ia3 import ia3 as ia3
 
-# Errors and warnings
-from lorax.errors import LoraxError as LoraxError
-from lorax.errors import CheckpointError as CheckpointError
-from lorax.errors import NonFiniteError as NonFiniteError
-from lorax.errors import NotMergeableError as NotMergeableError
-from lorax.errors import LoraxTiedWeightWarning as LoraxTiedWeightWarning
+# Leaf kinds
+from lorax.methods.lora import LoraWeight as LoraWeight
+from lorax.methods.multi import MultiLoraWeight as MultiLoraWeight
+
+# Many adapters
+from lorax.methods.multi import stack as stack
+from lorax.methods.unfrozen import Unfrozen as Unfrozen
+from lorax.methods.unfrozen import unfreeze as unfreeze
+from lorax.methods.weighted import add_weighted as add_weighted
+
+# Building wrapped trees
+from lorax.methods.wrap import wrap as wrap
+from lorax.optim import optimizer as optimizer
+from lorax.quant.formats import Int8Weight as Int8Weight
+from lorax.quant.formats import NF4Weight as NF4Weight
+from lorax.quant.quantizers import dequantize as dequantize
+from lorax.quant.quantizers import quantize as quantize
+from lorax.report import Summary as Summary
+from lorax.report import summary as summary
+from lorax.targets import LoraSpec as LoraSpec
 from lorax.transform import LoraxDensifyError as LoraxDensifyError
 from lorax.transform import LoraxDensifyWarning as LoraxDensifyWarning
+from lorax.transform import RuleContext as RuleContext
+
+# Running and training them
+from lorax.transform import lora as lora
+from lorax.transform import register_rule as register_rule
+from lorax.transform import using_rules as using_rules
+from lorax.tree import combine as combine
+from lorax.tree import mask as mask
+from lorax.tree import merge as merge
+from lorax.tree import split as split
 
 __all__ = [
-    "wrap", "ia3", "adapters", "unfreeze", "quantize", "dequantize", "LoraSpec",
-    "lora", "split", "combine", "mask", "merge", "optimizer", "summary", "Summary",
-    "stack", "add_weighted",
-    "save", "load", "export_peft", "import_peft",
-    "LoraWeight", "DoraWeight", "IA3Weight", "AdapterWeight", "Unfrozen", "MultiLoraWeight",
-    "NF4Weight", "Int8Weight",
-    "LoraxLeaf", "PrimitiveCall", "register_leaf", "static_field", "is_lorax_leaf",
-    "RuleContext", "register_rule", "using_rules",
-    "LoraxError", "CheckpointError", "NonFiniteError", "NotMergeableError",
-    "LoraxTiedWeightWarning", "LoraxDensifyError", "LoraxDensifyWarning",
+    "wrap",
+    "ia3",
+    "adapters",
+    "unfreeze",
+    "quantize",
+    "dequantize",
+    "LoraSpec",
+    "lora",
+    "split",
+    "combine",
+    "mask",
+    "merge",
+    "optimizer",
+    "summary",
+    "Summary",
+    "stack",
+    "add_weighted",
+    "save",
+    "load",
+    "export_peft",
+    "import_peft",
+    "LoraWeight",
+    "DoraWeight",
+    "IA3Weight",
+    "AdapterWeight",
+    "Unfrozen",
+    "MultiLoraWeight",
+    "NF4Weight",
+    "Int8Weight",
+    "LoraxLeaf",
+    "PrimitiveCall",
+    "register_leaf",
+    "static_field",
+    "is_lorax_leaf",
+    "RuleContext",
+    "register_rule",
+    "using_rules",
+    "LoraxError",
+    "CheckpointError",
+    "NonFiniteError",
+    "NotMergeableError",
+    "LoraxTiedWeightWarning",
+    "LoraxDensifyError",
+    "LoraxDensifyWarning",
 ]
 
 try:

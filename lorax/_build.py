@@ -46,10 +46,16 @@ class Site:
         return self.spec.in_axes or infer_in_axes(self.leaf.shape, self.siblings, stack)
 
 
-def build(params: Any, make: Callable[[Site], Any], *, targets: Targets = None,
-          choose: Callable[[FlatTree], Mapping[int, LoraSpec]] | None = None,
-          key: Any = None, check: Callable[[list[Site]], None] | None = None,
-          what: str) -> Any:
+def build(
+    params: Any,
+    make: Callable[[Site], Any],
+    *,
+    targets: Targets = None,
+    choose: Callable[[FlatTree], Mapping[int, LoraSpec]] | None = None,
+    key: Any = None,
+    check: Callable[[list[Site]], None] | None = None,
+    what: str,
+) -> Any:
     """``params`` with ``make(site)`` in place of each chosen weight.
 
     Args:
@@ -67,10 +73,15 @@ def build(params: Any, make: Callable[[Site], Any], *, targets: Targets = None,
     tree = FlatTree.of(params)
     chosen = choose(tree) if choose is not None else select(targets, tree.paths, tree.leaves)
     order = sorted(chosen)
-    keys = ([None] * len(order) if key is None
-            else list(jax.random.split(key, max(len(order), 1)))[:len(order)])
-    sites = [Site(tree.paths[i], tree.leaves[i], chosen[i], tree.siblings(tree.paths[i]), k)
-             for i, k in zip(order, keys, strict=True)]
+    keys = (
+        [None] * len(order)
+        if key is None
+        else list(jax.random.split(key, max(len(order), 1)))[: len(order)]
+    )
+    sites = [
+        Site(tree.paths[i], tree.leaves[i], chosen[i], tree.siblings(tree.paths[i]), k)
+        for i, k in zip(order, keys, strict=True)
+    ]
     if check is not None:
         check(sites)
     out = list(tree.leaves)

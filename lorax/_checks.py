@@ -27,16 +27,16 @@ def compile_regex(pattern: str, what: str) -> re.Pattern:
     except re.error as err:
         raise LoraxValueError(f"{what} {pattern!r} is not a valid regex: {err}") from None
     except TypeError:
-        raise LoraxTypeError(f"{what} must be a regex string; got "
-                             f"{type(pattern).__name__} {pattern!r}") from None
+        raise LoraxTypeError(
+            f"{what} must be a regex string; got {type(pattern).__name__} {pattern!r}"
+        ) from None
 
 
 def positive_int(value: Any, what: str) -> int:
     """``value`` as an int >= 1: Python and numpy integers pass, bools and floats do not
     (a number of the wrong kind, e.g. 2.5, is a value error, as for any count)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise LoraxTypeError(f"{what} must be a positive int; got "
-                             f"{type(value).__name__} {value!r}")
+        raise LoraxTypeError(f"{what} must be a positive int; got {type(value).__name__} {value!r}")
     if not isinstance(value, numbers.Integral) or value < 1:
         raise LoraxValueError(f"{what} must be a positive int; got {value!r}")
     return int(value)
@@ -50,8 +50,11 @@ def is_real_scalar(value: Any) -> bool:
     if isinstance(value, numbers.Real):
         return True
     dtype = getattr(value, "dtype", None)
-    return (isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0
-            and (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)))
+    return (
+        isinstance(value, (np.ndarray, jax.Array))
+        and np.ndim(value) == 0
+        and (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
+    )
 
 
 def check_key(key: Any, what: str) -> None:
@@ -67,8 +70,10 @@ def check_key(key: Any, what: str) -> None:
         got = f"{dtype}{list(shape)}"
     else:
         got = f"{type(key).__name__} {key!r}"
-    raise LoraxTypeError(f"{what} must be one PRNG key, jax.random.key(...) (or a legacy "
-                         f"uint32[2] key from jax.random.PRNGKey(...)); got {got}")
+    raise LoraxTypeError(
+        f"{what} must be one PRNG key, jax.random.key(...) (or a legacy "
+        f"uint32[2] key from jax.random.PRNGKey(...)); got {got}"
+    )
 
 
 def floating_dtype(dtype: Any, what: str, optional: bool = True) -> Any:
@@ -81,9 +86,9 @@ def floating_dtype(dtype: Any, what: str, optional: bool = True) -> Any:
     except (TypeError, ValueError):
         dt = None
     if dt is None or not jnp.issubdtype(dt, jnp.floating):
-        raise LoraxTypeError(f"{what} must be a floating dtype (e.g. jnp.float32); "
-                             f"got {dtype!r}")
+        raise LoraxTypeError(f"{what} must be a floating dtype (e.g. jnp.float32); got {dtype!r}")
     return dt
+
 
 def require_finite(w: Any, what: str) -> None:
     """Raises :class:`NonFiniteError` (``what`` names the weight) if the concrete array ``w``
@@ -95,5 +100,7 @@ def require_finite(w: Any, what: str) -> None:
         return
     # Count per row then in int64: one int32 count overflows on stacked 65B-size kernels.
     bad = int(np.sum(np.asarray(jnp.sum(~finite, axis=-1)), dtype=np.int64)) if finite.ndim else 1
-    raise NonFiniteError(f"{what}: the weight {tuple(finite.shape)} holds {bad} inf/NaN "
-                         "value(s); expected a finite weight")
+    raise NonFiniteError(
+        f"{what}: the weight {tuple(finite.shape)} holds {bad} inf/NaN "
+        "value(s); expected a finite weight"
+    )

@@ -7,7 +7,8 @@ how an equation is re-bound, how a closed jaxpr is opened, and where an equation
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from jax.extend import core as jex_core  # the public home of these since jax 0.4.30
 
@@ -84,7 +85,7 @@ def scan_operands(params: dict[str, Any], invals: Sequence[Any]) -> tuple[list, 
     """
     if "num_consts" in params:
         nc, ncarry = params["num_consts"], params["num_carry"]
-        return list(invals[:nc]), list(invals[nc:nc + ncarry]), list(invals[nc + ncarry:])
+        return list(invals[:nc]), list(invals[nc : nc + ncarry]), list(invals[nc + ncarry :])
     consts, carry, xs = params["ft_in"].update(list(invals)).unpack()
     return list(consts), list(carry), list(xs)
 
@@ -95,6 +96,7 @@ def known_primitives() -> frozenset[str]:
     ``register_rule``'s name check off rather than refusing names."""
     try:
         from jax._src.interpreters import mlir
+
         names = {p.name for p in mlir._lowerings}
         for table in mlir._platform_specific_lowerings.values():
             names |= {p.name for p in table}

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
+from lorax._checks import compile_regex
 from lorax.errors import LoraxTypeError
 
 
@@ -27,7 +29,7 @@ def infer_stack_axes(path: str, shape: Sequence[int], siblings: Mapping[str, Any
         bshape, nd = tuple(bias.shape), len(shape)
         for nb in range(0, min(len(bshape), nd - 2) + 1):
             n_out = len(bshape) - nb
-            if bshape[:nb] == tuple(shape[:nb]) and bshape[nb:] == tuple(shape[nd - n_out:]):
+            if bshape[:nb] == tuple(shape[:nb]) and bshape[nb:] == tuple(shape[nd - n_out :]):
                 return nb
     return 0
 
@@ -44,9 +46,7 @@ def infer_in_axes(shape: Sequence[int], siblings: Mapping[str, Any], stack: int)
         if 1 <= n_out < len(per_layer) and tuple(bias.shape[stack:]) == per_layer[-n_out:]:
             return len(per_layer) - n_out
     logs = [math.log(max(s, 1)) for s in per_layer]
-    return min(range(1, len(per_layer)),
-               key=lambda p: (abs(sum(logs[:p]) - sum(logs[p:])), p))
-from lorax._checks import compile_regex
+    return min(range(1, len(per_layer)), key=lambda p: (abs(sum(logs[:p]) - sum(logs[p:])), p))
 
 
 def stack_axes_for(stacked: Any, explicit: int | None, path: str) -> int | None:
@@ -62,5 +62,3 @@ def stack_axes_for(stacked: Any, explicit: int | None, path: str) -> int | None:
     if isinstance(stacked, str):
         return 1 if compile_regex(stacked, "lorax: stacked").fullmatch(path) else 0
     raise LoraxTypeError(f"lorax: stacked must be None, an int or a regex; got {stacked!r}")
-
-

@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -139,14 +140,28 @@ class LoraxLeaf:
         return NotImplemented if method is None else method(self, call)
 
     # The six methods handle_primitive dispatches to; NotImplemented means "densify".
-    def dot_general(self, other: Array, *, dimension_numbers: Any, leaf_is_lhs: bool,
-                    precision: Any, preferred_element_type: Any, bind: Bind,
-                    rng: Any = None) -> Array:
+    def dot_general(
+        self,
+        other: Array,
+        *,
+        dimension_numbers: Any,
+        leaf_is_lhs: bool,
+        precision: Any,
+        preferred_element_type: Any,
+        bind: Bind,
+        rng: Any = None,
+    ) -> Array:
         return NotImplemented
 
-    def conv_general_dilated(self, lhs: Array, *, dimension_numbers: Any,
-                             feature_group_count: int, batch_group_count: int,
-                             bind: Bind) -> Array:
+    def conv_general_dilated(
+        self,
+        lhs: Array,
+        *,
+        dimension_numbers: Any,
+        feature_group_count: int,
+        batch_group_count: int,
+        bind: Bind,
+    ) -> Array:
         return NotImplemented
 
     def gather(self, indices: Array, *, params: Mapping[str, Any], bind: Bind) -> Array:
@@ -167,19 +182,26 @@ def _dot_general(leaf: LoraxLeaf, call: PrimitiveCall) -> Any:
     if is_lorax_leaf(other):  # a product of two leaves: no factored form
         return NotImplemented
     return leaf.dot_general(
-        other, dimension_numbers=call.params["dimension_numbers"],
-        leaf_is_lhs=call.position == 0, precision=call.params.get("precision"),
+        other,
+        dimension_numbers=call.params["dimension_numbers"],
+        leaf_is_lhs=call.position == 0,
+        precision=call.params.get("precision"),
         preferred_element_type=call.params.get("preferred_element_type"),
-        bind=call.bind_one, rng=call.key())
+        bind=call.bind_one,
+        rng=call.key(),
+    )
 
 
 def _conv(leaf: LoraxLeaf, call: PrimitiveCall) -> Any:
     if call.position != 1 or is_lorax_leaf(call.invals[0]):  # the leaf must be the kernel
         return NotImplemented
     return leaf.conv_general_dilated(
-        call.invals[0], dimension_numbers=call.params["dimension_numbers"],
+        call.invals[0],
+        dimension_numbers=call.params["dimension_numbers"],
         feature_group_count=call.params["feature_group_count"],
-        batch_group_count=call.params["batch_group_count"], bind=call.bind_one)
+        batch_group_count=call.params["batch_group_count"],
+        bind=call.bind_one,
+    )
 
 
 def _gather(leaf: LoraxLeaf, call: PrimitiveCall) -> Any:
@@ -206,14 +228,20 @@ _METHODS: dict[str, Callable[[LoraxLeaf, PrimitiveCall], Any]] = {
 }
 
 
-def input_product(dimension_numbers: Any, *, leaf_is_lhs: bool, stack_ndim: int,
-                  in_ndim: int) -> bool:
+def input_product(
+    dimension_numbers: Any, *, leaf_is_lhs: bool, stack_ndim: int, in_ndim: int
+) -> bool:
     """Whether a ``dot_general`` is ``x @ W`` over W's ``in_ndim`` leading axes exactly (the
     leaf on the right, no batch axes, no stack): the one product the kinds that act on a
     layer's output (IA3, DoRA, bottleneck adapters, multi-LoRA) can compute unmerged."""
     (_, rc), (lb, rb) = dimension_numbers
-    return (not leaf_is_lhs and not stack_ndim and not lb and not rb
-            and sorted(int(c) for c in rc) == list(range(in_ndim)))
+    return (
+        not leaf_is_lhs
+        and not stack_ndim
+        and not lb
+        and not rb
+        and sorted(int(c) for c in rc) == list(range(in_ndim))
+    )
 
 
 class OverBase(LoraxLeaf):
@@ -231,17 +259,31 @@ class OverBase(LoraxLeaf):
     def dtype(self) -> Any:
         return self.base.dtype
 
-    def base_dot(self, other: Array, *, dimension_numbers: Any, leaf_is_lhs: bool,
-                 precision: Any, preferred_element_type: Any, bind: Bind) -> Array:
+    def base_dot(
+        self,
+        other: Array,
+        *,
+        dimension_numbers: Any,
+        leaf_is_lhs: bool,
+        precision: Any,
+        preferred_element_type: Any,
+        bind: Bind,
+    ) -> Array:
         """``dot_general`` with the base alone (NotImplemented if a base leaf cannot)."""
         if isinstance(self.base, LoraxLeaf):
             return self.base.dot_general(
-                other, dimension_numbers=dimension_numbers, leaf_is_lhs=leaf_is_lhs,
-                precision=precision, preferred_element_type=preferred_element_type, bind=bind)
+                other,
+                dimension_numbers=dimension_numbers,
+                leaf_is_lhs=leaf_is_lhs,
+                precision=precision,
+                preferred_element_type=preferred_element_type,
+                bind=bind,
+            )
         return bind(self.base, other) if leaf_is_lhs else bind(other, self.base)
 
-    def base_apply(self, on_array: Callable[[Array], Any],
-                   on_leaf: Callable[[LoraxLeaf], Any] | None = None) -> Any:
+    def base_apply(
+        self, on_array: Callable[[Array], Any], on_leaf: Callable[[LoraxLeaf], Any] | None = None
+    ) -> Any:
         """Applies an op to the base: an array, or a base leaf (densified if it lacks a
         method for the op, since the base is frozen and typically quantized)."""
         if not isinstance(self.base, LoraxLeaf):
@@ -258,15 +300,17 @@ class OverBase(LoraxLeaf):
         base = self.base.astype(dtype)
         if base is NotImplemented:
             return NotImplemented
-        return self.replace(base=base, **{
-            name: getattr(self, name).astype(dtype) for name in self.cast_fields})
+        return self.replace(
+            base=base, **{name: getattr(self, name).astype(dtype) for name in self.cast_fields}
+        )
 
 
 LEAF_KINDS: dict[str, type] = {}  # kind name (and legacy aliases) -> class
 
 
-def register_leaf(cls: type | None = None, /, *, kind: str | None = None,
-                  aliases: Sequence[str] = ()) -> Any:
+def register_leaf(
+    cls: type | None = None, /, *, kind: str | None = None, aliases: Sequence[str] = ()
+) -> Any:
     """Makes ``cls`` a frozen dataclass pytree and registers it as a leaf kind.
 
     Fields made with :func:`static_field` become aux data; every other field is a child, so
@@ -303,32 +347,37 @@ def register_leaf(cls: type | None = None, /, *, kind: str | None = None,
 
     def register(cls: type) -> type:
         if not (isinstance(cls, type) and issubclass(cls, LoraxLeaf)):
-            raise LoraxTypeError(f"lorax.register_leaf: expected a subclass of LoraxLeaf; got "
-                                 f"{cls!r}")
+            raise LoraxTypeError(
+                f"lorax.register_leaf: expected a subclass of LoraxLeaf; got {cls!r}"
+            )
         name = cls.__name__ if kind is None else kind
         if not isinstance(name, str) or not name:
-            raise LoraxTypeError(f"lorax.register_leaf: kind must be a non-empty str; got "
-                                 f"{name!r}")
+            raise LoraxTypeError(f"lorax.register_leaf: kind must be a non-empty str; got {name!r}")
         cls = dataclasses.dataclass(frozen=True)(cls)
         fields = dataclasses.fields(cls)
         static = tuple(f.name for f in fields if f.metadata.get("static", False))
         data = tuple(f.name for f in fields if not f.metadata.get("static", False))
         unknown = [n for n in cls.trainable_fields if n not in data]
         if unknown:
-            raise LoraxValueError(f"lorax.register_leaf: {cls.__name__}.trainable_fields names "
-                                  f"{unknown}, which are not data fields (those are {data})")
+            raise LoraxValueError(
+                f"lorax.register_leaf: {cls.__name__}.trainable_fields names "
+                f"{unknown}, which are not data fields (those are {data})"
+            )
         for n in (name, *aliases):
             old = LEAF_KINDS.get(n)
             if old is not None and old.__qualname__ != cls.__qualname__:
-                raise LoraxValueError(f"lorax.register_leaf: the kind {n!r} is taken by "
-                                      f"{old.__module__}.{old.__qualname__}")
+                raise LoraxValueError(
+                    f"lorax.register_leaf: the kind {n!r} is taken by "
+                    f"{old.__module__}.{old.__qualname__}"
+                )
         cls.kind = name
         cls.static_fields = static
         cls.frozen_fields = tuple(n for n in data if n not in cls.trainable_fields)
         for n in (name, *aliases):
             LEAF_KINDS[n] = cls
-        return jax.tree_util.register_dataclass(cls, data_fields=list(data),
-                                                meta_fields=list(static))
+        return jax.tree_util.register_dataclass(
+            cls, data_fields=list(data), meta_fields=list(static)
+        )
 
     return register if cls is None else register(cls)
 
@@ -342,8 +391,10 @@ def leaf_kind(name: str) -> type:
     cls = LEAF_KINDS.get(name) if isinstance(name, str) else None
     if cls is None:
         known = sorted({c.kind for c in LEAF_KINDS.values()})
-        raise LoraxKeyError(f"lorax: no leaf kind is registered as {name!r} (known: {known}); "
-                            "import the module that registers it first")
+        raise LoraxKeyError(
+            f"lorax: no leaf kind is registered as {name!r} (known: {known}); "
+            "import the module that registers it first"
+        )
     return cls
 
 
@@ -354,8 +405,10 @@ def shape_of(x: Any) -> tuple[int, ...] | None:
 
 def unfit(trainable: str, base: tuple[int, ...]) -> str:
     """The ``misfit`` message of trainable arrays that do not go with the frozen base."""
-    return (f"the trainable {trainable} and the frozen base {base} do not fit together (an "
-            "adapter of another layout, or for another base?)")
+    return (
+        f"the trainable {trainable} and the frozen base {base} do not fit together (an "
+        "adapter of another layout, or for another base?)"
+    )
 
 
 def static_field(**kwargs: Any) -> Any:

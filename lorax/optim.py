@@ -40,8 +40,10 @@ def optimizer(tx: optax.GradientTransformation, params: Any, /) -> optax.Gradien
     """
     trainable = mask(params)
     if not any(jax.tree.leaves(trainable)):  # every update would be zero: nothing trains
-        raise LoraxValueError(f"lorax.optimizer: the tree has no trainable adapter arrays (got "
-                              f"{type(params).__name__}); pass the tree from lorax.wrap / "
-                              "lorax.unfreeze, not the base parameters")
+        raise LoraxValueError(
+            f"lorax.optimizer: the tree has no trainable adapter arrays (got "
+            f"{type(params).__name__}); pass the tree from lorax.wrap / "
+            "lorax.unfreeze, not the base parameters"
+        )
     frozen = jax.tree.map(lambda m: not m, trainable)
     return optax.chain(optax.masked(tx, trainable), optax.freeze(frozen))

@@ -9,7 +9,8 @@ path component, a callable ``(path, leaf) -> bool | LoraSpec``, or None for the 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 
@@ -31,7 +32,6 @@ def path_str(path: Sequence[Any]) -> str:
     return "/".join(names)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class FlatTree:
     """A tree flattened down to arrays and lorax leaves, with '/'-joined paths and, for each
@@ -42,16 +42,17 @@ class FlatTree:
     leaves: list[Any]
 
     @classmethod
-    def of(cls, tree: Any) -> "FlatTree":
+    def of(cls, tree: Any) -> FlatTree:
         flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lorax_leaf)
         return cls(treedef, [path_str(p) for p, _ in flat], [leaf for _, leaf in flat])
 
     def siblings(self, path: str) -> dict[str, Any]:
         parent = path.rpartition("/")[0]
-        return {p.rpartition("/")[2]: leaf for p, leaf in zip(self.paths, self.leaves)
-                if p.rpartition("/")[0] == parent}
+        return {
+            p.rpartition("/")[2]: leaf
+            for p, leaf in zip(self.paths, self.leaves, strict=True)
+            if p.rpartition("/")[0] == parent
+        }
 
     def rebuild(self, leaves: Sequence[Any]) -> Any:
         return jax.tree_util.tree_unflatten(self.treedef, list(leaves))
-
-

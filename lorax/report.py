@@ -45,18 +45,26 @@ class Summary:
 
     def table(self) -> str:
         width = max([len("module")] + [len(r.module) for r in self.rows])
-        head = (f"{'module':<{width}}  {'trainable':>12}  {'total':>14}  {'bytes':>14}  "
-                f"{'bits/param':>10}")
+        head = (
+            f"{'module':<{width}}  {'trainable':>12}  {'total':>14}  {'bytes':>14}  "
+            f"{'bits/param':>10}"
+        )
         lines = [head, "-" * len(head)]
         for r in self.rows:
-            lines.append(f"{r.module:<{width}}  {r.trainable:>12,}  {r.total:>14,}  "
-                         f"{r.bytes:>14,}  {r.bits_per_param:>10.3f}")
+            lines.append(
+                f"{r.module:<{width}}  {r.trainable:>12,}  {r.total:>14,}  "
+                f"{r.bytes:>14,}  {r.bits_per_param:>10.3f}"
+            )
         lines.append("-" * len(head))
         bits = 8 * self.bytes / self.total if self.total else 0.0
-        lines.append(f"{'total':<{width}}  {self.trainable:>12,}  {self.total:>14,}  "
-                     f"{self.bytes:>14,}  {bits:>10.3f}")
-        lines.append(f"trainable: {self.trainable:,} of {self.total:,} "
-                     f"({100 * self.trainable_fraction:.4f}%)")
+        lines.append(
+            f"{'total':<{width}}  {self.trainable:>12,}  {self.total:>14,}  "
+            f"{self.bytes:>14,}  {bits:>10.3f}"
+        )
+        lines.append(
+            f"trainable: {self.trainable:,} of {self.total:,} "
+            f"({100 * self.trainable_fraction:.4f}%)"
+        )
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -67,12 +75,18 @@ def _count(x: Any) -> tuple[int, int]:
     """(parameters the leaf stands for, bytes it holds)."""
     if x is None:
         return 0, 0
-    held = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
-               for a in jax.tree.leaves(x) if hasattr(a, "shape"))
+    held = sum(
+        int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
+        for a in jax.tree.leaves(x)
+        if hasattr(a, "shape")
+    )
     if is_lorax_leaf(x):
         # The dense weight it stands for, plus its trainable extras (LoRA factors, ...).
-        extras = sum(int(np.prod(a.shape)) for f in x.trainable_fields
-                     for a in jax.tree.leaves(getattr(x, f)))
+        extras = sum(
+            int(np.prod(a.shape))
+            for f in x.trainable_fields
+            for a in jax.tree.leaves(getattr(x, f))
+        )
         return int(np.prod(x.shape)) + extras, held
     if hasattr(x, "shape"):
         return int(np.prod(x.shape)), held
@@ -100,8 +114,9 @@ def summary(params: Any, /) -> Summary:
     rows: dict[str, list[int]] = {}
     flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lorax_leaf)[0]
     t_flat = jax.tree_util.tree_flatten_with_path(
-        trainable_tree, is_leaf=lambda x: x is None or is_lorax_leaf(x))[0]
-    for (path, leaf), (_, t_leaf) in zip(flat, t_flat):
+        trainable_tree, is_leaf=lambda x: x is None or is_lorax_leaf(x)
+    )[0]
+    for (path, leaf), (_, t_leaf) in zip(flat, t_flat, strict=True):
         module = path_str(path).rpartition("/")[0] or "<root>"
         total, held = _count(leaf)
         trainable = 0
@@ -112,5 +127,6 @@ def summary(params: Any, /) -> Summary:
         acc[1] += total
         acc[2] += held
     out = tuple(ModuleRow(m, *v) for m, v in rows.items())
-    return Summary(out, sum(r.trainable for r in out), sum(r.total for r in out),
-                   sum(r.bytes for r in out))
+    return Summary(
+        out, sum(r.trainable for r in out), sum(r.total for r in out), sum(r.bytes for r in out)
+    )

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Mapping, Sequence, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,8 @@ from lorax.leaf import is_lorax_leaf
 #: Path components that name embedding tables, which the default targets leave alone.
 EMBEDDING_NAMES = re.compile(
     r"(embedding|embeddings|embed_tokens|wte|wpe|word_embeddings|position_embeddings|"
-    r"token_embedding|tok_embeddings)")
+    r"token_embedding|tok_embeddings)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +46,7 @@ class LoraSpec:
     stack_axes: int | None = None
 
 
-Targets = Union[None, str, Sequence[str], Callable[[str, Any], Union[bool, LoraSpec]]]
+Targets = None | str | Sequence[str] | Callable[[str, Any], bool | LoraSpec]
 
 
 #: Leaf names that are never weights, whatever their rank (a DenseGeneral bias is 2-D, and
@@ -73,8 +75,12 @@ def describe(leaf: Any) -> str:
     return type(leaf).__name__
 
 
-def select(targets: Targets, paths: Sequence[str], leaves: Sequence[Any],
-           default_excludes: re.Pattern = EMBEDDING_NAMES) -> dict[int, LoraSpec]:
+def select(
+    targets: Targets,
+    paths: Sequence[str],
+    leaves: Sequence[Any],
+    default_excludes: re.Pattern = EMBEDDING_NAMES,
+) -> dict[int, LoraSpec]:
     """Indices of the leaves that ``targets`` selects and can be adapted, with their spec.
 
     Raises:
@@ -84,9 +90,12 @@ def select(targets: Targets, paths: Sequence[str], leaves: Sequence[Any],
     """
     chosen: dict[int, LoraSpec] = {}
     if targets is None:
-        for i, (p, leaf) in enumerate(zip(paths, leaves)):
-            if is_floating_weight(leaf) and is_weight_path(p) and not any(
-                    default_excludes.fullmatch(c) for c in p.split("/")):
+        for i, (p, leaf) in enumerate(zip(paths, leaves, strict=True)):
+            if (
+                is_floating_weight(leaf)
+                and is_weight_path(p)
+                and not any(default_excludes.fullmatch(c) for c in p.split("/"))
+            ):
                 chosen[i] = LoraSpec()
         if not chosen:
             raise LoraxValueError(_nothing_matched("the default targets", paths, leaves))
@@ -102,37 +111,52 @@ def select(targets: Targets, paths: Sequence[str], leaves: Sequence[Any],
         names = list(targets)
         if not all(isinstance(n, str) for n in names):
             raise LoraxTypeError(f"lorax: targets must be module names (str); got {names!r}")
-        unmatched = [n for n in names if not any(
-            n in p.split("/") and is_weight_path(p)
-            and (is_floating_weight(leaf) or is_lorax_leaf(leaf))
-            for p, leaf in zip(paths, leaves))]
+        unmatched = [
+            n
+            for n in names
+            if not any(
+                n in p.split("/")
+                and is_weight_path(p)
+                and (is_floating_weight(leaf) or is_lorax_leaf(leaf))
+                for p, leaf in zip(paths, leaves, strict=True)
+            )
+        ]
         if unmatched:
-            raise LoraxValueError(_nothing_matched(f"the target names {unmatched!r}", paths,
-                                                   leaves))
+            raise LoraxValueError(
+                _nothing_matched(f"the target names {unmatched!r}", paths, leaves)
+            )
         decide = lambda p, leaf: any(n in p.split("/") for n in names)  # noqa: E731
         what = f"the target names {names!r}"
     else:
-        raise LoraxTypeError("lorax: targets must be None, a regex string, a list of names or "
-                             "a callable (path, leaf) -> bool | LoraSpec; got "
-                             f"{type(targets).__name__}")
+        raise LoraxTypeError(
+            "lorax: targets must be None, a regex string, a list of names or "
+            "a callable (path, leaf) -> bool | LoraSpec; got "
+            f"{type(targets).__name__}"
+        )
 
-    for i, (p, leaf) in enumerate(zip(paths, leaves)):
+    for i, (p, leaf) in enumerate(zip(paths, leaves, strict=True)):
         verdict = decide(p, leaf)
         if verdict is False or verdict is None:
             continue
         if is_lorax_leaf(leaf) and leaf.trainable_fields:
-            raise LoraxValueError(f"lorax: '{p}' is already a LoRA leaf or another adapter "
-                                  f"(kind {leaf.kind!r}); merge it or target another weight.")
+            raise LoraxValueError(
+                f"lorax: '{p}' is already a LoRA leaf or another adapter "
+                f"(kind {leaf.kind!r}); merge it or target another weight."
+            )
         is_array = is_lorax_leaf(leaf) or isinstance(leaf, (jax.Array, np.ndarray))
         if not is_array:
-            raise LoraxTypeError(f"lorax: {what} selects '{p}', which is a "
-                                 f"{type(leaf).__name__}, not an array; only floating weights "
-                                 "can be adapted.")
+            raise LoraxTypeError(
+                f"lorax: {what} selects '{p}', which is a "
+                f"{type(leaf).__name__}, not an array; only floating weights "
+                "can be adapted."
+            )
         if len(leaf.shape) < 2 or not is_weight_path(p):
             continue  # biases, norm scales: left alone by design
         if not jnp.issubdtype(leaf.dtype, jnp.floating):
-            raise LoraxTypeError(f"lorax: {what} selects '{p}', a {describe(leaf)} array; only "
-                                 "floating weights can be adapted.")
+            raise LoraxTypeError(
+                f"lorax: {what} selects '{p}', a {describe(leaf)} array; only "
+                "floating weights can be adapted."
+            )
         chosen[i] = verdict if isinstance(verdict, LoraSpec) else LoraSpec()
     if not chosen:
         raise LoraxValueError(_nothing_matched(what, paths, leaves))
@@ -140,11 +164,13 @@ def select(targets: Targets, paths: Sequence[str], leaves: Sequence[Any],
 
 
 def _nothing_matched(what: str, paths: Sequence[str], leaves: Sequence[Any]) -> str:
-    ok = [is_floating_weight(l) and is_weight_path(p) for p, l in zip(paths, leaves)]
-    adaptable = [f"  {p}  {describe(l)}" for p, l, k in zip(paths, leaves, ok) if k]
-    others = [f"  {p}  {describe(l)}" for p, l, k in zip(paths, leaves, ok) if not k]
-    lines = [f"lorax: {what} matched no adaptable weight (floating, rank >= 2).",
-             "Adaptable weights in this tree:"] + (adaptable or ["  (none)"])
+    ok = [is_floating_weight(l) and is_weight_path(p) for p, l in zip(paths, leaves, strict=True)]
+    adaptable = [f"  {p}  {describe(l)}" for p, l, k in zip(paths, leaves, ok, strict=True) if k]
+    others = [f"  {p}  {describe(l)}" for p, l, k in zip(paths, leaves, ok, strict=True) if not k]
+    lines = [
+        f"lorax: {what} matched no adaptable weight (floating, rank >= 2).",
+        "Adaptable weights in this tree:",
+    ] + (adaptable or ["  (none)"])
     if others:
         lines += ["Other leaves:"] + others[:50] + (["  ..."] if len(others) > 50 else [])
     return "\n".join(lines)
@@ -156,8 +182,9 @@ def pattern_matches(key: str, path: str, what: str = "lorax: pattern key") -> bo
     return key in path.split("/") or compile_regex(key, what).fullmatch(path) is not None
 
 
-def pattern_value(patterns: Mapping[str, Any] | None, path: str, default: Any,
-                  what: str = "lorax: pattern") -> Any:
+def pattern_value(
+    patterns: Mapping[str, Any] | None, path: str, default: Any, what: str = "lorax: pattern"
+) -> Any:
     """The value of the first key in ``patterns`` that matches ``path`` in full or names one
     of its components (as peft's ``rank_pattern`` / ``alpha_pattern``)."""
     for key, value in (patterns or {}).items():

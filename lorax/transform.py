@@ -32,7 +32,8 @@ import dataclasses
 import difflib
 import functools
 import warnings
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,8 +45,14 @@ from lorax.errors import LoraxError, LoraxTypeError, LoraxValueError, NotMergeab
 from lorax.leaf import LoraxLeaf, PrimitiveCall, is_lorax_leaf
 from lorax.tree import holes
 
-__all__ = ["lora", "register_rule", "using_rules", "RuleContext", "LoraxDensifyWarning",
-           "LoraxDensifyError"]
+__all__ = [
+    "lora",
+    "register_rule",
+    "using_rules",
+    "RuleContext",
+    "LoraxDensifyWarning",
+    "LoraxDensifyError",
+]
 
 
 class LoraxDensifyWarning(UserWarning):
@@ -70,8 +77,8 @@ class RuleContext:
     names: tuple[str | None, ...]
     strict: bool
     outer_location: str = ""
-    rng: Any = None   # the dropout key of the enclosing jaxpr (None: no dropout)
-    index: int = 0    # this equation's position in it
+    rng: Any = None  # the dropout key of the enclosing jaxpr (None: no dropout)
+    index: int = 0  # this equation's position in it
 
     def key(self) -> Any:
         """A dropout key for this equation alone (None when no ``dropout_rng`` was given)."""
@@ -100,7 +107,8 @@ class RuleContext:
                         f"lorax: primitive '{self.eqn.primitive.name}' at {self.location} "
                         f"needs the dense weight of the {value.kind} leaf at "
                         f"'{name or '<unknown path>'}', which has none: "
-                        f"{_no_dense_reason(value)}")
+                        f"{_no_dense_reason(value)}"
+                    )
                 if not value.dense_is_free:  # e.g. lorax.Unfrozen is an array already
                     self._complain(value, name)
                 value = value.materialize()
@@ -109,23 +117,40 @@ class RuleContext:
 
     def _complain(self, leaf: LoraxLeaf, name: str | None) -> None:
         prim = self.eqn.primitive.name
-        msg = (f"lorax: primitive '{prim}' at {self.location} consumes the "
-               f"{type(leaf).__name__} at '{name or '<unknown path>'}' and has no lorax rule "
-               f"for it, so the dense weight {tuple(leaf.shape)} {leaf.dtype} is formed. "
-               f"Register one with lorax.register_rule('{prim}', rule)")
+        msg = (
+            f"lorax: primitive '{prim}' at {self.location} consumes the "
+            f"{type(leaf).__name__} at '{name or '<unknown path>'}' and has no lorax rule "
+            f"for it, so the dense weight {tuple(leaf.shape)} {leaf.dtype} is formed. "
+            f"Register one with lorax.register_rule('{prim}', rule)"
+        )
         if self.strict:
             raise LoraxDensifyError(msg + ".")
-        warnings.warn(msg + ", or pass strict=True to lorax.lora to make this an error.",
-                      LoraxDensifyWarning, stacklevel=2)
+        warnings.warn(
+            msg + ", or pass strict=True to lorax.lora to make this an error.",
+            LoraxDensifyWarning,
+            stacklevel=2,
+        )
 
-    def eval_jaxpr(self, closed_or_open: Any, args: Sequence[Any],
-                   names: Sequence[str | None] | None = None, rng: Any = None) -> list[Any]:
+    def eval_jaxpr(
+        self,
+        closed_or_open: Any,
+        args: Sequence[Any],
+        names: Sequence[str | None] | None = None,
+        rng: Any = None,
+    ) -> list[Any]:
         """Evaluates an inner jaxpr with the lorax interpreter (its dropout keys derive from
         ``rng``, by default this equation's key)."""
         jaxpr, consts = _compat.open_jaxpr(closed_or_open)
         names = tuple(names) if names is not None else (None,) * len(args)
-        return _eval_jaxpr(jaxpr, consts, list(args), names, self.strict, self.location,
-                           self.key() if rng is None else rng)
+        return _eval_jaxpr(
+            jaxpr,
+            consts,
+            list(args),
+            names,
+            self.strict,
+            self.location,
+            self.key() if rng is None else rng,
+        )
 
 
 Rule = Callable[[RuleContext, list], Any]
@@ -148,20 +173,26 @@ def _rule_key(primitive: Any, where: str) -> Any:
         known = _compat.known_primitives()
         if known and primitive not in known and primitive not in _RULES:
             close = difflib.get_close_matches(primitive, sorted(known), n=5)
-            raise LoraxValueError(f"{where}: primitive {primitive!r} is not the name of a JAX "
-                                  f"primitive (close: {close}); pass the Primitive object "
-                                  "itself for a primitive of your own")
+            raise LoraxValueError(
+                f"{where}: primitive {primitive!r} is not the name of a JAX "
+                f"primitive (close: {close}); pass the Primitive object "
+                "itself for a primitive of your own"
+            )
         return primitive
     if isinstance(getattr(primitive, "name", None), str) and hasattr(primitive, "bind"):
         return primitive
-    raise LoraxTypeError(f"{where}: primitive must be a jax.extend.core.Primitive or its name "
-                         f"(str); got {type(primitive).__name__} {primitive!r}")
+    raise LoraxTypeError(
+        f"{where}: primitive must be a jax.extend.core.Primitive or its name "
+        f"(str); got {type(primitive).__name__} {primitive!r}"
+    )
 
 
 def _check_rule(rule: Any, where: str) -> None:
     if not callable(rule):
-        raise LoraxTypeError(f"{where}: rule must be callable as rule(ctx, invals); got "
-                             f"{type(rule).__name__} {rule!r}")
+        raise LoraxTypeError(
+            f"{where}: rule must be callable as rule(ctx, invals); got "
+            f"{type(rule).__name__} {rule!r}"
+        )
 
 
 def register_rule(primitive: Any, rule: Rule) -> Rule:
@@ -257,8 +288,9 @@ def lora(fn: Callable, /, *, strict: bool = False) -> Callable:
       (3, 4)
     """
     if not callable(fn):
-        raise LoraxTypeError(f"lorax.lora: fn must be callable (e.g. model.apply); got "
-                             f"{type(fn).__name__} {fn!r}")
+        raise LoraxTypeError(
+            f"lorax.lora: fn must be callable (e.g. model.apply); got {type(fn).__name__} {fn!r}"
+        )
     if not isinstance(strict, (bool, np.bool_)):
         raise LoraxTypeError(f"lorax.lora: strict must be a bool; got {strict!r}")
 
@@ -266,8 +298,7 @@ def lora(fn: Callable, /, *, strict: bool = False) -> Callable:
     def wrapped(*args: Any, dropout_rng: Any = None, **kwargs: Any) -> Any:
         if dropout_rng is not None:
             check_key(dropout_rng, "lorax.lora: dropout_rng")
-        flat, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs),
-                                                             is_leaf=is_lorax_leaf)
+        flat, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_lorax_leaf)
         if not any(is_lorax_leaf(leaf) for _, leaf in flat):
             return fn(*args, **kwargs)
         leaves = [leaf for _, leaf in flat]
@@ -281,14 +312,17 @@ def lora(fn: Callable, /, *, strict: bool = False) -> Callable:
             return fn(*f_args, **f_kwargs)
 
         try:
-            avals = [jax.ShapeDtypeStruct(leaves[i].shape, leaves[i].dtype)
-                     if is_lorax_leaf(leaves[i]) else leaves[i] for i in dynamic]
+            avals = [
+                jax.ShapeDtypeStruct(leaves[i].shape, leaves[i].dtype)
+                if is_lorax_leaf(leaves[i])
+                else leaves[i]
+                for i in dynamic
+            ]
         except AttributeError:  # e.g. no base: half of a split; say where, not 'NoneType'
             _refuse_halves(flat)
             raise
         closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*avals)
-        names = tuple(_path_name(flat[i][0]) if is_lorax_leaf(leaves[i]) else None
-                      for i in dynamic)
+        names = tuple(_path_name(flat[i][0]) if is_lorax_leaf(leaves[i]) else None for i in dynamic)
         jaxpr, consts = _compat.open_jaxpr(closed)
         values = [_freeze(leaves[i]) for i in dynamic]
         outs = _eval_jaxpr(jaxpr, consts, values, names, strict, "", dropout_rng)
@@ -304,7 +338,8 @@ def _refuse_halves(flat: Sequence[tuple[Any, Any]]) -> None:
             raise LoraxValueError(
                 f"lorax.lora: the {type(leaf).__name__} at '{_path_name(path)}' has no "
                 f"{', '.join(repr(m) for m in missing)}: pass the whole tree, "
-                "lorax.combine(trainable, frozen), not one half of lorax.split")
+                "lorax.combine(trainable, frozen), not one half of lorax.split"
+            )
 
 
 def _freeze(x: Any) -> Any:
@@ -312,8 +347,9 @@ def _freeze(x: Any) -> Any:
     taken over the whole wrapped tree is exactly zero there and never computed."""
     if not is_lorax_leaf(x):
         return x
-    frozen = {name: jax.tree.map(jax.lax.stop_gradient, getattr(x, name))
-              for name in x.frozen_fields}
+    frozen = {
+        name: jax.tree.map(jax.lax.stop_gradient, getattr(x, name)) for name in x.frozen_fields
+    }
     return dataclasses.replace(x, **frozen)
 
 
@@ -329,9 +365,15 @@ def _path_name(path: Sequence[Any]) -> str:
     return "/".join(p for p in parts if p != "value")
 
 
-def _eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any],
-                names: Sequence[str | None], strict: bool, where: str = "",
-                rng: Any = None) -> list[Any]:
+def _eval_jaxpr(
+    jaxpr: Any,
+    consts: Sequence[Any],
+    args: Sequence[Any],
+    names: Sequence[str | None],
+    strict: bool,
+    where: str = "",
+    rng: Any = None,
+) -> list[Any]:
     env: dict[Any, Any] = {}
     lazy_names: dict[Any, str | None] = {}
 
@@ -350,8 +392,10 @@ def _eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any],
         if not any(is_lorax_leaf(x) for x in invals):
             outvals = _compat.bind_equation(eqn, invals)
         else:
-            in_names = tuple(lazy_names.get(v) if not isinstance(v, _compat.Literal) else None
-                             for v in eqn.invars)
+            in_names = tuple(
+                lazy_names.get(v) if not isinstance(v, _compat.Literal) else None
+                for v in eqn.invars
+            )
             ctx = RuleContext(eqn, in_names, strict, where, rng, index)
             with _compat.equation_context(eqn):
                 outvals = _evaluate(ctx, invals)
@@ -377,8 +421,9 @@ def _evaluate(ctx: RuleContext, invals: list) -> list:
     for position, leaf in enumerate(invals):
         if not is_lorax_leaf(leaf):
             continue
-        call = PrimitiveCall(prim, ctx.params, tuple(invals), position, avals,
-                             bind=ctx.bind, key=ctx.key)
+        call = PrimitiveCall(
+            prim, ctx.params, tuple(invals), position, avals, bind=ctx.bind, key=ctx.key
+        )
         out = leaf.handle_primitive(call)
         if out is not NotImplemented:
             who = f"the {leaf.kind} leaf at '{ctx.names[position] or '<unknown path>'}'"
@@ -389,8 +434,10 @@ def _evaluate(ctx: RuleContext, invals: list) -> list:
 def _as_list(ctx: RuleContext, out: Any, who: str) -> list:
     outs = list(out) if ctx.eqn.primitive.multiple_results else [out]
     if len(outs) != len(ctx.eqn.outvars):
-        raise LoraxError(f"lorax: {who} returned {len(outs)} value(s) for primitive "
-                         f"'{ctx.eqn.primitive.name}', which has {len(ctx.eqn.outvars)}")
+        raise LoraxError(
+            f"lorax: {who} returned {len(outs)} value(s) for primitive "
+            f"'{ctx.eqn.primitive.name}', which has {len(ctx.eqn.outvars)}"
+        )
     return outs
 
 
@@ -401,12 +448,16 @@ def _conform(outs: list, avals: Sequence[Any], who: str, prim: str) -> list:
     for out, aval in zip(outs, avals, strict=True):
         shape = tuple(getattr(out, "shape", ()))
         if shape != tuple(aval.shape):
-            raise LoraxError(f"lorax: {who} computed '{prim}' as shape {shape}; the primitive "
-                             f"gives {tuple(aval.shape)} (a bug in the leaf kind)")
+            raise LoraxError(
+                f"lorax: {who} computed '{prim}' as shape {shape}; the primitive "
+                f"gives {tuple(aval.shape)} (a bug in the leaf kind)"
+            )
         if is_lorax_leaf(out):
             if jnp.dtype(out.dtype) != jnp.dtype(aval.dtype):
-                raise LoraxError(f"lorax: {who} computed '{prim}' as a {out.dtype} leaf; the "
-                                 f"primitive gives {aval.dtype} (a bug in the leaf kind)")
+                raise LoraxError(
+                    f"lorax: {who} computed '{prim}' as a {out.dtype} leaf; the "
+                    f"primitive gives {aval.dtype} (a bug in the leaf kind)"
+                )
         elif hasattr(out, "dtype") and out.dtype != aval.dtype:
             out = out.astype(aval.dtype)
         fixed.append(out)
@@ -416,6 +467,7 @@ def _conform(outs: list, avals: Sequence[Any], who: str, prim: str) -> list:
 # --------------------------------------------------------------------------------------
 # Rules
 # --------------------------------------------------------------------------------------
+
 
 def _densify_rule(ctx: RuleContext, invals: list) -> list:
     return ctx.bind(*ctx.densify(invals))
@@ -441,8 +493,11 @@ def _remat_rule(ctx: RuleContext, invals: list) -> list:
     def inner(*args):
         return _densify_outputs(ctx, ctx.eval_jaxpr(body, args, names))
 
-    return list(jax.checkpoint(inner, prevent_cse=ctx.params.get("prevent_cse", True),
-                               policy=ctx.params.get("policy"))(*invals))
+    return list(
+        jax.checkpoint(
+            inner, prevent_cse=ctx.params.get("prevent_cse", True), policy=ctx.params.get("policy")
+        )(*invals)
+    )
 
 
 def _densify_outputs(ctx: RuleContext, outs: list) -> list:
@@ -457,9 +512,12 @@ def _scan_rule(ctx: RuleContext, invals: list) -> list:
     names = ctx.names
     carry = [ctx.densify([c])[0] if is_lorax_leaf(c) else c for c in carry]
     # A leaf scanned over must have a stack axis to slice; otherwise densify it.
-    xs = [_densify_single(ctx, x, names[n_consts + n_carry + i])
-          if is_lorax_leaf(x) and x.stack_ndim < 1 else x
-          for i, x in enumerate(xs)]
+    xs = [
+        _densify_single(ctx, x, names[n_consts + n_carry + i])
+        if is_lorax_leaf(x) and x.stack_ndim < 1
+        else x
+        for i, x in enumerate(xs)
+    ]
 
     key = ctx.key()
     counted = key is not None  # per-iteration dropout keys need the iteration number
@@ -473,9 +531,10 @@ def _scan_rule(ctx: RuleContext, invals: list) -> list:
         return (new if step is None else [step + 1, *new]), outs[n_carry:]
 
     init = [jnp.zeros((), jnp.int32), *carry] if counted else list(carry)
-    carry_out, ys = jax.lax.scan(body, init, xs, length=p["length"], reverse=p["reverse"],
-                                 unroll=p.get("unroll", 1))
-    return [*carry_out[int(counted):], *ys]
+    carry_out, ys = jax.lax.scan(
+        body, init, xs, length=p["length"], reverse=p["reverse"], unroll=p.get("unroll", 1)
+    )
+    return [*carry_out[int(counted) :], *ys]
 
 
 def _densify_single(ctx: RuleContext, value: Any, name: str | None) -> Any:
@@ -487,16 +546,20 @@ def _cond_rule(ctx: RuleContext, invals: list) -> list:
     if is_lorax_leaf(index):
         return _densify_rule(ctx, invals)
     names = ctx.names[1:]
-    branches = [functools.partial(lambda br, *ops: _densify_outputs(
-        ctx, ctx.eval_jaxpr(br, ops, names)), br) for br in ctx.params["branches"]]
+    branches = [
+        functools.partial(
+            lambda br, *ops: _densify_outputs(ctx, ctx.eval_jaxpr(br, ops, names)), br
+        )
+        for br in ctx.params["branches"]
+    ]
     return list(jax.lax.switch(index, branches, *operands))
 
 
 def _while_rule(ctx: RuleContext, invals: list) -> list:
     p = ctx.params
     nc, nb = p["cond_nconsts"], p["body_nconsts"]
-    cconsts, bconsts, init = invals[:nc], invals[nc:nc + nb], invals[nc + nb:]
-    cnames, bnames = ctx.names[:nc], ctx.names[nc:nc + nb]
+    cconsts, bconsts, init = invals[:nc], invals[nc : nc + nb], invals[nc + nb :]
+    cnames, bnames = ctx.names[:nc], ctx.names[nc : nc + nb]
     init = [ctx.densify([c])[0] if is_lorax_leaf(c) else c for c in init]
     free = (None,) * len(init)
 
@@ -510,26 +573,29 @@ def _while_rule(ctx: RuleContext, invals: list) -> list:
     def body_fun(carry):
         step, carry = (carry[0], carry[1:]) if counted else (None, carry)
         rng = None if step is None else jax.random.fold_in(key, step)
-        outs = _densify_outputs(ctx, ctx.eval_jaxpr(p["body_jaxpr"], [*bconsts, *carry],
-                                                    bnames + free, rng=rng))
+        outs = _densify_outputs(
+            ctx, ctx.eval_jaxpr(p["body_jaxpr"], [*bconsts, *carry], bnames + free, rng=rng)
+        )
         return outs if step is None else [step + 1, *outs]
 
     init = [jnp.zeros((), jnp.int32), *init] if counted else list(init)
-    return list(jax.lax.while_loop(cond_fun, body_fun, init))[int(counted):]
+    return list(jax.lax.while_loop(cond_fun, body_fun, init))[int(counted) :]
 
 
 # The built-in rules are structural (the leaf kinds handle the rest through their hook) and
 # go in directly: some names are those of other JAX releases (pjit, remat2, ...), which
 # register_rule's check for known primitive names would refuse.
-_RULES.update({
-    **{name: _call_rule("jaxpr") for name in ("jit", "pjit")},
-    **{name: _call_rule("call_jaxpr") for name in ("closed_call", "core_call")},
-    "custom_jvp_call": _call_rule("call_jaxpr"),
-    "custom_vjp_call": _call_rule("call_jaxpr"),
-    "custom_vjp_call_jaxpr": _call_rule("fun_jaxpr"),
-    "remat2": _remat_rule,
-    "checkpoint": _remat_rule,
-    "scan": _scan_rule,
-    "cond": _cond_rule,
-    "while": _while_rule,
-})
+_RULES.update(
+    {
+        **{name: _call_rule("jaxpr") for name in ("jit", "pjit")},
+        **{name: _call_rule("call_jaxpr") for name in ("closed_call", "core_call")},
+        "custom_jvp_call": _call_rule("call_jaxpr"),
+        "custom_vjp_call": _call_rule("call_jaxpr"),
+        "custom_vjp_call_jaxpr": _call_rule("fun_jaxpr"),
+        "remat2": _remat_rule,
+        "checkpoint": _remat_rule,
+        "scan": _scan_rule,
+        "cond": _cond_rule,
+        "while": _while_rule,
+    }
+)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -13,8 +14,10 @@ from lorax.paths import path_str
 
 def _leaf_parts(leaf: LoraxLeaf) -> tuple[LoraxLeaf, LoraxLeaf]:
     """The leaf with only its trainable fields, and with only its frozen ones."""
-    return (leaf.replace(**dict.fromkeys(leaf.frozen_fields)),
-            leaf.replace(**dict.fromkeys(leaf.trainable_fields)))
+    return (
+        leaf.replace(**dict.fromkeys(leaf.frozen_fields)),
+        leaf.replace(**dict.fromkeys(leaf.trainable_fields)),
+    )
 
 
 def split(params: Any, /) -> tuple[Any, Any]:
@@ -35,10 +38,12 @@ def split(params: Any, /) -> tuple[Any, Any]:
       >>> [x.shape for x in jax.tree.leaves(trainable)]
       [(8, 2), (2, 8)]
     """
-    trainable = jax.tree.map(lambda x: _leaf_parts(x)[0] if is_lorax_leaf(x) else None, params,
-                             is_leaf=is_lorax_leaf)
-    frozen = jax.tree.map(lambda x: _leaf_parts(x)[1] if is_lorax_leaf(x) else x, params,
-                          is_leaf=is_lorax_leaf)
+    trainable = jax.tree.map(
+        lambda x: _leaf_parts(x)[0] if is_lorax_leaf(x) else None, params, is_leaf=is_lorax_leaf
+    )
+    frozen = jax.tree.map(
+        lambda x: _leaf_parts(x)[1] if is_lorax_leaf(x) else x, params, is_leaf=is_lorax_leaf
+    )
     return trainable, frozen
 
 
@@ -68,8 +73,10 @@ def combine(trainable: Any, frozen: Any, /) -> Any:
 
     def pick(path, t, f):
         if t is not None and f is not None:
-            raise LoraxValueError(f"lorax.combine: '{path_str(path)}' is set in both trees; "
-                                  "expected it in exactly one (trees from lorax.split)")
+            raise LoraxValueError(
+                f"lorax.combine: '{path_str(path)}' is set in both trees; "
+                "expected it in exactly one (trees from lorax.split)"
+            )
         return f if t is None else t
 
     try:
@@ -81,13 +88,19 @@ def combine(trainable: Any, frozen: Any, /) -> Any:
             raise
         t_flat, t_def = jax.tree_util.tree_flatten_with_path(trainable, is_leaf=is_hole)
         f_flat, f_def = jax.tree_util.tree_flatten_with_path(frozen, is_leaf=is_hole)
-        raise LoraxValueError("lorax.combine: the trainable and frozen trees do not line up: "
-                              + _first_difference(t_flat, f_flat, t_def, f_def)) from None
+        raise LoraxValueError(
+            "lorax.combine: the trainable and frozen trees do not line up: "
+            + _first_difference(t_flat, f_flat, t_def, f_def)
+        ) from None
     # Shapes only (static under jit): a mismatch would otherwise fail deep inside the model.
     for key_path, leaf in jax.tree_util.tree_leaves_with_path(out, is_leaf=is_lorax_leaf):
         if is_lorax_leaf(leaf):
-            _check_whole(leaf, path_str(key_path), "lorax.combine",
-                         "it is in neither tree (trees from one lorax.split?)")
+            _check_whole(
+                leaf,
+                path_str(key_path),
+                "lorax.combine",
+                "it is in neither tree (trees from one lorax.split?)",
+            )
             problem = leaf.misfit()
             if problem:
                 raise LoraxValueError(f"lorax.combine: at '{path_str(key_path)}' {problem}")
@@ -101,8 +114,11 @@ def holes(leaf: LoraxLeaf) -> list[str]:
     (no double quantization) and is never a half."""
     if not leaf.trainable_fields:
         return []
-    return [name for name in (*leaf.trainable_fields, *leaf.frozen_fields)
-            if getattr(leaf, name) is None]
+    return [
+        name
+        for name in (*leaf.trainable_fields, *leaf.frozen_fields)
+        if getattr(leaf, name) is None
+    ]
 
 
 def _check_whole(leaf: LoraxLeaf, path: str, where: str, why: str) -> None:
@@ -110,19 +126,22 @@ def _check_whole(leaf: LoraxLeaf, path: str, where: str, why: str) -> None:
     split); trees of other things (shardings, labels) are let through."""
     missing = holes(leaf)
     if missing and any(hasattr(x, "shape") for x in jax.tree.leaves(leaf)):
-        raise LoraxValueError(f"{where}: the {type(leaf).__name__} at '{path}' has no "
-                              f"{', '.join(repr(m) for m in missing)}: {why}")
+        raise LoraxValueError(
+            f"{where}: the {type(leaf).__name__} at '{path}' has no "
+            f"{', '.join(repr(m) for m in missing)}: {why}"
+        )
 
 
 def _first_difference(t_flat, f_flat, t_def, f_def) -> str:
     t_paths = [path_str(p) for p, _ in t_flat]
     f_paths = [path_str(p) for p, _ in f_flat]
-    for a, b in zip(t_paths, f_paths):
+    for a, b in zip(t_paths, f_paths, strict=False):
         if a != b:
             return f"trainable has '{a}' where frozen has '{b}'"
     if len(t_paths) != len(f_paths):
-        longer, name = (t_paths, "trainable") if len(t_paths) > len(f_paths) else (f_paths,
-                                                                                   "frozen")
+        longer, name = (
+            (t_paths, "trainable") if len(t_paths) > len(f_paths) else (f_paths, "frozen")
+        )
         return f"{name} has extra entries from '{longer[min(len(t_paths), len(f_paths))]}'"
     return f"same paths but different node types or metadata:\n  {t_def}\n  {f_def}"
 
@@ -142,8 +161,7 @@ def mask(params: Any, /) -> Any:
       [False, False, True, True]
     """
     trainable, _ = split(params)
-    return jax.tree.map(lambda t, x: t is not None, trainable, params,
-                        is_leaf=lambda x: x is None)
+    return jax.tree.map(lambda t, x: t is not None, trainable, params, is_leaf=lambda x: x is None)
 
 
 def merge(params: Any, /) -> Any:
@@ -155,11 +173,16 @@ def merge(params: Any, /) -> Any:
       >>> lorax.merge(lp)["w"].shape
       (8, 8)
     """
+
     def dense(key_path, x):
         if not is_lorax_leaf(x):
             return x
-        _check_whole(x, path_str(key_path), "lorax.merge",
-                     "this is one half of lorax.split; lorax.combine(trainable, frozen) first")
+        _check_whole(
+            x,
+            path_str(key_path),
+            "lorax.merge",
+            "this is one half of lorax.split; lorax.combine(trainable, frozen) first",
+        )
         try:
             return x.materialize()
         except NotMergeableError as e:  # e.g. a bottleneck adapter: say where
@@ -168,8 +191,13 @@ def merge(params: Any, /) -> Any:
     return jax.tree_util.tree_map_with_path(dense, params, is_leaf=is_lorax_leaf)
 
 
-def attach(params: Any, build: Callable[[str, Any], Any], *, what: str,
-           error: type[Exception] = LoraxValueError) -> tuple[Any, set[str]]:
+def attach(
+    params: Any,
+    build: Callable[[str, Any], Any],
+    *,
+    what: str,
+    error: type[Exception] = LoraxValueError,
+) -> tuple[Any, set[str]]:
     """Puts adapters read from a file on ``params``: the one walk of ``lorax.load`` and
     ``lorax.import_peft``.
 
@@ -190,8 +218,9 @@ def attach(params: Any, build: Callable[[str, Any], Any], *, what: str,
         if new is None:
             return leaf
         if is_lorax_leaf(leaf) and leaf.trainable_fields:
-            raise LoraxValueError(f"{what}: '{path}' of the base already has an adapter; pass "
-                                  "the base parameters")
+            raise LoraxValueError(
+                f"{what}: '{path}' of the base already has an adapter; pass the base parameters"
+            )
         problem = new.misfit()
         if problem:
             raise error(f"{what}: the adapter for '{path}' does not fit: {problem}")

@@ -24,7 +24,8 @@ def _randomize_b(tree, key, scale):
     for k, leaf in zip(keys, leaves):
         if isinstance(leaf, lorax.LoraWeight):
             leaf = dataclasses.replace(
-                leaf, b=scale * jax.random.normal(k, leaf.b.shape, leaf.b.dtype))
+                leaf, b=scale * jax.random.normal(k, leaf.b.shape, leaf.b.dtype)
+            )
         out.append(leaf)
     return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -33,16 +34,18 @@ def assert_tree_close(a, b, rtol=1e-5, atol=1e-5):
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     assert len(la) == len(lb)
     for x, y in zip(la, lb):
-        np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64),
-                                   rtol=rtol, atol=atol)
+        np.testing.assert_allclose(
+            np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=atol
+        )
 
 
 def _loss(out):
     return sum(jnp.sum(jnp.sin(x.astype(jnp.float32))) for x in jax.tree.leaves(out))
 
 
-def check_lora_equals_merged(apply, wrapped, *args, rtol=1e-5, atol=1e-5,
-                             strict_promotion=True, **kwargs):
+def check_lora_equals_merged(
+    apply, wrapped, *args, rtol=1e-5, atol=1e-5, strict_promotion=True, **kwargs
+):
     """lora(apply)(wrapped) == apply(merge(wrapped)), values and gradients w.r.t. A, B;
     under strict dtype promotion, so lorax never promotes dtypes behind the model's back."""
     with jax.numpy_dtype_promotion("strict" if strict_promotion else "standard"):
@@ -59,10 +62,12 @@ def _check(apply, wrapped, *args, rtol, atol, **kwargs):
 
     trainable, frozen = lorax.split(wrapped)
     assert jax.tree.leaves(trainable), "nothing was wrapped"
-    g_got = jax.jit(jax.grad(lambda t: _loss(lora_apply(
-        lorax.combine(t, frozen), *args, **kwargs))))(trainable)
-    g_want = jax.jit(jax.grad(lambda t: _loss(apply(lorax.merge(lorax.combine(t, frozen)),
-                                                    *args, **kwargs))))(trainable)
+    g_got = jax.jit(
+        jax.grad(lambda t: _loss(lora_apply(lorax.combine(t, frozen), *args, **kwargs)))
+    )(trainable)
+    g_want = jax.jit(
+        jax.grad(lambda t: _loss(apply(lorax.merge(lorax.combine(t, frozen)), *args, **kwargs)))
+    )(trainable)
     assert_tree_close(g_got, g_want, rtol=max(rtol, 1e-4), atol=max(atol, 1e-4))
     assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(g_got))
     return got

@@ -34,8 +34,9 @@ def qlora_65b():
 def test_layer_by_layer_nf4_equals_quantizing_the_dense_stack(qlora_65b):
     key, n, shape = jax.random.key(3), 3, (64, 96)
     built = qlora_65b.nf4_layers(key, n, shape, 0.02)
-    dense = jnp.stack([0.02 * jax.random.normal(k, shape, jnp.float32)
-                       for k in jax.random.split(key, n)])
+    dense = jnp.stack(
+        [0.02 * jax.random.normal(k, shape, jnp.float32) for k in jax.random.split(key, n)]
+    )
     reference = lorax.quantize({"ScanLayers": {"kernel": dense}}, "nf4")["ScanLayers"]["kernel"]
     assert isinstance(built, NF4Weight) and built.shape == (n, *shape)
     np.testing.assert_array_equal(built.codes, reference.codes)
@@ -46,8 +47,7 @@ def test_layer_by_layer_nf4_equals_quantizing_the_dense_stack(qlora_65b):
 
 
 def test_qlora_65b_small_run_trains_every_projection(qlora_65b, tmp_path):
-    result = qlora_65b.main(["--small", "--steps", "3", "--seq", "64",
-                             "--out", str(tmp_path)])
+    result = qlora_65b.main(["--small", "--steps", "3", "--seq", "64", "--out", str(tmp_path)])
     d, ff, layers, r = 256, 688, 4, 16  # the --small config; no GQA
     per_layer = r * (4 * (d + d) + 3 * (d + ff))  # q, k, v, o; gate, up, down
     assert result["trainable_params"] == layers * per_layer
@@ -90,10 +90,16 @@ def test_train_step_counts_and_table(tmp_path):
     # --small GPT-2: 2 layers, c_attn 128 -> 384, r = 8
     assert row["trainable"] == 2 * 8 * (128 + 384)
     assert np.isfinite(row["loss"]) and row["tok_s"] > 0
-    anchors = [dict(model="gpt2-124m", mode="lora", tok_s=row["tok_s"] // 2, step_ms=1.0,
-                    peak_gib=1.0),
-               dict(model="gpt2-124m", mode="lora+compile", tok_s=row["tok_s"] * 2,
-                    step_ms=1.0, peak_gib=1.0)]
+    anchors = [
+        dict(model="gpt2-124m", mode="lora", tok_s=row["tok_s"] // 2, step_ms=1.0, peak_gib=1.0),
+        dict(
+            model="gpt2-124m",
+            mode="lora+compile",
+            tok_s=row["tok_s"] * 2,
+            step_ms=1.0,
+            peak_gib=1.0,
+        ),
+    ]
     text = train_step.table([row], anchors)
     line = next(li for li in text.splitlines() if li.startswith("| gpt2-124m | lora |"))
     cells = [c.strip() for c in line.split("|")[1:-1]]
@@ -112,8 +118,11 @@ def test_gpu_train_step_lowers_with_cudnn_flash_attention(mode, monkeypatch):
     from lorax.models import llama
 
     fused = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
-    for name in ("check_cudnn_version", "check_compute_capability",
-                 "is_cuda_compute_capability_equal"):
+    for name in (
+        "check_cudnn_version",
+        "check_compute_capability",
+        "is_cuda_compute_capability_equal",
+    ):
         if not hasattr(fused, name):
             pytest.skip(f"this JAX has no {name}: the cuDNN checks moved")
     # what a CUDA backend would answer; only the trace and the StableHLO lowering run here
@@ -121,20 +130,38 @@ def test_gpu_train_step_lowers_with_cudnn_flash_attention(mode, monkeypatch):
     monkeypatch.setattr(fused, "check_compute_capability", lambda capability: True)
     monkeypatch.setattr(fused, "is_cuda_compute_capability_equal", lambda c: c == "9.0")
 
-    config = llama.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, vocab_size=1000)
-    model = llama.Llama(config, jnp.bfloat16, scan_layers=True,
-                        remat_policy="nothing_saveable", attention_impl="cudnn")
-    params = jax.eval_shape(lambda: jax.tree.map(
-        lambda x: x.astype(jnp.bfloat16),
-        model.clone(attention_impl=None).init(jax.random.key(0),
-                                              jnp.zeros((1, 8), jnp.int32))["params"]))
+    config = llama.LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+    )
+    model = llama.Llama(
+        config,
+        jnp.bfloat16,
+        scan_layers=True,
+        remat_policy="nothing_saveable",
+        attention_impl="cudnn",
+    )
+    params = jax.eval_shape(
+        lambda: jax.tree.map(
+            lambda x: x.astype(jnp.bfloat16),
+            model.clone(attention_impl=None).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))[
+                "params"
+            ],
+        )
+    )
 
     def build(p):
         if mode == "qlora":
             p = lorax.quantize(p, "nf4", targets=r".*ScanLayers/.*kernel")
-        return lorax.split(lorax.wrap(p, rank=8, targets=["q_proj", "k_proj", "v_proj",
-                                                         "o_proj"], dtype=jnp.float32))
+        return lorax.split(
+            lorax.wrap(
+                p, rank=8, targets=["q_proj", "k_proj", "v_proj", "o_proj"], dtype=jnp.float32
+            )
+        )
 
     trainable, frozen = jax.eval_shape(build, params)
     tx = optax.adamw(1e-4)
@@ -142,7 +169,8 @@ def test_gpu_train_step_lowers_with_cudnn_flash_attention(mode, monkeypatch):
     def loss(t, f, tokens):
         logits = lorax.lora(model.apply)({"params": lorax.combine(t, f)}, tokens[:, :-1])
         return optax.softmax_cross_entropy_with_integer_labels(
-            logits.astype(jnp.float32), tokens[:, 1:]).mean()
+            logits.astype(jnp.float32), tokens[:, 1:]
+        ).mean()
 
     def step(t, s, f, tokens):
         value, grads = jax.value_and_grad(loss)(t, f, tokens)
@@ -150,9 +178,11 @@ def test_gpu_train_step_lowers_with_cudnn_flash_attention(mode, monkeypatch):
         return optax.apply_updates(t, updates), s, value
 
     tokens = jax.ShapeDtypeStruct((2, 129), jnp.int32)
-    lowered = jax.jit(step, donate_argnums=(0, 1)).trace(
-        trainable, jax.eval_shape(tx.init, trainable), frozen, tokens).lower(
-        lowering_platforms=("cuda",))
+    lowered = (
+        jax.jit(step, donate_argnums=(0, 1))
+        .trace(trainable, jax.eval_shape(tx.init, trainable), frozen, tokens)
+        .lower(lowering_platforms=("cuda",))
+    )
     text = lowered.as_text()
     assert "__cudnn$fmhaSoftmax" in text and "__cudnn$fmhaSoftmaxBackward" in text
     # no dense [layers, d, d] update of a frozen weight: only the factors get gradients
@@ -161,9 +191,23 @@ def test_gpu_train_step_lowers_with_cudnn_flash_attention(mode, monkeypatch):
 
 
 def test_multi_adapter_benchmark_runs_every_mode(tmp_path):
-    results = load("multi_adapter").main(["--small", "--repeats", "1", "--adapters", "3",
-                                          "--batch", "4", "--prompt", "16", "--new", "4",
-                                          "--out", str(tmp_path)])
+    results = load("multi_adapter").main(
+        [
+            "--small",
+            "--repeats",
+            "1",
+            "--adapters",
+            "3",
+            "--batch",
+            "4",
+            "--prompt",
+            "16",
+            "--new",
+            "4",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert [r["mode"] for r in results] == ["merged", "single", "multi"]
     assert [r["adapters"] for r in results] == [1, 1, 3]
     assert all(r["prefill_tok_s"] > 0 and r["generate_tok_s"] > 0 for r in results)

@@ -22,8 +22,7 @@ class _Layer(nn.Module):
 class Net(nn.Module):
     @nn.compact
     def __call__(self, x):
-        layers = nn.scan(_Layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                         length=2)
+        layers = nn.scan(_Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
         return layers(name="ScanLayers")(x, None)[0]
 
 
@@ -51,24 +50,33 @@ def test_adapter_equals_reference_and_trains(mode):
     params = model.init(jax.random.key(1), x)["params"]
     tree = lorax.adapters(params, targets=["proj"], bottleneck=4, mode=mode, activation="gelu")
     apply = lorax.lora(model.apply)
-    np.testing.assert_allclose(apply({"params": tree}, x), model.apply({"params": params}, x),
-                               atol=1e-6)  # up = 0: unchanged at init
+    np.testing.assert_allclose(
+        apply({"params": tree}, x), model.apply({"params": params}, x), atol=1e-6
+    )  # up = 0: unchanged at init
     trainable, frozen = lorax.split(tree)
-    trainable = jax.tree.map(lambda v: v + 0.2 * jax.random.normal(jax.random.key(2), v.shape),
-                             trainable)
+    trainable = jax.tree.map(
+        lambda v: v + 0.2 * jax.random.normal(jax.random.key(2), v.shape), trainable
+    )
     tree = lorax.combine(trainable, frozen)
     with jax.default_matmul_precision("highest"):
-        np.testing.assert_allclose(apply({"params": tree}, x), _reference(params, tree, x, mode),
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            apply({"params": tree}, x), _reference(params, tree, x, mode), rtol=1e-5, atol=1e-5
+        )
         got = jax.grad(lambda t: (apply({"params": lorax.combine(t, frozen)}, x) ** 2).sum())(
-            trainable)
-        want = jax.grad(lambda t: (_reference(params, lorax.combine(t, frozen), x, mode) ** 2)
-                        .sum())(trainable)
+            trainable
+        )
+        want = jax.grad(
+            lambda t: (_reference(params, lorax.combine(t, frozen), x, mode) ** 2).sum()
+        )(trainable)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
     y = jnp.sin(x)
-    _, values = fit(lambda t: ((apply({"params": lorax.combine(t, frozen)}, x) - y) ** 2).mean(),
-                    trainable, 40, lr=2e-2)
+    _, values = fit(
+        lambda t: ((apply({"params": lorax.combine(t, frozen)}, x) - y) ** 2).mean(),
+        trainable,
+        40,
+        lr=2e-2,
+    )
     assert values[-1] < 0.8 * values[0]
 
 
@@ -84,24 +92,31 @@ def test_adapters_are_not_mergeable_and_say_where(tmp_path):
             lorax.lora(lambda p: jnp.sin(p["ScanLayers"]["proj"]["kernel"]))(tree)
     lorax.save(tmp_path / "a", tree)
     loaded = lorax.load(tmp_path / "a", params)
-    np.testing.assert_array_equal(lorax.lora(model.apply)({"params": loaded}, x),
-                                  lorax.lora(model.apply)({"params": tree}, x))
+    np.testing.assert_array_equal(
+        lorax.lora(model.apply)({"params": loaded}, x), lorax.lora(model.apply)({"params": tree}, x)
+    )
     with pytest.raises(ValueError, match="2-D"):
-        lorax.adapters({"k": {"kernel": jnp.ones((4, 2, 3)), "bias": jnp.ones((2, 3))}}, targets=["k"])
+        lorax.adapters(
+            {"k": {"kernel": jnp.ones((4, 2, 3)), "bias": jnp.ones((2, 3))}}, targets=["k"]
+        )
 
 
 def test_adapter_on_nf4_base():
     model, x = Net(), jax.random.normal(jax.random.key(0), (4, 3, 12))
     params = model.init(jax.random.key(1), x)["params"]
-    q = lorax.quantize(params, "nf4", targets=["proj", "inner"], compute_dtype=jnp.float32,
-                       block_size=32)
+    q = lorax.quantize(
+        params, "nf4", targets=["proj", "inner"], compute_dtype=jnp.float32, block_size=32
+    )
     tree = lorax.adapters(q, targets=["proj"], bottleneck=4, key=jax.random.key(3))
     trainable, frozen = lorax.split(tree)
     trainable = jax.tree.map(lambda v: v + 0.3, trainable)
     dense = lorax.adapters(lorax.merge(q), targets=["proj"], bottleneck=4, key=jax.random.key(3))
-    dense = lorax.combine(jax.tree.map(lambda v: v + 0.3, lorax.split(dense)[0]),
-                          lorax.split(dense)[1])
+    dense = lorax.combine(
+        jax.tree.map(lambda v: v + 0.3, lorax.split(dense)[0]), lorax.split(dense)[1]
+    )
     with jax.default_matmul_precision("highest"):
         np.testing.assert_allclose(
             lorax.lora(model.apply)({"params": lorax.combine(trainable, frozen)}, x),
-            lorax.lora(model.apply)({"params": dense}, x), atol=1e-5)
+            lorax.lora(model.apply)({"params": dense}, x),
+            atol=1e-5,
+        )

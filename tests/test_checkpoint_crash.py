@@ -59,14 +59,24 @@ def _version(tree) -> int:
 def _start(mode, path, exchange):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
-    return subprocess.Popen([sys.executable, "-c", CHILD, mode, str(path), str(int(exchange))],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env=env)
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, mode, str(path), str(int(exchange))],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
 
 
 # (mode, renameat2 exchange, seconds after the first completed save at which to kill)
-RUNS = [("force", True, 0.0), ("force", True, 0.25), ("force", False, 0.05),
-        ("force", False, 0.3), ("plain", True, 0.15), ("manager", True, 0.15)]
+RUNS = [
+    ("force", True, 0.0),
+    ("force", True, 0.25),
+    ("force", False, 0.05),
+    ("force", False, 0.3),
+    ("plain", True, 0.15),
+    ("manager", True, 0.15),
+]
 
 
 def test_killed_saves_leave_one_complete_checkpoint(tmp_path):
@@ -86,8 +96,9 @@ def test_killed_saves_leave_one_complete_checkpoint(tmp_path):
             assert _version(lorax.load(path, BASE)) >= last
             lorax.save(path, lorax.wrap(BASE, rank=2), force=True)  # the next save recovers
             assert lorax.load(path, BASE)["q"]["kernel"].rank == 2
-            assert sorted(p.name for p in path.parent.iterdir()
-                          if p.name.startswith(path.name)) == [path.name]
+            assert sorted(
+                p.name for p in path.parent.iterdir() if p.name.startswith(path.name)
+            ) == [path.name]
         elif mode == "plain":
             # every numbered checkpoint is complete or absent; the announced ones are there
             for step in range(1, last + 2):
@@ -125,6 +136,7 @@ def test_crash_inside_the_two_rename_swap(tmp_path, monkeypatch, fail_at):
             if calls["n"] == fail_at:
                 raise KeyboardInterrupt("killed")
             return real(*args, **kwargs)
+
         return step
 
     # the swap's steps, in order: rename old aside, rename new in, delete old

@@ -23,7 +23,7 @@ class Net(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = nn.Dense(24, name="up")(x)
-        x = nn.DenseGeneral((4, 6), name="heads")(jnp.tanh(x))            # kernel (24, 4, 6)
+        x = nn.DenseGeneral((4, 6), name="heads")(jnp.tanh(x))  # kernel (24, 4, 6)
         x = nn.DenseGeneral(16, axis=(-2, -1), name="merge")(jnp.tanh(x))  # kernel (4, 6, 16)
         return x
 
@@ -39,21 +39,22 @@ class Stack(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        layers = nn.scan(_Layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                         length=3)
+        layers = nn.scan(_Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
         return nn.Dense(5, name="head")(layers(name="ScanLayers")(x, None)[0])
 
 
 def _dense_reference(lp):
     """W' = m (W + sAB) / stop_gradient(||W + sAB||), written densely per leaf."""
+
     def leaf(x):
         if not isinstance(x, lorax.DoraWeight):
             return x
         merged = lorax.LoraWeight(x.base, x.a, x.b, scale=x.scale).materialize()
         ns, ni = x.stack_ndim, x.in_ndim
         axes = tuple(range(ns, ns + ni))
-        norm = jax.lax.stop_gradient(jnp.sqrt((merged ** 2).sum(axes, keepdims=True)))
+        norm = jax.lax.stop_gradient(jnp.sqrt((merged**2).sum(axes, keepdims=True)))
         return jnp.expand_dims(x.magnitude, axes) * merged / norm
+
     return jax.tree.map(leaf, lp, is_leaf=lambda x: isinstance(x, lorax.DoraWeight))
 
 
@@ -63,17 +64,29 @@ def test_dora_equals_merged_and_dense_gradients(model, shape):
     params = model.init(jax.random.key(1), x)["params"]
     lp = lorax.wrap(params, rank=3, alpha=6, dora=True, key=jax.random.key(2))
     with jax.default_matmul_precision("highest"):
-        np.testing.assert_allclose(lorax.lora(model.apply)({"params": lp}, x),
-                                   model.apply({"params": params}, x), atol=1e-5)  # at init
+        np.testing.assert_allclose(
+            lorax.lora(model.apply)({"params": lp}, x),
+            model.apply({"params": params}, x),
+            atol=1e-5,
+        )  # at init
         lp = _perturb(lp, jax.random.key(3))
         unmerged = lorax.lora(model.apply)({"params": lp}, x)
-        np.testing.assert_allclose(unmerged, model.apply({"params": lorax.merge(lp)}, x),
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            unmerged, model.apply({"params": lorax.merge(lp)}, x), rtol=1e-5, atol=1e-5
+        )
         trainable, frozen = lorax.split(lp)
-        loss = lambda t: (lorax.lora(model.apply)(  # noqa: E731
-            {"params": lorax.combine(t, frozen)}, x) ** 2).sum()
-        dense_loss = lambda t: (model.apply(  # noqa: E731
-            {"params": _dense_reference(lorax.combine(t, frozen))}, x) ** 2).sum()
+        loss = lambda t: (
+            lorax.lora(model.apply)(  # noqa: E731
+                {"params": lorax.combine(t, frozen)}, x
+            )
+            ** 2
+        ).sum()
+        dense_loss = lambda t: (
+            model.apply(  # noqa: E731
+                {"params": _dense_reference(lorax.combine(t, frozen))}, x
+            )
+            ** 2
+        ).sum()
         got, want = jax.grad(loss)(trainable), jax.grad(dense_loss)(trainable)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
@@ -93,8 +106,9 @@ def test_dora_on_nf4_base_trains():
     trainable, values = fit(loss, trainable, 80, lr=3e-2)
     assert values[-1] < 0.7 * values[0]
     lp = lorax.combine(trainable, frozen)
-    np.testing.assert_allclose(apply({"params": lp}, x),
-                               model.apply({"params": lorax.merge(lp)}, x), atol=1e-4)
+    np.testing.assert_allclose(
+        apply({"params": lp}, x), model.apply({"params": lorax.merge(lp)}, x), atol=1e-4
+    )
 
 
 def test_dora_checkpoint_round_trip(tmp_path):
@@ -124,8 +138,10 @@ def test_dora_equals_peft(tmp_path, name):
     module = gpt2 if name == "gpt2" else llama
     targets = ["c_attn", "c_fc"] if name == "gpt2" else ["q_proj", "v_proj", "down_proj"]
     model, params = module.from_pretrained(tmp_path / "base", scan_layers=True)
-    lp = _perturb(lorax.wrap(params, rank=4, alpha=8, targets=targets, dora=True,
-                             key=jax.random.key(0)), jax.random.key(1))
+    lp = _perturb(
+        lorax.wrap(params, rank=4, alpha=8, targets=targets, dora=True, key=jax.random.key(0)),
+        jax.random.key(1),
+    )
     lorax.export_peft(tmp_path / "ours", lp, model=model)
     ids = _tokens()
     base = type(hf).from_pretrained(tmp_path / "base").eval()
@@ -138,8 +154,9 @@ def test_dora_equals_peft(tmp_path, name):
 
     # peft-trained DoRA, imported
     torch.manual_seed(0)
-    config = peft.LoraConfig(r=3, lora_alpha=5, target_modules=targets[:2], use_dora=True,
-                             fan_in_fan_out=name == "gpt2")
+    config = peft.LoraConfig(
+        r=3, lora_alpha=5, target_modules=targets[:2], use_dora=True, fan_in_fan_out=name == "gpt2"
+    )
     trained = peft.get_peft_model(type(hf).from_pretrained(tmp_path / "base"), config)
     opt = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=2e-2)
     batch = torch.tensor(_tokens(4, 12, seed=5))

@@ -25,8 +25,9 @@ class TinyLM(nn.Module):
     @nn.compact
     def __call__(self, ids):
         x = nn.Embed(VOCAB, D, name="wte")(ids)
-        stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                        length=LAYERS)
+        stack = nn.scan(
+            Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=LAYERS
+        )
         x, _ = stack(name="ScanBlocks")(x, None)
         return nn.Dense(VOCAB, name="lm_head")(nn.LayerNorm()(x))
 
@@ -47,6 +48,7 @@ def _full_step(model, tx):
         grads = jax.grad(lambda p: _loss(model.apply({"params": p}, ids), ids))(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
+
     return step
 
 
@@ -54,10 +56,12 @@ def _lora_step(model, tx, frozen):
     apply = lorax.lora(model.apply, strict=True)
 
     def step(trainable, opt_state, ids):
-        grads = jax.grad(lambda t: _loss(apply({"params": lorax.combine(t, frozen)}, ids),
-                                         ids))(trainable)
+        grads = jax.grad(lambda t: _loss(apply({"params": lorax.combine(t, frozen)}, ids), ids))(
+            trainable
+        )
         updates, opt_state = tx.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state
+
     return step
 
 
@@ -76,8 +80,9 @@ def test_lora_step_flops_at_most_072_of_full_finetune():
     trainable, frozen = lorax.split(lp)
     lora = _flops(_lora_step(model, tx, frozen), trainable, tx.init(trainable), ids)
     ratio = lora / full
-    print(f"\nLoRA/full train-step FLOPs (XLA cost analysis): {lora:.4g} / {full:.4g} = "
-          f"{ratio:.3f}")
+    print(
+        f"\nLoRA/full train-step FLOPs (XLA cost analysis): {lora:.4g} / {full:.4g} = {ratio:.3f}"
+    )
     assert ratio <= 0.72, ratio
 
 
@@ -98,12 +103,19 @@ def test_no_weight_shaped_array_is_formed():
     weight_shapes = set()
     for leaf in jax.tree.leaves(lp, is_leaf=lorax.is_lorax_leaf):
         if isinstance(leaf, lorax.LoraWeight):
-            shape = leaf.shape[leaf.stack_ndim:]
+            shape = leaf.shape[leaf.stack_ndim :]
             weight_shapes |= {shape, shape[::-1], leaf.shape}
-    formed = [(e.primitive.name, v.aval.shape) for e in _all_eqns(jaxpr.jaxpr)
-              for v in e.outvars if getattr(v.aval, "shape", None) in weight_shapes]
+    formed = [
+        (e.primitive.name, v.aval.shape)
+        for e in _all_eqns(jaxpr.jaxpr)
+        for v in e.outvars
+        if getattr(v.aval, "shape", None) in weight_shapes
+    ]
     # Only the frozen base itself passes through (stop_gradient / scan slicing).
-    bad = [(name, shape) for name, shape in formed
-           if name not in ("stop_gradient", "scan", "jit", "pjit", "copy", "copy_p")]
+    bad = [
+        (name, shape)
+        for name, shape in formed
+        if name not in ("stop_gradient", "scan", "jit", "pjit", "copy", "copy_p")
+    ]
     assert not bad, bad
     assert formed, "the check saw no base weights at all"

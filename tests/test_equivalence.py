@@ -22,7 +22,7 @@ def _wrap(variables, **kw):
 class DenseGeneralModel(nn.Module):
     @nn.compact
     def __call__(self, x):  # x: [b, s, 12]
-        h = nn.DenseGeneral((3, 4), name="split_heads")(x)            # kernel (12, 3, 4)
+        h = nn.DenseGeneral((3, 4), name="split_heads")(x)  # kernel (12, 3, 4)
         h = nn.DenseGeneral(10, axis=(-2, -1), name="merge_heads")(h)  # kernel (3, 4, 10)
         return nn.DenseGeneral((2, 5), axis=-1, use_bias=False, name="nobias")(h)
 
@@ -57,7 +57,8 @@ class AttentionModel(nn.Module):
     def __call__(self, x):
         mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
         return nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=16, name="attn")(
-            x, mask=mask)
+            x, mask=mask
+        )
 
 
 class Block(nn.Module):
@@ -75,8 +76,7 @@ class ScanModel(nn.Module):
     @nn.compact
     def __call__(self, x):
         block = nn.remat(Block) if self.remat else Block
-        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                        length=3)
+        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
         x, _ = stack(name="ScanBlocks")(x, None)
         return nn.Dense(5, name="head")(x)
 
@@ -104,9 +104,9 @@ def test_dense_general_3d_and_multi_axis_kernels():
     variables = jax.jit(DenseGeneralModel().init)(KEY, x)
     lp = _wrap(variables)
     p = lp["params"]
-    assert p["split_heads"]["kernel"].a.shape == (12, 3)        # in = (12,)
-    assert p["split_heads"]["kernel"].b.shape == (3, 3, 4)      # out = (3, 4)
-    assert p["merge_heads"]["kernel"].a.shape == (3, 4, 3)      # in = (3, 4)
+    assert p["split_heads"]["kernel"].a.shape == (12, 3)  # in = (12,)
+    assert p["split_heads"]["kernel"].b.shape == (3, 3, 4)  # out = (3, 4)
+    assert p["merge_heads"]["kernel"].a.shape == (3, 4, 3)  # in = (3, 4)
     assert p["merge_heads"]["kernel"].b.shape == (3, 10)
     check_lora_equals_merged(DenseGeneralModel().apply, lp, x)
 
@@ -119,7 +119,7 @@ def test_conv():
     x = jax.random.normal(KEY, (2, 9, 9, 3))
     variables = jax.jit(ConvModel().init)(KEY, x)
     lp = _wrap(variables)
-    assert lp["params"]["c1"]["kernel"].a.shape == (3, 3, 3, 3)   # (kh, kw, in, r)
+    assert lp["params"]["c1"]["kernel"].a.shape == (3, 3, 3, 3)  # (kh, kw, in, r)
     check_lora_equals_merged(ConvModel().apply, lp, x)
 
 
@@ -162,8 +162,9 @@ def test_scan_stack_named_by_user_needs_stacked_hint():
     class Named(nn.Module):
         @nn.compact
         def __call__(self, x):
-            stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                            length=2)
+            stack = nn.scan(
+                Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=2
+            )
             return stack(name="layers")(x, None)[0]
 
     variables = jax.jit(Named().init)(KEY, x)

@@ -9,8 +9,10 @@ import pytest
 import lorax
 
 PARAMS = {
-    "encoder": {"query": {"kernel": jnp.ones((16, 8)), "bias": jnp.zeros(8)},
-                "value": {"kernel": jnp.ones((16, 8)), "bias": jnp.zeros(8)}},
+    "encoder": {
+        "query": {"kernel": jnp.ones((16, 8)), "bias": jnp.zeros(8)},
+        "value": {"kernel": jnp.ones((16, 8)), "bias": jnp.zeros(8)},
+    },
     "step": jnp.zeros((4, 4), jnp.int32),
     "name": "not-an-array",
 }
@@ -23,14 +25,22 @@ def test_rank_must_be_positive_int(rank):
 
 
 def test_rank_above_min_in_out():
-    with pytest.raises(ValueError, match=r"rank 9 for 'encoder/query/kernel' exceeds min\(in, "
-                                         r"out\) = min\(16, 8\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"rank 9 for 'encoder/query/kernel' exceeds min\(in, "
+        r"out\) = min\(16, 8\)",
+    ):
         lorax.wrap(PARAMS, rank=9, targets=["query"])
 
 
 def test_rank_pattern_overrides_are_validated_per_path():
-    lp = lorax.wrap(PARAMS, rank=4, targets=["query", "value"], rank_pattern={"value": 2},
-                    alpha_pattern={r".*query.*": 8.0})
+    lp = lorax.wrap(
+        PARAMS,
+        rank=4,
+        targets=["query", "value"],
+        rank_pattern={"value": 2},
+        alpha_pattern={r".*query.*": 8.0},
+    )
     assert lp["encoder"]["value"]["kernel"].rank == 2
     assert lp["encoder"]["query"]["kernel"].scale == 2.0
     with pytest.raises(ValueError, match="encoder/value/kernel"):
@@ -58,8 +68,13 @@ def test_integer_target():
 
 def test_non_array_target():
     with pytest.raises(TypeError, match="selects 'name', which is a str"):
-        lorax.wrap(PARAMS, rank=2, targets=lambda path, leaf: path in ("name", "step") or
-                   path.endswith("query/kernel") and False)
+        lorax.wrap(
+            PARAMS,
+            rank=2,
+            targets=lambda path, leaf: (
+                path in ("name", "step") or path.endswith("query/kernel") and False
+            ),
+        )
 
 
 def test_bad_targets_type():
@@ -99,16 +114,22 @@ def test_bf16_base_with_float32_adapters():
     lp = lorax.wrap(params, rank=4, key=jax.random.key(2))
     leaf = lp["kernel"]
     assert leaf.a.dtype == jnp.float32 and leaf.base.dtype == jnp.bfloat16
-    leaf = lorax.LoraWeight(leaf.base, leaf.a, jnp.full(leaf.b.shape, 0.05, jnp.float32),
-                            leaf.scale)
+    leaf = lorax.LoraWeight(
+        leaf.base, leaf.a, jnp.full(leaf.b.shape, 0.05, jnp.float32), leaf.scale
+    )
     lp = {**lp, "kernel": leaf}
     with jax.numpy_dtype_promotion("strict"):
         out = jax.jit(lorax.lora(model.apply, strict=True))({"params": lp}, x)
     assert out.dtype == jnp.bfloat16
     ref = model.apply({"params": lorax.merge(lp)}, x)
-    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
-                               rtol=3e-2, atol=3e-2)
-    grads = jax.grad(lambda t: jnp.sum(lorax.lora(model.apply)(
-        {"params": lorax.combine(t, lorax.split(lp)[1])}, x).astype(jnp.float32)))(
-        lorax.split(lp)[0])
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32), np.asarray(ref, np.float32), rtol=3e-2, atol=3e-2
+    )
+    grads = jax.grad(
+        lambda t: jnp.sum(
+            lorax.lora(model.apply)({"params": lorax.combine(t, lorax.split(lp)[1])}, x).astype(
+                jnp.float32
+            )
+        )
+    )(lorax.split(lp)[0])
     assert grads["kernel"].a.dtype == jnp.float32

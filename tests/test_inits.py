@@ -33,10 +33,12 @@ def test_olora_is_the_qr_of_the_torch_layout():
     leaf = lorax.wrap(PARAMS, rank=rank, alpha=8.0, init="olora")["ScanLayers"]["kernel"]
     for layer in range(3):
         q, r = np.linalg.qr(np.asarray(W[layer], np.float64).T)  # [out, in] = Q R, as peft
-        np.testing.assert_allclose(np.abs(np.asarray(leaf.b[layer], np.float64)),
-                                   np.abs(q[:, :rank].T), atol=1e-4)
-        np.testing.assert_allclose(_low(leaf)[layer] / leaf.scale, (q[:, :rank] @ r[:rank]).T,
-                                   atol=1e-4)
+        np.testing.assert_allclose(
+            np.abs(np.asarray(leaf.b[layer], np.float64)), np.abs(q[:, :rank].T), atol=1e-4
+        )
+        np.testing.assert_allclose(
+            _low(leaf)[layer] / leaf.scale, (q[:, :rank] @ r[:rank]).T, atol=1e-4
+        )
     np.testing.assert_allclose(lorax.merge({"w": leaf})["w"], W, atol=1e-5)
 
 

@@ -21,9 +21,17 @@ transformers = pytest.importorskip("transformers")
 
 from test_models import VOCAB, _hf_gpt2, _hf_llama, _randomize, _tokens  # noqa: E402
 
-TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-            bos_token_id=0, eos_token_id=0)
+TINY = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    bos_token_id=0,
+    eos_token_id=0,
+)
 
 
 def _hf(cls, config_cls, **overrides):
@@ -37,12 +45,15 @@ def saved(tmp_path_factory):
     models = {
         "gpt2": _hf_gpt2(),
         "llama": _hf_llama(),
-        "mistral_window": _hf(transformers.MistralForCausalLM, transformers.MistralConfig,
-                              sliding_window=4),
-        "mistral_no_window": _hf(transformers.MistralForCausalLM, transformers.MistralConfig,
-                                 sliding_window=None),
-        "mistral_wide_window": _hf(transformers.MistralForCausalLM,
-                                   transformers.MistralConfig, sliding_window=64),
+        "mistral_window": _hf(
+            transformers.MistralForCausalLM, transformers.MistralConfig, sliding_window=4
+        ),
+        "mistral_no_window": _hf(
+            transformers.MistralForCausalLM, transformers.MistralConfig, sliding_window=None
+        ),
+        "mistral_wide_window": _hf(
+            transformers.MistralForCausalLM, transformers.MistralConfig, sliding_window=64
+        ),
         "qwen2": _hf(transformers.Qwen2ForCausalLM, transformers.Qwen2Config),
     }
     out = {name: (root / name, model) for name, model in models.items()}
@@ -91,8 +102,9 @@ def test_mistral_without_a_binding_window_equals_transformers(saved, name):
 
 
 def test_other_architectures_are_refused(saved):
-    with pytest.raises(LoraxValueError,
-                       match=r"model_type 'qwen2' checkpoint, not Llama.*'llama', 'mistral'"):
+    with pytest.raises(
+        LoraxValueError, match=r"model_type 'qwen2' checkpoint, not Llama.*'llama', 'mistral'"
+    ):
         llama.from_pretrained(saved["qwen2"][0])
     directory = saved["llama"][0]
     with pytest.raises(lorax.LoraxError) as err:
@@ -100,8 +112,11 @@ def test_other_architectures_are_refused(saved):
     msg = str(err.value)
     assert "model_type 'llama' checkpoint, not GPT-2" in msg
     assert "lorax.models.llama.from_pretrained" in msg and str(directory) in msg
-    with pytest.raises(lorax.LoraxError, match=r"model_type 'gpt2' checkpoint, not Llama.*"
-                                               r"lorax\.models\.gpt2\.from_pretrained"):
+    with pytest.raises(
+        lorax.LoraxError,
+        match=r"model_type 'gpt2' checkpoint, not Llama.*"
+        r"lorax\.models\.gpt2\.from_pretrained",
+    ):
         llama.from_pretrained(saved["gpt2"][0])
     with pytest.raises(lorax.LoraxError, match="model_type 'mistral' checkpoint, not GPT-2"):
         gpt2.from_pretrained(saved["mistral_no_window"][0])
@@ -112,19 +127,27 @@ LLAMA_BAD = [  # config.json changes -> what the error names
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
     ({"model_type": "mistral", "sliding_window": 16}, "sliding_window=16"),
     ({"model_type": "mistral", "sliding_window": "4096"}, "sliding_window must be a positive"),
-    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}},
-     r"rope type 'dynamic'.*rope_parameters"),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}},
-     "rope type 'yarn'"),
-    ({"rope_parameters": {"rope_type": "llama3", "factor": 2.0, "rope_theta": 1e4}},
-     r"'llama3' needs \['low_freq_factor'"),
+    (
+        {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}},
+        r"rope type 'dynamic'.*rope_parameters",
+    ),
+    (
+        {"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}},
+        "rope type 'yarn'",
+    ),
+    (
+        {"rope_parameters": {"rope_type": "llama3", "factor": 2.0, "rope_theta": 1e4}},
+        r"'llama3' needs \['low_freq_factor'",
+    ),
     ({"rope_parameters": "llama3"}, "rope_parameters / rope_scaling must be an object"),
     ({"hidden_size": "32"}, "hidden_size must be a positive int; got str"),
     ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive int; got 0"),
     ({"num_key_value_heads": -2}, "num_key_value_heads must be a positive int"),
     ({"rms_norm_eps": -1e-6}, "rms_norm_eps must be a finite number > 0"),
-    ({"quantization_config": {"quant_method": "gptq", "bits": 4}},
-     "quantization_config.*'gptq'.*lorax.quantize"),
+    (
+        {"quantization_config": {"quant_method": "gptq", "bits": 4}},
+        "quantization_config.*'gptq'.*lorax.quantize",
+    ),
 ]
 
 
@@ -172,8 +195,15 @@ def test_several_eos_ids_load_and_generate(saved, tmp_path):
 # ------------------------------------------------------------------- unreadable checkpoints
 
 
-@pytest.mark.parametrize("text", ['{"model_type": "gpt2", "n_embd": 3', "", "[1, 2]",
-                                  "version https://git-lfs.github.com/spec/v1\noid sha256:ab"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"model_type": "gpt2", "n_embd": 3',
+        "",
+        "[1, 2]",
+        "version https://git-lfs.github.com/spec/v1\noid sha256:ab",
+    ],
+)
 def test_invalid_config_json_names_the_file(saved, tmp_path, text):
     directory = _copy(saved, "gpt2", tmp_path)
     (directory / "config.json").write_text(text)
@@ -184,11 +214,16 @@ def test_invalid_config_json_names_the_file(saved, tmp_path, text):
 
 def _truncate(file, keep):
     data = file.read_bytes()
-    file.write_bytes(data[:keep(len(data))] if callable(keep) else keep)
+    file.write_bytes(data[: keep(len(data))] if callable(keep) else keep)
 
 
-CORRUPT = {"half": lambda n: n // 2, "last_byte_lost": lambda n: n - 1,
-           "header_only": lambda n: 5, "empty": lambda n: 0, "garbage": b"not a safetensors" * 9}
+CORRUPT = {
+    "half": lambda n: n // 2,
+    "last_byte_lost": lambda n: n - 1,
+    "header_only": lambda n: 5,
+    "empty": lambda n: 0,
+    "garbage": b"not a safetensors" * 9,
+}
 
 
 @pytest.mark.parametrize("how", sorted(CORRUPT))
@@ -240,8 +275,7 @@ def test_sharded_checkpoint_faults_name_the_file(saved, tmp_path):
 def adapter(saved, tmp_path):
     """A rank-4 adapter on GPT-2's c_attn (lora_alpha 8): (directory, params)."""
     _, params = gpt2.from_pretrained(saved["gpt2"][0])
-    lp = randomize_b(lorax.wrap(params, rank=4, alpha=8, targets=["c_attn"]),
-                     jax.random.key(3))
+    lp = randomize_b(lorax.wrap(params, rank=4, alpha=8, targets=["c_attn"]), jax.random.key(3))
     return lorax.export_peft(tmp_path / "adapter", lp), params
 
 
@@ -305,8 +339,12 @@ def _set(key, value):
 TENSOR_BAD = [  # (tensor, how it is spoiled, error, message)
     (A0, lambda a: a.astype(np.int32), LoraxTypeError, "is int32; LoRA factors"),
     (A0, lambda a: a > 0, LoraxTypeError, "is bool"),
-    (B1, lambda b: np.where(np.arange(b.size).reshape(b.shape) == 3, np.nan, b),
-     lorax.NonFiniteError, "inf or NaN"),
+    (
+        B1,
+        lambda b: np.where(np.arange(b.size).reshape(b.shape) == 3, np.nan, b),
+        lorax.NonFiniteError,
+        "inf or NaN",
+    ),
     (B1, lambda b: np.full_like(b, np.inf), lorax.NonFiniteError, "inf or NaN"),
 ]
 
@@ -325,13 +363,19 @@ def test_adapter_factor_shapes(adapter):
     file = directory / "adapter_model.safetensors"
     original = file.read_bytes()
     _rewrite_tensors(directory, _set(A0, lambda a: a[0]))  # 1-D lora_A
-    with pytest.raises(LoraxValueError, match=r"'transformer\.h\.0\.attn\.c_attn' has "
-                                                    r"lora_A \(32,\)"):
+    with pytest.raises(
+        LoraxValueError,
+        match=r"'transformer\.h\.0\.attn\.c_attn' has "
+        r"lora_A \(32,\)",
+    ):
         lorax.import_peft(directory, params)
     file.write_bytes(original)
     _rewrite_tensors(directory, lambda t: t.pop(B1))  # lora_A without its lora_B
-    with pytest.raises(LoraxValueError, match=r"h\.1\.attn\.c_attn' has lora_A but no "
-                                                    "lora_B"):
+    with pytest.raises(
+        LoraxValueError,
+        match=r"h\.1\.attn\.c_attn' has lora_A but no "
+        "lora_B",
+    ):
         lorax.import_peft(directory, params)
 
 
@@ -341,8 +385,11 @@ def test_dora_magnitude_shape_is_checked(saved, tmp_path):
     directory = lorax.export_peft(tmp_path / "dora", lp)
     key = "base_model.model.transformer.h.0.attn.c_attn.lora_magnitude_vector"
     _rewrite_tensors(directory, _set(key, lambda m: m[:-1]))
-    with pytest.raises(LoraxValueError, match=r"lora_magnitude_vector' has shape \(95,\); "
-                                                    r"the module's output needs \(96,\)"):
+    with pytest.raises(
+        LoraxValueError,
+        match=r"lora_magnitude_vector' has shape \(95,\); "
+        r"the module's output needs \(96,\)",
+    ):
         lorax.import_peft(directory, params)
 
 

@@ -28,18 +28,31 @@ class RowScaled(OverBase):
         return self.base * self.s[:, None].astype(self.base.dtype)
 
     def misfit(self):
-        return super().misfit() or (None if self.s is None or self.s.shape == self.shape[:1]
-                                    else f"s {self.s.shape} does not fit {self.shape}")
+        return super().misfit() or (
+            None
+            if self.s is None or self.s.shape == self.shape[:1]
+            else f"s {self.s.shape} does not fit {self.shape}"
+        )
 
     def handle_primitive(self, call: lorax.PrimitiveCall):
         if call.name == "cumsum" and call.params["axis"] == 1:  # rows scale through a row cumsum
             return call.bind_one(self.base) * self.s[:, None]
         return super().handle_primitive(call)
 
-    def dot_general(self, other, *, dimension_numbers, leaf_is_lhs, precision,
-                    preferred_element_type, bind, rng=None):
-        if not lorax.leaf.input_product(dimension_numbers, leaf_is_lhs=leaf_is_lhs,
-                                        stack_ndim=0, in_ndim=1):
+    def dot_general(
+        self,
+        other,
+        *,
+        dimension_numbers,
+        leaf_is_lhs,
+        precision,
+        preferred_element_type,
+        bind,
+        rng=None,
+    ):
+        if not lorax.leaf.input_product(
+            dimension_numbers, leaf_is_lhs=leaf_is_lhs, stack_ndim=0, in_ndim=1
+        ):
             return NotImplemented
         return bind(other * self.s[None, :], self.base)  # x is [batch, in] here
 
@@ -82,8 +95,7 @@ def test_the_tree_tools_and_checkpoints_use_the_declarations(tmp_path):
     assert trainable["w"].base is None and frozen["w"].s is None
     assert jax.tree.leaves(lorax.mask(tree)) == [False, False, True]
     with pytest.raises(ValueError, match=r"at 'w' s \(3,\) does not fit"):
-        lorax.combine({"w": dataclasses.replace(trainable["w"], s=jnp.ones(3)), "b": None},
-                      frozen)
+        lorax.combine({"w": dataclasses.replace(trainable["w"], s=jnp.ones(3)), "b": None}, frozen)
     lorax.save(tmp_path / "ck", tree)
     meta = checkpoint.adapter_state(tree)[1]
     assert meta["leaves"]["w"]["kind"] == "test.row_scaled"
@@ -105,15 +117,19 @@ def test_version_1_checkpoints_with_class_names_still_load(tmp_path, monkeypatch
 
 def test_registry_errors():
     with pytest.raises(lorax.LoraxError, match=r"kind 'lora' is taken by .*LoraWeight"):
+
         @lorax.register_leaf(kind="lora")
         class Other(OverBase):
             base: Any
+
     with pytest.raises(ValueError, match=r"trainable_fields names \['c'\].*\('base', 'a'\)"):
+
         @lorax.register_leaf(kind="test.bad_fields")
         class Bad(OverBase):
             base: Any
             a: Any
             trainable_fields = ("a", "c")
+
     with pytest.raises(TypeError, match="expected a subclass of LoraxLeaf"):
         lorax.register_leaf(int)
     with pytest.raises(KeyError, match=r"no leaf kind is registered as 'nope'.*'lora'"):
@@ -152,14 +168,18 @@ def test_a_leaf_returning_the_wrong_shape_is_named():
 def test_a_kind_without_a_dense_form_is_never_densified():
     tree = lorax.adapters({"proj": {"kernel": jnp.ones((4, 4))}}, targets=["proj"])
     f = lorax.lora(lambda p: jnp.cumsum(p["proj"]["kernel"], axis=0))
-    with pytest.raises(lorax.LoraxDensifyError, match=r"adapter leaf at 'proj/kernel', which "
-                                                      r"has none: .*cannot be merged"):
+    with pytest.raises(
+        lorax.LoraxDensifyError,
+        match=r"adapter leaf at 'proj/kernel', which "
+        r"has none: .*cannot be merged",
+    ):
         f(tree)
 
 
 def test_dora_has_a_lora_leaf_rather_than_being_one():
-    lp = lorax.wrap({"w": jax.random.normal(jax.random.key(0), (8, 6))}, rank=2,
-                    key=jax.random.key(1))
+    lp = lorax.wrap(
+        {"w": jax.random.normal(jax.random.key(0), (8, 6))}, rank=2, key=jax.random.key(1)
+    )
     leaf = lorax.methods.dora.dora_from_lora(lp["w"])
     assert not isinstance(leaf, lorax.LoraWeight)
     assert type(leaf.lora) is lorax.LoraWeight and leaf.lora.a is leaf.a

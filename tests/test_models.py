@@ -23,24 +23,47 @@ def _randomize(model, seed):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if p.ndim > 1 else 0.5)
-                    + (1.0 if p.ndim == 1 else 0.0))
+            p.copy_(
+                torch.randn(p.shape, generator=gen) * (0.3 if p.ndim > 1 else 0.5)
+                + (1.0 if p.ndim == 1 else 0.0)
+            )
     return model.eval()
 
 
 def _hf_gpt2(**overrides):
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=48, n_embd=32, n_layer=2,
-                                     n_head=4, bos_token_id=0, eos_token_id=0, **overrides)
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=48,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=0,
+        eos_token_id=0,
+        **overrides,
+    )
     return _randomize(transformers.GPT2LMHeadModel(config), 0)
 
 
 def _hf_llama(**overrides):
-    kwargs = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
-                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
-                  rope_parameters={"rope_type": "llama3", "rope_theta": 5000.0, "factor": 4.0,
-                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                   "original_max_position_embeddings": 16})
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 5000.0,
+            "factor": 4.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    )
     kwargs.update(overrides)
     return _randomize(transformers.LlamaForCausalLM(transformers.LlamaConfig(**kwargs)), 1)
 
@@ -52,10 +75,13 @@ def checkpoints(tmp_path_factory):
     models = {
         "gpt2": _hf_gpt2(),
         "llama": _hf_llama(),
-        "llama_tied_bias": _hf_llama(tie_word_embeddings=True, attention_bias=True,
-                                     mlp_bias=True, num_key_value_heads=1,
-                                     rope_parameters={"rope_type": "default",
-                                                      "rope_theta": 10000.0}),
+        "llama_tied_bias": _hf_llama(
+            tie_word_embeddings=True,
+            attention_bias=True,
+            mlp_bias=True,
+            num_key_value_heads=1,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        ),
     }
     out = {}
     for name, model in models.items():
@@ -67,8 +93,12 @@ def checkpoints(tmp_path_factory):
     return out
 
 
-LOADERS = {"gpt2": gpt2.from_pretrained, "llama": llama.from_pretrained,
-           "llama_tied_bias": llama.from_pretrained, "llama_sharded": llama.from_pretrained}
+LOADERS = {
+    "gpt2": gpt2.from_pretrained,
+    "llama": llama.from_pretrained,
+    "llama_tied_bias": llama.from_pretrained,
+    "llama_sharded": llama.from_pretrained,
+}
 
 
 def _tokens(batch=2, length=11, seed=0):
@@ -78,8 +108,10 @@ def _tokens(batch=2, length=11, seed=0):
 def _torch_logits(model, ids, mask=None):
     kwargs = {}
     if mask is not None:  # positions count real tokens, as transformers' generate has them
-        kwargs = {"attention_mask": torch.tensor(mask),
-                  "position_ids": torch.tensor(np.maximum(np.cumsum(mask, 1) - 1, 0))}
+        kwargs = {
+            "attention_mask": torch.tensor(mask),
+            "position_ids": torch.tensor(np.maximum(np.cumsum(mask, 1) - 1, 0)),
+        }
     with torch.no_grad():
         return model(torch.tensor(ids), **kwargs).logits.numpy()
 
@@ -120,8 +152,7 @@ def test_remat_policy_and_bf16_compute(checkpoints):
     directory, hf = checkpoints["llama"]
     ids = _tokens()
     expected = _torch_logits(hf, ids)
-    model, params = llama.from_pretrained(directory, scan_layers=True,
-                                          remat_policy="dots_saveable")
+    model, params = llama.from_pretrained(directory, scan_layers=True, remat_policy="dots_saveable")
     grads = jax.grad(lambda p: model.apply({"params": p}, ids).sum())(params)
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
     model, params = llama.from_pretrained(directory, dtype=jnp.bfloat16)
@@ -161,14 +192,20 @@ def test_cached_generation_equals_full_recomputation(checkpoints, name):
     first, cache = model.apply({"params": params}, seq[:, :5], cache=cache)
     steps = [first]
     for i in range(5, seq.shape[1]):
-        logits, cache = model.apply({"params": params}, seq[:, i:i + 1], cache=cache)
+        logits, cache = model.apply({"params": params}, seq[:, i : i + 1], cache=cache)
         steps.append(logits)
-    np.testing.assert_allclose(np.concatenate(steps, 1),
-                               model.apply({"params": params}, seq), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(
+        np.concatenate(steps, 1), model.apply({"params": params}, seq), atol=1e-4, rtol=1e-4
+    )
     with torch.no_grad():  # and transformers' greedy decoding agrees
-        hf_new = hf.generate(torch.tensor(prompt), max_new_tokens=8, do_sample=False,
-                             attention_mask=torch.ones(prompt.shape, dtype=torch.long),
-                             pad_token_id=0, eos_token_id=None)
+        hf_new = hf.generate(
+            torch.tensor(prompt),
+            max_new_tokens=8,
+            do_sample=False,
+            attention_mask=torch.ones(prompt.shape, dtype=torch.long),
+            pad_token_id=0,
+            eos_token_id=None,
+        )
     np.testing.assert_array_equal(new, hf_new.numpy()[:, 5:])
 
 
@@ -184,8 +221,9 @@ def test_left_padded_generation_equals_rows_alone(checkpoints):
 
 
 def test_sampling_and_eos():
-    model = gpt2.GPT2(gpt2.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=1,
-                                      n_head=2))
+    model = gpt2.GPT2(
+        gpt2.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=1, n_head=2)
+    )
     params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
     prompt = _tokens(4, 4)
     a = generate(model, params, prompt, 10, temperature=1.0, top_k=3, key=jax.random.key(1))
@@ -215,19 +253,21 @@ def test_lora_and_nf4_on_reference_models(checkpoints):
     ids = _tokens()
     for scan_layers in (False, True):
         model, params = llama.from_pretrained(directory, scan_layers=scan_layers)
-        lp = lorax.wrap(params, rank=4, targets=["q_proj", "v_proj", "down_proj"],
-                        key=jax.random.key(0))
+        lp = lorax.wrap(
+            params, rank=4, targets=["q_proj", "v_proj", "down_proj"], key=jax.random.key(0)
+        )
         lp = jax.tree.map(lambda x: x + 0.1 if x.ndim == 2 and x.shape[0] == 4 else x, lp)
         with jax.default_matmul_precision("highest"):
             unmerged = lorax.lora(model.apply)({"params": lp}, ids)
             merged = model.apply({"params": lorax.merge(lp)}, ids)
         np.testing.assert_allclose(unmerged, merged, atol=1e-4, rtol=1e-4)
-        np.testing.assert_array_equal(generate(model, lp, ids[:, :4], 5),
-                                      generate(model, lorax.merge(lp), ids[:, :4], 5))
+        np.testing.assert_array_equal(
+            generate(model, lp, ids[:, :4], 5), generate(model, lorax.merge(lp), ids[:, :4], 5)
+        )
     qlp = lorax.wrap(lorax.quantize(params, "nf4"), rank=4, targets=["q_proj", "v_proj"])
     np.testing.assert_array_equal(
-        generate(model, qlp, ids[:, :4], 5),
-        generate(model, lorax.merge(qlp), ids[:, :4], 5))
+        generate(model, qlp, ids[:, :4], 5), generate(model, lorax.merge(qlp), ids[:, :4], 5)
+    )
 
 
 def test_gpt2_lora_targets_read_as_in_peft(checkpoints):

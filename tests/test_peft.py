@@ -29,8 +29,10 @@ from test_models import _hf_gpt2, _hf_llama, _tokens  # noqa: E402
 
 MODELS = {"gpt2": (_hf_gpt2, gpt2), "llama": (_hf_llama, llama)}
 PATTERN_MODULE = {"gpt2": "c_fc", "llama": "down_proj"}  # a pattern key must match a path
-TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],
-           "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]}
+TARGETS = {
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +58,15 @@ def _peft_logits(model, ids):
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_exported_adapter_loads_in_peft(bases, tmp_path, name, scan_layers):
     model, params = MODELS[name][1].from_pretrained(bases[name], scan_layers=scan_layers)
-    lp = lorax.wrap(params, rank=4, alpha=8, targets=TARGETS[name], key=jax.random.key(0),
-                    rank_pattern={PATTERN_MODULE[name]: 2},
-                    alpha_pattern={PATTERN_MODULE[name]: 3.0})
+    lp = lorax.wrap(
+        params,
+        rank=4,
+        alpha=8,
+        targets=TARGETS[name],
+        key=jax.random.key(0),
+        rank_pattern={PATTERN_MODULE[name]: 2},
+        alpha_pattern={PATTERN_MODULE[name]: 3.0},
+    )
     lp = randomize_b(lp, jax.random.key(1))
     lorax.export_peft(tmp_path, lp, model=name, base_model_name="test/base")
     config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -75,9 +83,14 @@ def test_exported_adapter_loads_in_peft(bases, tmp_path, name, scan_layers):
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_adapter_trained_in_peft_imports(bases, tmp_path, name):
     torch.manual_seed(0)
-    config = peft.LoraConfig(r=4, lora_alpha=6, target_modules=TARGETS[name][:2],
-                             use_rslora=True, rank_pattern={TARGETS[name][1]: 2},
-                             fan_in_fan_out=name == "gpt2")
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=6,
+        target_modules=TARGETS[name][:2],
+        use_rslora=True,
+        rank_pattern={TARGETS[name][1]: 2},
+        fan_in_fan_out=name == "gpt2",
+    )
     torch_model = peft.get_peft_model(_torch_base(bases[name]), config)
     opt = torch.optim.AdamW([p for p in torch_model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.tensor(_tokens(4, 12, seed=5))
@@ -91,8 +104,10 @@ def test_adapter_trained_in_peft_imports(bases, tmp_path, name):
     for scan_layers in (False, True):
         model, params = MODELS[name][1].from_pretrained(bases[name], scan_layers=scan_layers)
         lp = lorax.import_peft(tmp_path, params, model=name)
-        n_leaves = sum(isinstance(x, lorax.LoraWeight) for x in
-                       jax.tree.leaves(lp, is_leaf=lambda x: isinstance(x, lorax.LoraWeight)))
+        n_leaves = sum(
+            isinstance(x, lorax.LoraWeight)
+            for x in jax.tree.leaves(lp, is_leaf=lambda x: isinstance(x, lorax.LoraWeight))
+        )
         per_layer = 3 if name == "gpt2" else 2  # GPT-2's "c_proj" names attn's and mlp's
         assert n_leaves == per_layer * (1 if scan_layers else 2)
         check = _tokens(2, 9, seed=6)
@@ -102,6 +117,7 @@ def test_adapter_trained_in_peft_imports(bases, tmp_path, name):
         # and back out again: the same tensors
         lorax.export_peft(tmp_path / f"again{scan_layers}", lp, model=model)
         from safetensors.numpy import load_file
+
         theirs = load_file(tmp_path / "adapter_model.safetensors")
         mine = load_file(tmp_path / f"again{scan_layers}" / "adapter_model.safetensors")
         assert sorted(theirs) == sorted(mine)
@@ -126,8 +142,12 @@ def test_import_errors(bases, tmp_path, monkeypatch):
     lp = randomize_b(lorax.wrap(params, rank=4, targets=["c_attn"]), jax.random.key(2))
     lorax.export_peft(tmp_path, lp)
     # a base of another shape: the error names the module, the factors and the base shape
-    other = jax.tree.map(lambda x: jnp.zeros((x.shape[0], 2 * x.shape[1]))
-                         if x.ndim == 2 and x.shape == (32, 96) else x, params)
+    other = jax.tree.map(
+        lambda x: (
+            jnp.zeros((x.shape[0], 2 * x.shape[1])) if x.ndim == 2 and x.shape == (32, 96) else x
+        ),
+        params,
+    )
     with pytest.raises(ValueError, match=r"transformer\.h\.0\.attn\.c_attn.*\(32, 192\)"):
         lorax.import_peft(tmp_path, other)
     # tensors that fit nothing are an error, not dropped
@@ -152,6 +172,7 @@ def test_import_errors(bases, tmp_path, monkeypatch):
 
 # ----------------------------------------------------- the module-map protocol (issue 13)
 
+
 class _TinyBlock(nn.Module):
     @nn.compact
     def __call__(self, x, _):
@@ -166,17 +187,26 @@ class Tiny(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = nn.Dense(8, name="embed")(x)
-        blocks = nn.scan(_TinyBlock, variable_axes={"params": 0}, split_rngs={"params": True},
-                         length=self.n_layers)
+        blocks = nn.scan(
+            _TinyBlock,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=self.n_layers,
+        )
         x, _ = blocks(name="blocks")(x, None)
         return nn.Dense(2, name="head")(x)
 
     def peft_modules(self, params):
         return PeftModuleMap(
-            modules={"embed/kernel": "encoder.embed", "head/kernel": "classifier",
-                     "blocks/proj/kernel": [(f"encoder.layer.{i}.proj", i)
-                                            for i in range(self.n_layers)]},
-            task_type=None)
+            modules={
+                "embed/kernel": "encoder.embed",
+                "head/kernel": "classifier",
+                "blocks/proj/kernel": [
+                    (f"encoder.layer.{i}.proj", i) for i in range(self.n_layers)
+                ],
+            },
+            task_type=None,
+        )
 
 
 class TorchTiny(torch.nn.Module):
@@ -230,7 +260,8 @@ def test_own_model_family_round_trips(tiny, tmp_path):
     lorax.export_peft(tmp_path, lp, model=model)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["target_modules"] == sorted(
-        ["encoder.embed", "classifier"] + [f"encoder.layer.{i}.proj" for i in range(3)])
+        ["encoder.embed", "classifier"] + [f"encoder.layer.{i}.proj" for i in range(3)]
+    )
     assert config["fan_in_fan_out"] is False and config["task_type"] is None
     assert config["r"] == 3 and config["rank_pattern"] == {"classifier": 2}
     back = lorax.import_peft(tmp_path, params, model=model)
@@ -240,8 +271,12 @@ def test_own_model_family_round_trips(tiny, tmp_path):
         np.testing.assert_array_equal(got[path].a, want[path].a)
         np.testing.assert_array_equal(got[path].b, want[path].b)
         assert got[path].scale == pytest.approx(want[path].scale)
-    np.testing.assert_allclose(lorax.lora(model.apply)({"params": back}, x),
-                               lorax.lora(model.apply)({"params": lp}, x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        lorax.lora(model.apply)({"params": back}, x),
+        lorax.lora(model.apply)({"params": lp}, x),
+        rtol=1e-6,
+        atol=1e-6,
+    )
 
 
 def test_own_model_family_loads_in_peft(tiny, tmp_path):
@@ -274,8 +309,10 @@ def test_registered_family_name(tiny, tmp_path):
 
 def test_unknown_family_name(tiny, tmp_path):
     _, params, lp, _ = tiny
-    for call in (lambda: lorax.export_peft(tmp_path, lp, model="no-such-family"),
-                 lambda: lorax.import_peft(tmp_path / "absent", params, model="no-such-family")):
+    for call in (
+        lambda: lorax.export_peft(tmp_path, lp, model="no-such-family"),
+        lambda: lorax.import_peft(tmp_path / "absent", params, model="no-such-family"),
+    ):
         with pytest.raises(LoraxValueError, match="no model family 'no-such-family'") as err:
             call()  # import_peft: before looking for the (absent) directory
         assert "'gpt2'" in str(err.value) and "'llama'" in str(err.value)  # registered
@@ -291,17 +328,21 @@ def test_model_argument_errors(tiny, tmp_path):
         def peft_modules(self, params):
             return {"head/kernel": "classifier"}
 
-    with pytest.raises(LoraxTypeError, match="Bad.peft_modules returned dict, not a "
-                                             "lorax.io.peft.PeftModuleMap"):
+    with pytest.raises(
+        LoraxTypeError, match="Bad.peft_modules returned dict, not a lorax.io.peft.PeftModuleMap"
+    ):
         lorax.export_peft(tmp_path, lp, model=Bad())
     with pytest.raises(LoraxTypeError, match="family .* must have a method peft_modules"):
         register_peft_family("bad", 3)
     with pytest.raises(LoraxTypeError, match="name must be a non-empty string"):
         register_peft_family("", model)
     # a stack whose map lists fewer layers than it holds: refused both ways
-    short = PeftModuleMap(modules={**model.peft_modules(params).modules,
-                                   "blocks/proj/kernel": [("encoder.layer.0.proj", 0),
-                                                          ("encoder.layer.1.proj", 1)]})
+    short = PeftModuleMap(
+        modules={
+            **model.peft_modules(params).modules,
+            "blocks/proj/kernel": [("encoder.layer.0.proj", 0), ("encoder.layer.1.proj", 1)],
+        }
+    )
     with pytest.raises(LoraxValueError, match="lists 2 stacked layers for 'blocks/proj/kernel'"):
         lorax.export_peft(tmp_path, lp, model=short)
     lorax.export_peft(tmp_path, lp, model=model)
@@ -309,17 +350,20 @@ def test_model_argument_errors(tiny, tmp_path):
         lorax.import_peft(tmp_path, params, model=short)
 
 
-@pytest.mark.parametrize("modules,error,match", [
-    ([("a", None)], LoraxTypeError, "modules must be a mapping"),
-    ({"w/kernel": []}, LoraxValueError, r"modules\['w/kernel'\] must be a module name"),
-    ({"w/kernel": [("a", 0), ("b", 2)]}, LoraxValueError, "each layer 0 .. n-1 once"),
-    ({"w/kernel": [("a", 0), ("b", 0)]}, LoraxValueError, "each layer 0 .. n-1 once"),
-    ({"w/kernel": [("a", None), ("b", 0)]}, LoraxValueError, "one without a layer index"),
-    ({"w/kernel": [("a", "0")]}, LoraxTypeError, "layer str '0'"),
-    ({"w/kernel": [(3, None)]}, LoraxTypeError, "names module 3"),
-    ({"w/kernel": ["a"]}, LoraxTypeError, "each entry is a pair"),
-    ({1: "a"}, LoraxTypeError, "a key of modules is int 1"),
-])
+@pytest.mark.parametrize(
+    "modules,error,match",
+    [
+        ([("a", None)], LoraxTypeError, "modules must be a mapping"),
+        ({"w/kernel": []}, LoraxValueError, r"modules\['w/kernel'\] must be a module name"),
+        ({"w/kernel": [("a", 0), ("b", 2)]}, LoraxValueError, "each layer 0 .. n-1 once"),
+        ({"w/kernel": [("a", 0), ("b", 0)]}, LoraxValueError, "each layer 0 .. n-1 once"),
+        ({"w/kernel": [("a", None), ("b", 0)]}, LoraxValueError, "one without a layer index"),
+        ({"w/kernel": [("a", "0")]}, LoraxTypeError, "layer str '0'"),
+        ({"w/kernel": [(3, None)]}, LoraxTypeError, "names module 3"),
+        ({"w/kernel": ["a"]}, LoraxTypeError, "each entry is a pair"),
+        ({1: "a"}, LoraxTypeError, "a key of modules is int 1"),
+    ],
+)
 def test_module_map_is_checked(modules, error, match):
     with pytest.raises(error, match=match):
         PeftModuleMap(modules=modules)
@@ -360,13 +404,19 @@ def test_core_does_not_import_the_models():
     if any(m.startswith("lorax.models") for m in _imports(lorax.__file__)):
         pytest.skip("lorax/__init__.py imports lorax.models: the registry is always full")
     # in a fresh process, the core alone: no models, and "gpt2" says how to get them
-    code = ("import sys, lorax, lorax.io.peft\n"
-            "assert 'lorax.models' not in sys.modules, 'lorax.models was imported'\n"
-            "try:\n"
-            "    lorax.io.peft.peft_module_map({}, 'gpt2')\n"
-            "except lorax.LoraxError as e:\n"
-            "    print(e)\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    code = (
+        "import sys, lorax, lorax.io.peft\n"
+        "assert 'lorax.models' not in sys.modules, 'lorax.models was imported'\n"
+        "try:\n"
+        "    lorax.io.peft.peft_module_map({}, 'gpt2')\n"
+        "except lorax.LoraxError as e:\n"
+        "    print(e)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert done.returncode == 0, done.stderr
     assert "no model family 'gpt2'" in done.stdout and "import lorax.models" in done.stdout

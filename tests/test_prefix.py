@@ -15,11 +15,18 @@ VOCAB = 61
 
 
 def _models():
-    g = gpt2.GPT2(gpt2.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2,
-                                  n_head=4))
-    ll = llama.Llama(llama.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
-                                       num_hidden_layers=2, num_attention_heads=4,
-                                       num_key_value_heads=2), scan_layers=True)
+    g = gpt2.GPT2(gpt2.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4))
+    ll = llama.Llama(
+        llama.LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+        scan_layers=True,
+    )
     out = []
     for i, m in enumerate((g, ll)):
         params = m.init(jax.random.key(i), jnp.zeros((1, 4), jnp.int32))["params"]
@@ -38,9 +45,8 @@ def test_prefix_is_a_prefilled_cache(index):
     model, params = MODELS[index]
     full = model.apply({"params": params}, np.concatenate([np.repeat(P_TOK, 3, 0), X_TOK], 1))
     _, cache = model.apply({"params": params}, P_TOK, cache=model.init_cache(1, 5))
-    prefix = {"keys": cache.keys[:, 0], "values": cache.values[:, 0]}   # one row's K/V
-    logits, _ = model.apply({"params": params}, X_TOK,
-                            cache=prefix_cache(model, prefix, 3, 5 + 7))
+    prefix = {"keys": cache.keys[:, 0], "values": cache.values[:, 0]}  # one row's K/V
+    logits, _ = model.apply({"params": params}, X_TOK, cache=prefix_cache(model, prefix, 3, 5 + 7))
     np.testing.assert_allclose(logits, full[:, 5:], atol=1e-4, rtol=1e-4)
     # generation continues from the prefix as from the tokens it came from
     with_prefix = generate(model, params, X_TOK, 6, prefix=prefix_cache(model, prefix, 3, 5))
@@ -52,13 +58,14 @@ def test_prefix_is_a_prefilled_cache(index):
 def test_prompt_is_a_row_of_input_embeddings(index):
     model, params = MODELS[index]
     table = params["wte" if index == 0 else "embed_tokens"]["embedding"]
-    prompt = table[P_TOK[0]]                                             # [5, d]
+    prompt = table[P_TOK[0]]  # [5, d]
     logits = model.apply({"params": params}, X_TOK, prompt=prompt)
     full = model.apply({"params": params}, np.concatenate([np.repeat(P_TOK, 3, 0), X_TOK], 1))
     np.testing.assert_allclose(logits, full[:, 5:], atol=1e-4, rtol=1e-4)
     np.testing.assert_array_equal(
         generate(model, params, X_TOK, 6, prompt=prompt),
-        generate(model, params, np.concatenate([np.repeat(P_TOK, 3, 0), X_TOK], 1), 6))
+        generate(model, params, np.concatenate([np.repeat(P_TOK, 3, 0), X_TOK], 1), 6),
+    )
 
 
 def _lm_loss(logits, tokens):
@@ -72,8 +79,12 @@ def test_prefix_and_prompt_train():
         prefix = init_prefix(model, 4, jax.random.key(2), hidden=hidden)
         if hidden:
             assert prefix["w2"].shape == (16, 2 * 2 * 4 * 8)
-        loss = lambda p: _lm_loss(model.apply(  # noqa: E731
-            {"params": params}, data, cache=prefix_cache(model, p, 4, 4 + 12))[0], data)
+        loss = lambda p: _lm_loss(
+            model.apply(  # noqa: E731
+                {"params": params}, data, cache=prefix_cache(model, p, 4, 4 + 12)
+            )[0],
+            data,
+        )
         _, values = fit(loss, prefix, 60, lr=3e-2)
         assert values[-1] < 0.7 * values[0]
     prompt = init_prompt(model, params, 4, jax.random.key(3))

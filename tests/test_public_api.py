@@ -13,8 +13,9 @@ def test_all_lists_what_the_package_exports():
     assert len(set(lorax.__all__)) == len(lorax.__all__)
     for name in lorax.__all__:
         assert hasattr(lorax, name), name
-    public = {n for n in vars(lorax) if not n.startswith("_")
-              and not inspect.ismodule(getattr(lorax, n))}
+    public = {
+        n for n in vars(lorax) if not n.startswith("_") and not inspect.ismodule(getattr(lorax, n))
+    }
     assert public == set(lorax.__all__)
 
 
@@ -45,8 +46,9 @@ def test_old_keywords_warn_and_still_work():
         old = lorax.wrap(P, rank=2, method="dora")
     assert type(old["dense"]["kernel"]) is lorax.DoraWeight
     new = lorax.wrap(P, rank=2, dora=True)
-    np.testing.assert_array_equal(old["dense"]["kernel"].magnitude,
-                                  new["dense"]["kernel"].magnitude)
+    np.testing.assert_array_equal(
+        old["dense"]["kernel"].magnitude, new["dense"]["kernel"].magnitude
+    )
     with pytest.warns(DeprecationWarning, match=r"pass targets="):
         old = lorax.unfreeze(P, select=["bias"])
     assert isinstance(old["dense"]["bias"], lorax.Unfrozen)
@@ -59,15 +61,18 @@ def test_old_keywords_warn_and_still_work():
     np.testing.assert_array_equal(old["dense"]["kernel"].a, new["dense"]["kernel"].a)
 
 
-@pytest.mark.parametrize("call", [
-    lambda: lorax.wrap(P, 2),
-    lambda: lorax.ia3(P, ["dense"]),
-    lambda: lorax.adapters(P, ["dense"]),
-    lambda: lorax.unfreeze(P, ["bias"]),
-    lambda: lorax.quantize(P, "int8", 64),
-    lambda: lorax.lora(lambda p: p, True),
-    lambda: lorax.add_weighted([lorax.wrap(P, rank=2)], [1.0], "cat"),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: lorax.wrap(P, 2),
+        lambda: lorax.ia3(P, ["dense"]),
+        lambda: lorax.adapters(P, ["dense"]),
+        lambda: lorax.unfreeze(P, ["bias"]),
+        lambda: lorax.quantize(P, "int8", 64),
+        lambda: lorax.lora(lambda p: p, True),
+        lambda: lorax.add_weighted([lorax.wrap(P, rank=2)], [1.0], "cat"),
+    ],
+)
 def test_options_are_keyword_only(call):
     with pytest.raises(TypeError, match="positional argument"):
         call()

@@ -11,11 +11,27 @@ import lorax
 from lorax.quant import DYNAMIC_MAP, quantize_nf4
 
 # ---- the reference, written from docs/nf4.md alone -------------------------------------
-CODE = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-                 -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-                 0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
-                 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-                 0.7229568362236023, 1.0], np.float32)
+CODE = np.array(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    np.float32,
+)
 MID = (CODE[1:] + CODE[:-1]) / np.float32(2)
 
 
@@ -41,12 +57,12 @@ def ref_double_quant(absmax):
     c = (absmax - offset).astype(np.float32)
     nb2 = -(-c.size // 256)
     cp = np.zeros(nb2 * 256, np.float32)
-    cp[:c.size] = c
+    cp[: c.size] = c
     a2 = np.abs(cp.reshape(nb2, 256)).max(1)
     normed = cp.reshape(nb2, 256) / np.where(a2 == 0, np.float32(1), a2)[:, None]
     dist = np.abs(normed.reshape(-1)[:, None] - DYNAMIC_MAP[None, :].astype(np.float64))
-    q = dist.argmin(1)[:c.size]  # nearest; argmin takes the first (lower) on ties
-    recon = DYNAMIC_MAP[q] * np.repeat(a2, 256)[:c.size] + offset
+    q = dist.argmin(1)[: c.size]  # nearest; argmin takes the first (lower) on ties
+    recon = DYNAMIC_MAP[q] * np.repeat(a2, 256)[: c.size] + offset
     return q, a2, offset, recon
 
 
@@ -55,25 +71,31 @@ def _cases():
     ties = np.tile(np.concatenate([[1.0], MID, [0.0] * (63 - len(MID))]), (16, 1))
     return {
         "randn": rng.standard_normal((96, 80)),
-        "odd": rng.standard_normal((33, 47)),          # partial trailing block, odd count
-        "ties": ties,                                  # exact midpoints between levels
-        "zero_huge_tiny": np.concatenate([np.zeros((8, 64)), 1e4 * rng.standard_normal((8, 64)),
-                                          1e-6 * rng.standard_normal((8, 64))]),
+        "odd": rng.standard_normal((33, 47)),  # partial trailing block, odd count
+        "ties": ties,  # exact midpoints between levels
+        "zero_huge_tiny": np.concatenate(
+            [
+                np.zeros((8, 64)),
+                1e4 * rng.standard_normal((8, 64)),
+                1e-6 * rng.standard_normal((8, 64)),
+            ]
+        ),
         "single_row": rng.standard_normal((1, 7)),
     }
 
 
 @pytest.mark.parametrize("name", list(_cases()))
 def test_codes_scales_and_values_match_reference(name):
-    w_torch = _cases()[name].astype(np.float32)        # [out, in]
-    kernel = jnp.asarray(w_torch.T)                     # Flax [in, out]
+    w_torch = _cases()[name].astype(np.float32)  # [out, in]
+    kernel = jnp.asarray(w_torch.T)  # Flax [in, out]
     q, absmax, packed, deq = ref_nf4(w_torch)
     leaf = quantize_nf4(kernel, double_quant=False, compute_dtype=jnp.float32)
     np.testing.assert_array_equal(np.asarray(leaf.codes), packed)
     np.testing.assert_array_equal(np.asarray(leaf.unpacked_codes()), q)
     np.testing.assert_array_equal(np.asarray(leaf.absmax), absmax)
-    np.testing.assert_array_equal(np.asarray(leaf.materialize()).T.reshape(-1),
-                                  deq.astype(np.float32))
+    np.testing.assert_array_equal(
+        np.asarray(leaf.materialize()).T.reshape(-1), deq.astype(np.float32)
+    )
     # Double quantization: the absmax codes and second-level scales.
     dq = quantize_nf4(kernel, double_quant=True, compute_dtype=jnp.float32)
     q2, a2, offset, recon = ref_double_quant(absmax)
@@ -105,7 +127,7 @@ def test_bits_per_parameter_from_arrays_held(double_quant, bits):
     params = {"w": jax.random.normal(jax.random.key(0), (4096, 4096))}
     qp = lorax.quantize(params, "nf4", double_quant=double_quant)
     held = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(qp))
-    assert round(8 * held / 4096 ** 2, 3) == bits
+    assert round(8 * held / 4096**2, 3) == bits
     s = lorax.summary(qp)
     assert round(s.rows[0].bits_per_param, 3) == bits
 
@@ -143,8 +165,9 @@ class Block(nn.Module):
 class Stack(nn.Module):
     @nn.compact
     def __call__(self, x):
-        x, _ = nn.scan(nn.remat(Block), variable_axes={"params": 0},
-                       split_rngs={"params": True}, length=3)(name="ScanBlocks")(x, None)
+        x, _ = nn.scan(
+            nn.remat(Block), variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+        )(name="ScanBlocks")(x, None)
         return nn.Dense(4, name="head")(x)
 
 
@@ -163,8 +186,13 @@ def test_qlora_in_scanned_stack_trains():
 
     apply = lorax.lora(model.apply, strict=True)
     trainable, frozen = lorax.split(qlp)
-    loss = lambda t: jnp.mean((apply({"params": lorax.combine(t, frozen)}, x)  # noqa: E731
-                               .astype(jnp.float32) - y) ** 2)
+    loss = lambda t: jnp.mean(
+        (
+            apply({"params": lorax.combine(t, frozen)}, x).astype(jnp.float32)  # noqa: E731
+            - y
+        )
+        ** 2
+    )
     trainable, values = fit(loss, trainable, 60, lr=1e-2)
     assert values[-1] < 0.7 * values[0]
 
@@ -200,18 +228,23 @@ def test_bitsandbytes_layout_round_trip_is_exact(tmp_path):
         leaf = quantize_nf4(w, double_quant=dq)
         tensors = lorax.quant.nf4_to_bnb(leaf, "model.layers.0.mlp.down_proj")
         assert tensors["model.layers.0.mlp.down_proj.weight"].shape == ((33 * 47 + 1) // 2, 1)
-        state = json.loads(bytes(tensors[
-            "model.layers.0.mlp.down_proj.weight.quant_state.bitsandbytes__nf4"]).decode())
+        state = json.loads(
+            bytes(
+                tensors["model.layers.0.mlp.down_proj.weight.quant_state.bitsandbytes__nf4"]
+            ).decode()
+        )
         assert state["shape"] == [47, 33] and state["quant_type"] == "nf4"
         assert ("nested_offset" in state) == dq
         save_file(tensors, str(tmp_path / "m.safetensors"))
-        back = lorax.quant.nf4_from_bnb(load_file(str(tmp_path / "m.safetensors")),
-                                        "model.layers.0.mlp.down_proj")
+        back = lorax.quant.nf4_from_bnb(
+            load_file(str(tmp_path / "m.safetensors")), "model.layers.0.mlp.down_proj"
+        )
         for a, b in zip(jax.tree.leaves(leaf), jax.tree.leaves(back)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         assert back.layer_shape == leaf.layer_shape and back.compute_dtype == leaf.compute_dtype
-        np.testing.assert_array_equal(np.asarray(back.materialize(), np.float32),
-                                      np.asarray(leaf.materialize(), np.float32))
+        np.testing.assert_array_equal(
+            np.asarray(back.materialize(), np.float32), np.asarray(leaf.materialize(), np.float32)
+        )
 
 
 def test_bitsandbytes_layout_errors():

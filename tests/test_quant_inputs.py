@@ -40,13 +40,15 @@ def _rel_err(deq, w):
 
 # ---- 1. non-finite weights raise, naming the path ------------------------------------------
 
+
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
 @pytest.mark.parametrize("method, dq", [("nf4", True), ("nf4", False), ("int8", True)])
 def test_quantize_non_finite_weight_names_path(bad, method, dq):
-    params = {"dense": {"kernel": jnp.asarray(_with(_w(), (3, 5), bad)), "bias": jnp.zeros(32)},
-              "out": {"kernel": jnp.asarray(_w(1, (32, 8)))}}
-    with pytest.raises(lorax.NonFiniteError, match=r"'dense/kernel'.*1 inf/NaN.*finite"
-                       ) as err:
+    params = {
+        "dense": {"kernel": jnp.asarray(_with(_w(), (3, 5), bad)), "bias": jnp.zeros(32)},
+        "out": {"kernel": jnp.asarray(_w(1, (32, 8)))},
+    }
+    with pytest.raises(lorax.NonFiniteError, match=r"'dense/kernel'.*1 inf/NaN.*finite") as err:
         lorax.quantize(params, method, double_quant=dq)
     assert isinstance(err.value, lorax.LoraxError) and isinstance(err.value, ValueError)
 
@@ -76,22 +78,28 @@ def test_quantize_nf4_under_tracing_is_not_checked():
 
 # ---- 1b. huge finite weights dequantize to finite values ----------------------------------
 
+
 @settings(max_examples=20, deadline=None)
-@given(seed=st.integers(0, 2 ** 16), k=st.integers(100, 127), dq=st.booleans(),
-       compute=st.sampled_from([jnp.float32, jnp.bfloat16]))
+@given(
+    seed=st.integers(0, 2**16),
+    k=st.integers(100, 127),
+    dq=st.booleans(),
+    compute=st.sampled_from([jnp.float32, jnp.bfloat16]),
+)
 def test_nf4_is_scale_equivariant_up_to_float32_max(seed, k, dq, compute):
     """Scaling by 2**k is exact, so the codes must not change and the dequantized weight
     must scale exactly; before the fix, 1/absmax >= 2**126 flushed to zero (codes all 0.0)
     and the double-quant mean overflowed to inf (every value NaN)."""
     w = _w(seed)
     small = quantize_nf4(jnp.asarray(w), double_quant=dq, compute_dtype=compute)
-    big = quantize_nf4(jnp.asarray(w * np.float32(2.0 ** k)), double_quant=dq,
-                       compute_dtype=compute)
+    big = quantize_nf4(jnp.asarray(w * np.float32(2.0**k)), double_quant=dq, compute_dtype=compute)
     np.testing.assert_array_equal(big.codes, small.codes)
     scales = np.asarray(big.absmax, np.float64)
-    np.testing.assert_array_equal(scales if dq else scales / 2.0 ** k, small.absmax)
-    np.testing.assert_array_equal(np.asarray(big.materialize(), np.float64),
-                                  np.asarray(small.materialize(), np.float64) * 2.0 ** k)
+    np.testing.assert_array_equal(scales if dq else scales / 2.0**k, small.absmax)
+    np.testing.assert_array_equal(
+        np.asarray(big.materialize(), np.float64),
+        np.asarray(small.materialize(), np.float64) * 2.0**k,
+    )
 
 
 @pytest.mark.parametrize("top", [1e38, 3e38, 3.38e38, float(np.finfo(np.float32).max)])
@@ -127,16 +135,20 @@ BAD_DTYPES = [jnp.int8, "int32", np.uint8, "foo", None, bool, 3]
 
 
 @pytest.mark.parametrize("value", BAD_DTYPES, ids=repr)
-@pytest.mark.parametrize("call", ["quantize_nf4", "quantize_int8", "quantize_nf4_tree",
-                                  "quantize_int8_tree"])
+@pytest.mark.parametrize(
+    "call", ["quantize_nf4", "quantize_int8", "quantize_nf4_tree", "quantize_int8_tree"]
+)
 def test_compute_dtype_must_be_floating(value, call):
     w = jnp.asarray(_w())
-    fns = {"quantize_nf4": lambda: quantize_nf4(w, compute_dtype=value),
-           "quantize_int8": lambda: quantize_int8(w, compute_dtype=value),
-           "quantize_nf4_tree": lambda: lorax.quantize({"k": w}, "nf4", compute_dtype=value),
-           "quantize_int8_tree": lambda: lorax.quantize({"k": w}, "int8", compute_dtype=value)}
-    with pytest.raises(lorax.LoraxError, match=r"compute_dtype must be a floating dtype.*"
-                       + re.escape(repr(value))):
+    fns = {
+        "quantize_nf4": lambda: quantize_nf4(w, compute_dtype=value),
+        "quantize_int8": lambda: quantize_int8(w, compute_dtype=value),
+        "quantize_nf4_tree": lambda: lorax.quantize({"k": w}, "nf4", compute_dtype=value),
+        "quantize_int8_tree": lambda: lorax.quantize({"k": w}, "int8", compute_dtype=value),
+    }
+    with pytest.raises(
+        lorax.LoraxError, match=r"compute_dtype must be a floating dtype.*" + re.escape(repr(value))
+    ):
         fns[call]()
 
 
@@ -148,16 +160,19 @@ def test_floating_compute_dtypes_still_work(value):
         assert leaf.materialize().dtype == jnp.dtype(value)
 
 
-@pytest.mark.parametrize("kwargs, cls, pattern", [
-    (dict(method=3), lorax.LoraxError, "method must be 'nf4' or 'int8'; got 3"),
-    (dict(method=["nf4"]), lorax.LoraxError, r"method must be .*\['nf4'\]"),
-    (dict(double_quant="yes"), TypeError, "double_quant must be a bool; got str 'yes'"),
-    (dict(double_quant=None), TypeError, "double_quant must be a bool"),
-    (dict(block_size=64.0), TypeError, "block_size must be an int.*64.0"),
-    (dict(block_size=True), TypeError, "block_size must be an int"),
-    (dict(block_size=48), ValueError, "block_size must be a power of two.*48"),
-    (dict(block_size=8192), ValueError, "block_size must be a power of two.*8192"),
-])
+@pytest.mark.parametrize(
+    "kwargs, cls, pattern",
+    [
+        (dict(method=3), lorax.LoraxError, "method must be 'nf4' or 'int8'; got 3"),
+        (dict(method=["nf4"]), lorax.LoraxError, r"method must be .*\['nf4'\]"),
+        (dict(double_quant="yes"), TypeError, "double_quant must be a bool; got str 'yes'"),
+        (dict(double_quant=None), TypeError, "double_quant must be a bool"),
+        (dict(block_size=64.0), TypeError, "block_size must be an int.*64.0"),
+        (dict(block_size=True), TypeError, "block_size must be an int"),
+        (dict(block_size=48), ValueError, "block_size must be a power of two.*48"),
+        (dict(block_size=8192), ValueError, "block_size must be a power of two.*8192"),
+    ],
+)
 def test_quantize_argument_errors(kwargs, cls, pattern):
     with pytest.raises(lorax.LoraxError, match=pattern) as err:
         lorax.quantize({"k": jnp.asarray(_w())}, **kwargs)
@@ -177,6 +192,7 @@ def test_quantize_nf4_argument_errors():
 
 
 # ---- 3. bitsandbytes tensors validated at load ----------------------------------------------
+
 
 def _bnb(dq=True, replace=None, **state_changes):
     """nf4_to_bnb tensors of a 64x32 kernel ([out, in] = [32, 64]: 2048 values, 32 blocks,
@@ -199,8 +215,9 @@ def test_bnb_expected_shape_accepts_the_right_shape(dq):
     leaf, tensors = _bnb(dq)
     back = nf4_from_bnb(tensors, "fc", expected_shape=(64, 32))
     assert back.layer_shape == (64, 32)
-    np.testing.assert_array_equal(np.asarray(back.materialize(), np.float32),
-                                  np.asarray(leaf.materialize(), np.float32))
+    np.testing.assert_array_equal(
+        np.asarray(back.materialize(), np.float32), np.asarray(leaf.materialize(), np.float32)
+    )
 
 
 @pytest.mark.parametrize("dq", [True, False])
@@ -208,8 +225,11 @@ def test_bnb_swapped_shape_is_refused_against_expected_shape(dq):
     """A swapped [in, out] state has the same code and scale counts: only the caller's
     shape can tell, and a permuted matrix must never load silently."""
     _, tensors = _bnb(dq, shape=[64, 32])
-    with pytest.raises(lorax.LoraxError, match=re.escape(f"'{STATE}': shape [out, in] = [64, 32]")
-                       + r".*expected_shape is \(64, 32\) \(swapped"):
+    with pytest.raises(
+        lorax.LoraxError,
+        match=re.escape(f"'{STATE}': shape [out, in] = [64, 32]")
+        + r".*expected_shape is \(64, 32\) \(swapped",
+    ):
         nf4_from_bnb(tensors, "fc", expected_shape=(64, 32))
     _, tensors = _bnb(dq)
     with pytest.raises(lorax.LoraxError, match=r"expected_shape is \(64, 16\)$"):
@@ -219,24 +239,40 @@ def test_bnb_swapped_shape_is_refused_against_expected_shape(dq):
 
 
 NESTED_CASES = {
-    "empty_nested_absmax": (dict(replace={"weight.nested_absmax": np.zeros(0, np.float32)}),
-                            r"'fc.weight.nested_absmax' must hold ceil\(32 blocks / 256\) = 1 "
-                            r"float scales; got 0"),
-    "long_nested_absmax": (dict(replace={"weight.nested_absmax": np.ones(2, np.float32)}),
-                           r"'fc.weight.nested_absmax'.*= 1 float scales; got 2"),
-    "int_nested_absmax": (dict(replace={"weight.nested_absmax": np.ones(1, np.int32)}),
-                          r"'fc.weight.nested_absmax'.*dtype int32"),
-    "inf_nested_absmax": (dict(replace={"weight.nested_absmax": np.full(1, np.inf, np.float32)}),
-                          r"'fc.weight.nested_absmax' holds inf/NaN"),
-    "missing_offset": (dict(nested_offset=DROP), rf"'{STATE}': nested_offset must be a finite "
-                       "number; got None"),
+    "empty_nested_absmax": (
+        dict(replace={"weight.nested_absmax": np.zeros(0, np.float32)}),
+        r"'fc.weight.nested_absmax' must hold ceil\(32 blocks / 256\) = 1 "
+        r"float scales; got 0",
+    ),
+    "long_nested_absmax": (
+        dict(replace={"weight.nested_absmax": np.ones(2, np.float32)}),
+        r"'fc.weight.nested_absmax'.*= 1 float scales; got 2",
+    ),
+    "int_nested_absmax": (
+        dict(replace={"weight.nested_absmax": np.ones(1, np.int32)}),
+        r"'fc.weight.nested_absmax'.*dtype int32",
+    ),
+    "inf_nested_absmax": (
+        dict(replace={"weight.nested_absmax": np.full(1, np.inf, np.float32)}),
+        r"'fc.weight.nested_absmax' holds inf/NaN",
+    ),
+    "missing_offset": (
+        dict(nested_offset=DROP),
+        rf"'{STATE}': nested_offset must be a finite "
+        "number; got None",
+    ),
     "nan_offset": (dict(nested_offset=float("nan")), r"nested_offset .*got nan"),
     "inf_offset": (dict(nested_offset=float("inf")), r"nested_offset .*got inf"),
     "str_offset": (dict(nested_offset="0.5"), r"nested_offset .*got '0.5'"),
-    "float_absmax": (dict(replace={"weight.absmax": np.ones(32, np.float32)}),
-                     r"'fc.weight.absmax' must hold uint8 codes.*dtype float32"),
-    "nested_blocksize": (dict(nested_blocksize=128), rf"'{STATE}': nested_blocksize must be 256; "
-                         "got 128"),
+    "float_absmax": (
+        dict(replace={"weight.absmax": np.ones(32, np.float32)}),
+        r"'fc.weight.absmax' must hold uint8 codes.*dtype float32",
+    ),
+    "nested_blocksize": (
+        dict(nested_blocksize=128),
+        rf"'{STATE}': nested_blocksize must be 256; "
+        "got 128",
+    ),
 }
 
 
@@ -258,19 +294,32 @@ def test_bnb_missing_nested_absmax_is_a_key_error():
 
 
 PLAIN_CASES = {
-    "uint8_absmax": (dict(replace={"weight.absmax": np.ones(32, np.uint8)}),
-                     r"'fc.weight.absmax' must hold float scales.*no nested_blocksize.*uint8"),
-    "nan_absmax": (dict(replace={"weight.absmax": np.full(32, np.nan, np.float32)}),
-                   r"'fc.weight.absmax' holds inf/NaN"),
-    "short_absmax": (dict(replace={"weight.absmax": np.ones(31, np.float32)}),
-                     r"'fc.weight.absmax' 31 scales; they do not fit shape \[32, 64\]"),
-    "weight_layout": (dict(replace={"weight": np.zeros((512, 2), np.uint8)}),
-                      r"'fc.weight' must have shape \[\(n \+ 1\) // 2, 1\] = \[1024, 1\].*"
-                      r"got \[512, 2\]"),
-    "weight_dtype": (dict(replace={"weight": np.zeros((1024, 1), np.float32)}),
-                     r"'fc.weight' must hold uint8 packed codes; got dtype float32"),
-    "shape_3d": (dict(shape=[32, 64, 1]), rf"'{STATE}': shape must be \[out, in\].*"
-                 r"\[32, 64, 1\]"),
+    "uint8_absmax": (
+        dict(replace={"weight.absmax": np.ones(32, np.uint8)}),
+        r"'fc.weight.absmax' must hold float scales.*no nested_blocksize.*uint8",
+    ),
+    "nan_absmax": (
+        dict(replace={"weight.absmax": np.full(32, np.nan, np.float32)}),
+        r"'fc.weight.absmax' holds inf/NaN",
+    ),
+    "short_absmax": (
+        dict(replace={"weight.absmax": np.ones(31, np.float32)}),
+        r"'fc.weight.absmax' 31 scales; they do not fit shape \[32, 64\]",
+    ),
+    "weight_layout": (
+        dict(replace={"weight": np.zeros((512, 2), np.uint8)}),
+        r"'fc.weight' must have shape \[\(n \+ 1\) // 2, 1\] = \[1024, 1\].*"
+        r"got \[512, 2\]",
+    ),
+    "weight_dtype": (
+        dict(replace={"weight": np.zeros((1024, 1), np.float32)}),
+        r"'fc.weight' must hold uint8 packed codes; got dtype float32",
+    ),
+    "shape_3d": (
+        dict(shape=[32, 64, 1]),
+        rf"'{STATE}': shape must be \[out, in\].*"
+        r"\[32, 64, 1\]",
+    ),
     "shape_str": (dict(shape=["32", "64"]), r"shape must be \[out, in\], two positive ints"),
     "shape_missing": (dict(shape=DROP), r"shape must be \[out, in\].*got None"),
     "blocksize_missing": (dict(blocksize=DROP), rf"'{STATE}': blocksize must be a positive int"),
@@ -305,12 +354,16 @@ def test_bnb_flat_or_int8_weight_still_loads():
 
 # ---- 4. SVD / QR inits refuse non-finite weights -------------------------------------------
 
+
 @pytest.mark.parametrize("init", ["pissa", "olora", "loftq"])
 @pytest.mark.parametrize("bad", [np.inf, np.nan])
 def test_wrap_weight_init_refuses_non_finite(init, bad):
     params = {"dense": {"kernel": jnp.asarray(_with(_w(), (7, 1), bad))}}
-    with pytest.raises(lorax.NonFiniteError, match=rf"init='{init}' for 'dense/kernel'.*"
-                       r"\(64, 32\) holds 1 inf/NaN"):
+    with pytest.raises(
+        lorax.NonFiniteError,
+        match=rf"init='{init}' for 'dense/kernel'.*"
+        r"\(64, 32\) holds 1 inf/NaN",
+    ):
         lorax.wrap(params, rank=2, init=init)
 
 

@@ -69,10 +69,12 @@ def _not(mask):
 RECIPES = {
     "lorax.optimizer": lambda tx, lp: lorax.optimizer(tx, lp),
     "masked + set_to_zero": lambda tx, lp: optax.chain(
-        optax.masked(tx, lorax.mask(lp)), optax.masked(optax.set_to_zero(), _not(lorax.mask(lp)))),
+        optax.masked(tx, lorax.mask(lp)), optax.masked(optax.set_to_zero(), _not(lorax.mask(lp)))
+    ),
     "multi_transform": lambda tx, lp: optax.multi_transform(
         {"train": tx, "freeze": optax.set_to_zero()},
-        jax.tree.map(lambda m: "train" if m else "freeze", lorax.mask(lp))),
+        jax.tree.map(lambda m: "train" if m else "freeze", lorax.mask(lp)),
+    ),
 }
 
 
@@ -138,8 +140,7 @@ def _masked_steps(params, lp, loss, tx, biases):
 def test_multi_transform_with_mask_labels():
     params, lp, loss = _setup()
     labels = jax.tree.map(lambda m: "train" if m else "freeze", lorax.mask(lp))
-    tx = optax.multi_transform({"train": optax.adam(1e-2), "freeze": optax.set_to_zero()},
-                               labels)
+    tx = optax.multi_transform({"train": optax.adam(1e-2), "freeze": optax.set_to_zero()}, labels)
     state = tx.init(lp)
     grads = jax.jit(jax.grad(loss))(lp)
     updates, state = tx.update(grads, state, lp)
@@ -162,7 +163,8 @@ def test_combine_of_split_is_identity_and_mask_matches():
     t, f = lorax.split(lp)
     back = lorax.combine(t, f)
     assert jax.tree.structure(back, is_leaf=lorax.is_lorax_leaf) == jax.tree.structure(
-        lp, is_leaf=lorax.is_lorax_leaf)
+        lp, is_leaf=lorax.is_lorax_leaf
+    )
     for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(lp)):
         assert x is y
     m = lorax.mask(lp)

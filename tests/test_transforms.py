@@ -15,8 +15,10 @@ KEY = jax.random.key(0)
 def _leaf(shape=(6, 5), rank=2, stack=None):
     w = jax.random.normal(KEY, shape)
     spec = lambda p, l: lorax.LoraSpec(stack_axes=stack)  # noqa: E731
-    return randomize_b(lorax.wrap({"w": w}, rank=rank, alpha=4.0, targets=spec,
-                                  key=jax.random.key(1)), jax.random.key(2))["w"]
+    return randomize_b(
+        lorax.wrap({"w": w}, rank=rank, alpha=4.0, targets=spec, key=jax.random.key(1)),
+        jax.random.key(2),
+    )["w"]
 
 
 def test_jit_grad_vmap_around_lora():
@@ -36,9 +38,11 @@ def test_jit_grad_vmap_around_lora():
 
 
 def test_vmap_over_adapters():
-    ws = jax.vmap(lambda k: randomize_b(lorax.wrap({"w": jax.random.normal(KEY, (6, 5))},
-                                                   rank=2, key=k), k)["w"])(
-        jax.random.split(KEY, 3))
+    ws = jax.vmap(
+        lambda k: randomize_b(lorax.wrap({"w": jax.random.normal(KEY, (6, 5))}, rank=2, key=k), k)[
+            "w"
+        ]
+    )(jax.random.split(KEY, 3))
     x = jax.random.normal(KEY, (4, 6))
     f = lambda w, x: x @ w  # noqa: E731
     got = jax.vmap(lorax.lora(f, strict=True), in_axes=(0, None))(ws, x)
@@ -61,7 +65,8 @@ def test_cond_while_fori_and_scan_with_lazy_weights():
 
     # while_loop is not reverse-differentiable in JAX itself: compare values only.
     g = lambda w, x: jax.lax.while_loop(  # noqa: E731
-        lambda c: c[0] < 2, lambda c: (c[0] + 1, jnp.tanh(c[1] @ w)), (0, x))[1]
+        lambda c: c[0] < 2, lambda c: (c[0] + 1, jnp.tanh(c[1] @ w)), (0, x)
+    )[1]
     assert_tree_close(jax.jit(lorax.lora(g, strict=True))(w, x), g(lorax.merge(w), x))
 
 
@@ -69,9 +74,11 @@ def test_unsupported_primitive_warns_with_path_and_strict_raises():
     lp = {"layer": {"kernel": _leaf()}}
     f = lambda p, x: x @ p["layer"]["kernel"] + jnp.cumsum(p["layer"]["kernel"], 0)[:2]  # noqa
     x = jnp.ones((2, 6))
-    with pytest.warns(lorax.LoraxDensifyWarning,
-                      match=r"'cumsum' at .*test_transforms.py.* LoraWeight at "
-                            r"'layer/kernel'.*\(6, 5\) float32"):
+    with pytest.warns(
+        lorax.LoraxDensifyWarning,
+        match=r"'cumsum' at .*test_transforms.py.* LoraWeight at "
+        r"'layer/kernel'.*\(6, 5\) float32",
+    ):
         got = lorax.lora(f)(lp, x)
     assert_tree_close(got, f(lorax.merge(lp), x))
     with pytest.raises(lorax.LoraxDensifyError, match="'cumsum'.*layer/kernel"):
@@ -89,8 +96,11 @@ def test_register_rule_for_a_new_primitive():
         calls.append(ctx.names)
         return ctx.bind(*[v.materialize() if lorax.is_lorax_leaf(v) else v for v in invals])
 
-    prim = next(p for p in jax.extend.core.primitives.__dict__.values()
-                if getattr(p, "name", None) == "cumsum")
+    prim = next(
+        p
+        for p in jax.extend.core.primitives.__dict__.values()
+        if getattr(p, "name", None) == "cumsum"
+    )
     with lorax.using_rules({prim: rule}):
         got = lorax.lora(f, strict=True)(lp)
     with pytest.raises(lorax.LoraxDensifyError):  # the block's rule is gone after it
@@ -103,8 +113,8 @@ def test_transpose_reshape_and_cast_stay_lazy():
     w = _leaf((6, 4))
 
     def f(w, x):
-        wt = w.T                                   # (4, 6): groups swap
-        w3 = w.reshape(2, 3, 4)                    # in axes split
+        wt = w.T  # (4, 6): groups swap
+        w3 = w.reshape(2, 3, 4)  # in axes split
         return jnp.einsum("bjk,jkl->bl", x.reshape(-1, 2, 3), w3) + x @ wt.T
 
     x = jax.random.normal(KEY, (3, 6))
@@ -149,8 +159,7 @@ def test_mutable_collections_and_rngs():
     variables = jax.jit(model.init, static_argnums=2)(KEY, x, False)
     lp = randomize_b(lorax.wrap(variables, rank=2, targets=["fc"]), jax.random.key(3))
     rngs = {"dropout": jax.random.key(7)}
-    got, upd = lorax.lora(model.apply, strict=True)(lp, x, True, rngs=rngs,
-                                                    mutable=["batch_stats"])
+    got, upd = lorax.lora(model.apply, strict=True)(lp, x, True, rngs=rngs, mutable=["batch_stats"])
     want, upd_ref = model.apply(lorax.merge(lp), x, True, rngs=rngs, mutable=["batch_stats"])
     assert_tree_close(got, want)
     assert_tree_close(upd, upd_ref)

@@ -34,8 +34,12 @@ def test_bitfit_and_lora_train_only_what_they_should():
     assert any("bias" in n for n in names) and any(".a" in n for n in names)
     assert not any("head']['kernel" in n for n in names)
     apply = lorax.lora(model.apply)  # Unfrozen leaves cause no densify warning (conftest)
-    new, values = fit(lambda t: ((apply({"params": t}, x) - y) ** 2).mean(), tree, 50,
-                      tx=lorax.optimizer(optax.adam(3e-2), tree))
+    new, values = fit(
+        lambda t: ((apply({"params": t}, x) - y) ** 2).mean(),
+        tree,
+        50,
+        tx=lorax.optimizer(optax.adam(3e-2), tree),
+    )
     assert values[-1] < 0.8 * values[0]
     np.testing.assert_array_equal(new["head"]["kernel"], params["head"]["kernel"])
     np.testing.assert_array_equal(new["body"]["kernel"].base, params["body"]["kernel"])
@@ -43,8 +47,9 @@ def test_bitfit_and_lora_train_only_what_they_should():
     # the merged tree is plain arrays with the trained biases
     merged = lorax.merge(new)
     np.testing.assert_array_equal(merged["head"]["bias"], new["head"]["bias"].value)
-    np.testing.assert_allclose(apply({"params": new}, x),
-                               model.apply({"params": merged}, x), atol=1e-5)
+    np.testing.assert_allclose(
+        apply({"params": new}, x), model.apply({"params": merged}, x), atol=1e-5
+    )
 
 
 def test_modules_to_save_round_trip(tmp_path):

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lorax import tree
 from lorax.errors import (
     CheckpointError,
     LoraxFileNotFoundError,
@@ -37,7 +38,6 @@ from lorax.errors import (
     NonFiniteError,
 )
 from lorax.leaf import LEAF_KINDS, is_lorax_leaf, leaf_kind
-from lorax import tree
 from lorax.paths import path_str
 
 # Version 2 records leaf kinds by their registered names ("lora"); version 1 recorded class
@@ -53,28 +53,41 @@ def adapter_state(tree: Any) -> tuple[dict[str, jax.Array], dict[str, Any]]:
             continue  # dense or quantized base weights are not written
         path = path_str(key_path)
         if any(getattr(leaf, name) is None for name in leaf.frozen_fields):
-            raise LoraxValueError(f"lorax.save: '{path}' has no base (the trainable half of "
-                                  "lorax.split?); save the combined tree "
-                                  "(lorax.combine(trainable, frozen))")
+            raise LoraxValueError(
+                f"lorax.save: '{path}' has no base (the trainable half of "
+                "lorax.split?); save the combined tree "
+                "(lorax.combine(trainable, frozen))"
+            )
         frozen = list(leaf.frozen_fields)
         if frozen not in (["base"], []):
-            raise LoraxValueError(f"lorax.save: '{path}' ({leaf.kind}) has frozen fields "
-                                  f"{frozen}; a checkpoint can rebuild leaves whose only frozen "
-                                  "field is 'base'")
+            raise LoraxValueError(
+                f"lorax.save: '{path}' ({leaf.kind}) has frozen fields "
+                f"{frozen}; a checkpoint can rebuild leaves whose only frozen "
+                "field is 'base'"
+            )
         static = {name: getattr(leaf, name) for name in leaf.static_fields}
-        entry = {"kind": leaf.kind, "static": static, "has_base": bool(frozen),
-                 "base_shape": list(leaf.shape), "fields": {}}
+        entry = {
+            "kind": leaf.kind,
+            "static": static,
+            "has_base": bool(frozen),
+            "base_shape": list(leaf.shape),
+            "fields": {},
+        }
         for name in leaf.trainable_fields:
             value = getattr(leaf, name)
             if value is None:
-                raise LoraxValueError(f"lorax.save: '{path}' has no '{name}'; save the combined "
-                                      "tree (lorax.combine(trainable, frozen)), not one half")
+                raise LoraxValueError(
+                    f"lorax.save: '{path}' has no '{name}'; save the combined "
+                    "tree (lorax.combine(trainable, frozen)), not one half"
+                )
             arrays[f"{path}/{name}"] = value
             entry["fields"][name] = {"shape": list(value.shape), "dtype": str(value.dtype)}
         leaves[path] = entry
     if not leaves:
-        raise LoraxValueError("lorax.save: the tree has no adapter leaves (nothing trainable to "
-                              "save); wrap it with lorax.wrap first")
+        raise LoraxValueError(
+            "lorax.save: the tree has no adapter leaves (nothing trainable to "
+            "save); wrap it with lorax.wrap first"
+        )
     metadata = {"format": FORMAT, "version": VERSION, "leaves": leaves}
     if all(getattr(x, "is_fully_addressable", True) for x in arrays.values()):
         metadata["digest"] = digest(leaves, arrays)
@@ -92,8 +105,15 @@ def digest(leaves: dict[str, Any], arrays: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-def save(target: str | os.PathLike | ocp.CheckpointManager, tree: Any, /, *,
-         step: int | None = None, force: bool = False, check_finite: bool = True) -> None:
+def save(
+    target: str | os.PathLike | ocp.CheckpointManager,
+    tree: Any,
+    /,
+    *,
+    step: int | None = None,
+    force: bool = False,
+    check_finite: bool = True,
+) -> None:
     """Saves the adapter of ``tree`` (never its base weights).
 
     A save never loses the checkpoint it replaces: the new one is written completely beside
@@ -128,21 +148,26 @@ def save(target: str | os.PathLike | ocp.CheckpointManager, tree: Any, /, *,
     arrays, metadata = adapter_state(tree)
     if check_finite:
         _check_finite(arrays)
-    args = ocp.args.Composite(adapter=ocp.args.StandardSave(arrays),
-                              lorax=ocp.args.JsonSave(metadata))
+    args = ocp.args.Composite(
+        adapter=ocp.args.StandardSave(arrays), lorax=ocp.args.JsonSave(metadata)
+    )
     if isinstance(target, ocp.CheckpointManager):
         _check_manager(target, "save")
         if step is None:
             raise LoraxValueError("lorax.save: a CheckpointManager needs step=")
         if force:
-            raise LoraxValueError("lorax.save: force=True is for plain paths; to replace a "
-                                  "step of a CheckpointManager, delete it first "
-                                  "(manager.delete(step))")
+            raise LoraxValueError(
+                "lorax.save: force=True is for plain paths; to replace a "
+                "step of a CheckpointManager, delete it first "
+                "(manager.delete(step))"
+            )
         if step in target.all_steps():
-            raise CheckpointError(f"lorax.save: step {step} already exists in "
-                                  f"'{target.directory}'; the manager would keep the old one "
-                                  "and drop this save. Save another step, or delete it first "
-                                  "(manager.delete(step)).")
+            raise CheckpointError(
+                f"lorax.save: step {step} already exists in "
+                f"'{target.directory}'; the manager would keep the old one "
+                "and drop this save. Save another step, or delete it first "
+                "(manager.delete(step))."
+            )
         target.save(step, args=args)
         return
     _save_to_path(Path(target).absolute(), args, force)
@@ -151,8 +176,10 @@ def save(target: str | os.PathLike | ocp.CheckpointManager, tree: Any, /, *,
 def _check_finite(arrays: dict[str, jax.Array]) -> None:
     for name, value in arrays.items():
         if jnp.issubdtype(value.dtype, jnp.inexact) and not bool(jnp.isfinite(value).all()):
-            raise NonFiniteError(f"lorax.save: '{name}' holds inf or NaN; nothing was written "
-                                 "(pass check_finite=False to save it anyway)")
+            raise NonFiniteError(
+                f"lorax.save: '{name}' holds inf or NaN; nothing was written "
+                "(pass check_finite=False to save it anyway)"
+            )
 
 
 def _check_manager(manager: ocp.CheckpointManager, verb: str) -> None:
@@ -161,7 +188,8 @@ def _check_manager(manager: ocp.CheckpointManager, verb: str) -> None:
         raise CheckpointError(
             f"lorax.{verb}: the CheckpointManager's directory '{manager.directory}' is "
             "relative; orbax needs an absolute one: "
-            f"CheckpointManager(os.path.abspath('{manager.directory}'), ...)")
+            f"CheckpointManager(os.path.abspath('{manager.directory}'), ...)"
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -183,13 +211,16 @@ def _save_to_path(path: Path, args: Any, force: bool) -> None:
     if path.exists() or path.is_symlink():
         if not (path.is_dir() and not any(path.iterdir())):  # an empty directory: no loss
             if not force:
-                raise CheckpointError(f"lorax.save: '{path}' already exists; pass force=True "
-                                      "to replace the lorax checkpoint there")
+                raise CheckpointError(
+                    f"lorax.save: '{path}' already exists; pass force=True "
+                    "to replace the lorax checkpoint there"
+                )
             if not is_checkpoint(path):
                 raise CheckpointError(
                     f"lorax.save: refusing to replace '{path}': it is "
                     f"{'a file' if not path.is_dir() else 'a directory'} that is not a lorax "
-                    "checkpoint (force=True replaces lorax checkpoints only)")
+                    "checkpoint (force=True replaces lorax checkpoints only)"
+                )
     path.parent.mkdir(parents=True, exist_ok=True)
     new = path.with_name(f"{path.name}.lorax-new-{time.time_ns()}")
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
@@ -220,9 +251,7 @@ def _exchange(a: Path, b: Path) -> bool:
     if _renameat2 is None:
         return False
     at_fdcwd, rename_exchange = -100, 2
-    if _renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    return False
+    return _renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def _find_renameat2() -> Any:
@@ -248,7 +277,7 @@ def _siblings(path: Path) -> list[tuple[bool, int, Path]]:
         return []
     found = []
     for p in path.parent.iterdir():
-        m = _SIBLING.fullmatch(p.name[len(path.name):]) if p.name.startswith(path.name) else None
+        m = _SIBLING.fullmatch(p.name[len(path.name) :]) if p.name.startswith(path.name) else None
         if m:
             found.append((m.group(1) == "new", int(m.group(2)), p))
     return sorted(found, reverse=True)
@@ -284,12 +313,16 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
         metadata = json.loads((path / "lorax" / "metadata").read_text())
     except (OSError, ValueError):
         return False
-    return (isinstance(metadata, dict) and metadata.get("format") == FORMAT
-            and (path / "adapter").is_dir())
+    return (
+        isinstance(metadata, dict)
+        and metadata.get("format") == FORMAT
+        and (path / "adapter").is_dir()
+    )
 
 
-def load(source: str | os.PathLike | ocp.CheckpointManager, base: Any, /, *,
-         step: int | None = None) -> Any:
+def load(
+    source: str | os.PathLike | ocp.CheckpointManager, base: Any, /, *, step: int | None = None
+) -> Any:
     """Rebuilds the wrapped tree: the saved adapter on ``base``.
 
     Args:
@@ -313,8 +346,10 @@ def load(source: str | os.PathLike | ocp.CheckpointManager, base: Any, /, *,
         _check_manager(manager, "load")
         step = manager.latest_step() if step is None else step
         if step is None or step not in manager.all_steps():
-            raise LoraxFileNotFoundError(f"lorax.load: no checkpoint for step {step} in "
-                                         f"{manager.directory} (steps: {manager.all_steps()})")
+            raise LoraxFileNotFoundError(
+                f"lorax.load: no checkpoint for step {step} in "
+                f"{manager.directory} (steps: {manager.all_steps()})"
+            )
         where = f"{manager.directory} step {step}"
         restore = lambda args: manager.restore(step, args=args)  # noqa: E731
     else:
@@ -332,58 +367,80 @@ def load(source: str | os.PathLike | ocp.CheckpointManager, base: Any, /, *,
     try:
         metadata = restore(ocp.args.Composite(lorax=ocp.args.JsonRestore()))["lorax"]
     except Exception as e:
-        raise LoraxValueError(f"lorax.load: '{where}' is not a lorax adapter checkpoint (no "
-                              f"readable 'lorax' metadata): {type(e).__name__}: {e}") from e
+        raise LoraxValueError(
+            f"lorax.load: '{where}' is not a lorax adapter checkpoint (no "
+            f"readable 'lorax' metadata): {type(e).__name__}: {e}"
+        ) from e
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         raise LoraxValueError(f"lorax.load: '{where}' holds metadata of another format")
     if metadata.get("version", 0) > VERSION:
-        raise LoraxValueError(f"lorax.load: '{where}' was written by a newer lorax (format "
-                              f"version {metadata['version']} > {VERSION})")
+        raise LoraxValueError(
+            f"lorax.load: '{where}' was written by a newer lorax (format "
+            f"version {metadata['version']} > {VERSION})"
+        )
     entries = _checked_entries(metadata.get("leaves"), where)
-    abstract = {f"{path}/{name}": jax.ShapeDtypeStruct(tuple(f["shape"]), np.dtype(f["dtype"]))
-                for path, entry in entries.items() for name, f in entry["fields"].items()}
+    abstract = {
+        f"{path}/{name}": jax.ShapeDtypeStruct(tuple(f["shape"]), np.dtype(f["dtype"]))
+        for path, entry in entries.items()
+        for name, f in entry["fields"].items()
+    }
     try:
         arrays = restore(ocp.args.Composite(adapter=ocp.args.StandardRestore(abstract)))
         arrays = dict(arrays["adapter"])
     except Exception as e:
-        raise CheckpointError(f"lorax.load: the adapter arrays in '{where}' cannot be read "
-                              f"(corrupt or incomplete checkpoint): {type(e).__name__}: {e}"
-                              ) from e
+        raise CheckpointError(
+            f"lorax.load: the adapter arrays in '{where}' cannot be read "
+            f"(corrupt or incomplete checkpoint): {type(e).__name__}: {e}"
+        ) from e
     if set(arrays) != set(abstract) or any(
-            tuple(arrays[k].shape) != a.shape or arrays[k].dtype != a.dtype
-            for k, a in abstract.items()):
-        raise CheckpointError(f"lorax.load: the adapter arrays in '{where}' are not those its "
-                              "metadata lists (corrupt or edited checkpoint)")
+        tuple(arrays[k].shape) != a.shape or arrays[k].dtype != a.dtype for k, a in abstract.items()
+    ):
+        raise CheckpointError(
+            f"lorax.load: the adapter arrays in '{where}' are not those its "
+            "metadata lists (corrupt or edited checkpoint)"
+        )
     if "digest" in metadata and metadata["digest"] != digest(entries, arrays):
-        raise CheckpointError(f"lorax.load: '{where}' does not match the digest written with "
-                              "it: its metadata or arrays were edited or corrupted after the "
-                              "save")
+        raise CheckpointError(
+            f"lorax.load: '{where}' does not match the digest written with "
+            "it: its metadata or arrays were edited or corrupted after the "
+            "save"
+        )
     return attach(base, entries, arrays, where)
 
 
 def _checked_entries(entries: Any, where: str) -> dict[str, Any]:
     """The metadata's leaf entries, each checked for what rebuilding a leaf relies on."""
+
     def bad(path: str, what: str) -> CheckpointError:
-        return CheckpointError(f"lorax.load: the metadata of '{where}' for '{path}' {what} "
-                               "(corrupt or edited checkpoint)")
+        return CheckpointError(
+            f"lorax.load: the metadata of '{where}' for '{path}' {what} "
+            "(corrupt or edited checkpoint)"
+        )
 
     if not isinstance(entries, dict) or not entries:
         raise CheckpointError(f"lorax.load: the metadata of '{where}' lists no adapter leaves")
     for path, entry in entries.items():
-        if not isinstance(entry, dict) or not {"kind", "static", "base_shape",
-                                               "fields"} <= set(entry):
+        if not isinstance(entry, dict) or not {"kind", "static", "base_shape", "fields"} <= set(
+            entry
+        ):
             raise bad(path, "lacks kind / static / base_shape / fields")
         try:
             cls = leaf_kind(entry["kind"])
         except LoraxKeyError:
             known = sorted({c.kind for c in LEAF_KINDS.values()})
-            raise bad(path, f"names the leaf kind {entry['kind']!r}, which this lorax does "
-                            f"not know (known: {known})") from None
+            raise bad(
+                path,
+                f"names the leaf kind {entry['kind']!r}, which this lorax does "
+                f"not know (known: {known})",
+            ) from None
         fields, static = entry["fields"], entry["static"]
         if not isinstance(fields, dict) or set(fields) != set(cls.trainable_fields):
             listed = sorted(fields) if isinstance(fields, dict) else fields
-            raise bad(path, f"lists the fields {listed!r}; a {cls.__name__} trains "
-                            f"{sorted(cls.trainable_fields)}")
+            raise bad(
+                path,
+                f"lists the fields {listed!r}; a {cls.__name__} trains "
+                f"{sorted(cls.trainable_fields)}",
+            )
         for name, f in fields.items():
             shape, dtype = (f.get("shape"), f.get("dtype")) if isinstance(f, dict) else (0, 0)
             if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
@@ -396,20 +453,24 @@ def _checked_entries(entries: Any, where: str) -> dict[str, Any]:
                 raise bad(path, f"gives '{name}' the dtype {dtype!r}; adapters are floating")
         statics = {f.name: f for f in dataclasses.fields(cls) if f.name in cls.static_fields}
         if not isinstance(static, dict) or not set(static) <= set(statics):
-            raise bad(path, f"has static fields {static!r}; a {cls.__name__} has "
-                            f"{sorted(statics)}")
+            raise bad(path, f"has static fields {static!r}; a {cls.__name__} has {sorted(statics)}")
         for name, value in static.items():
             default = statics[name].default
             if isinstance(default, float) and not (
-                    type(value) in (int, float) and math.isfinite(value)):
+                type(value) in (int, float) and math.isfinite(value)
+            ):
                 raise bad(path, f"gives {name} the value {value!r}; a finite number is needed")
             if isinstance(default, (str, bool)) and type(value) is not type(default):
-                raise bad(path, f"gives {name} the value {value!r}; a "
-                                f"{type(default).__name__} is needed")
+                raise bad(
+                    path, f"gives {name} the value {value!r}; a {type(default).__name__} is needed"
+                )
         if static.get("scale", 1.0) == 0 or not 0 <= static.get("dropout", 0.0) < 1:
-            raise bad(path, f"has scale {static.get('scale')!r} / dropout "
-                            f"{static.get('dropout')!r}; a nonzero scale and a dropout in "
-                            "[0, 1) are needed")
+            raise bad(
+                path,
+                f"has scale {static.get('scale')!r} / dropout "
+                f"{static.get('dropout')!r}; a nonzero scale and a dropout in "
+                "[0, 1) are needed",
+            )
         shape = entry["base_shape"]
         if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
             raise bad(path, f"gives the base the shape {shape!r}")
@@ -424,22 +485,28 @@ def attach(base: Any, entries: dict[str, Any], arrays: dict[str, Any], where: st
         if entry is None:
             return None
         if tuple(leaf.shape) != tuple(entry["base_shape"]):
-            raise LoraxValueError(f"lorax.load: the adapter for '{path}' was trained on a base of "
-                                  f"shape {tuple(entry['base_shape'])}; this base has "
-                                  f"{tuple(leaf.shape)} there")
+            raise LoraxValueError(
+                f"lorax.load: the adapter for '{path}' was trained on a base of "
+                f"shape {tuple(entry['base_shape'])}; this base has "
+                f"{tuple(leaf.shape)} there"
+            )
         cls = leaf_kind(entry["kind"])
         trained = {name: arrays[f"{path}/{name}"] for name in entry["fields"]}
         if not entry.get("has_base", True):  # a fully trained weight replaces the base's
             return cls(**trained, **entry["static"])
         if not jnp.issubdtype(leaf.dtype, jnp.floating):
-            raise LoraxValueError(f"lorax.load: the base at '{path}' is {jnp.dtype(leaf.dtype)}"
-                                  "; an adapter goes on a floating weight (or an NF4 / int8 "
-                                  "leaf from lorax.quantize)")
+            raise LoraxValueError(
+                f"lorax.load: the base at '{path}' is {jnp.dtype(leaf.dtype)}"
+                "; an adapter goes on a floating weight (or an NF4 / int8 "
+                "leaf from lorax.quantize)"
+            )
         return cls(base=leaf, **trained, **entry["static"])
 
     out, found = tree.attach(base, rebuild, what=f"lorax.load ({where})", error=CheckpointError)
     missing = sorted(set(entries) - found)
     if missing:
-        raise LoraxValueError(f"lorax.load: the checkpoint '{where}' has adapters for {missing[:5]}"
-                              f"{' ...' if len(missing) > 5 else ''}, which the base does not have")
+        raise LoraxValueError(
+            f"lorax.load: the checkpoint '{where}' has adapters for {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, which the base does not have"
+        )
     return out

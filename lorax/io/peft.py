@@ -99,15 +99,21 @@ class PeftModuleMap:
     def __post_init__(self):
         where = "lorax.io.peft.PeftModuleMap"
         if not isinstance(self.modules, Mapping):
-            raise LoraxTypeError(f"{where}: modules must be a mapping {{flax_kernel_path: "
-                                 f"module name or [(module name, layer), ...]}}; got "
-                                 f"{type(self.modules).__name__}")
+            raise LoraxTypeError(
+                f"{where}: modules must be a mapping {{flax_kernel_path: "
+                f"module name or [(module name, layer), ...]}}; got "
+                f"{type(self.modules).__name__}"
+            )
         if not isinstance(self.fan_in_fan_out, bool):
-            raise LoraxTypeError(f"{where}: fan_in_fan_out must be True or False; got "
-                                 f"{type(self.fan_in_fan_out).__name__} {self.fan_in_fan_out!r}")
+            raise LoraxTypeError(
+                f"{where}: fan_in_fan_out must be True or False; got "
+                f"{type(self.fan_in_fan_out).__name__} {self.fan_in_fan_out!r}"
+            )
         if self.task_type is not None and not isinstance(self.task_type, str):
-            raise LoraxTypeError(f"{where}: task_type must be a string or None; got "
-                                 f"{type(self.task_type).__name__} {self.task_type!r}")
+            raise LoraxTypeError(
+                f"{where}: task_type must be a string or None; got "
+                f"{type(self.task_type).__name__} {self.task_type!r}"
+            )
         modules = {path: _entries(where, path, value) for path, value in self.modules.items()}
         object.__setattr__(self, "modules", types.MappingProxyType(modules))
 
@@ -115,36 +121,50 @@ class PeftModuleMap:
 def _entries(where: str, path: Any, value: Any) -> tuple[tuple[str, int | None], ...]:
     """One value of :attr:`PeftModuleMap.modules`, checked and normalized."""
     if not isinstance(path, str) or not path:
-        raise LoraxTypeError(f"{where}: a key of modules is {type(path).__name__} {path!r}; "
-                             "keys are '/'-joined Flax kernel paths such as 'dense/kernel'")
+        raise LoraxTypeError(
+            f"{where}: a key of modules is {type(path).__name__} {path!r}; "
+            "keys are '/'-joined Flax kernel paths such as 'dense/kernel'"
+        )
     if isinstance(value, str):
         value = [(value, None)]
     if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not value:
-        raise LoraxValueError(f"{where}: modules['{path}'] must be a module name or a non-empty "
-                              f"list [(module name, layer), ...]; got {value!r}")
+        raise LoraxValueError(
+            f"{where}: modules['{path}'] must be a module name or a non-empty "
+            f"list [(module name, layer), ...]; got {value!r}"
+        )
     out = []
     for entry in value:
         if not (isinstance(entry, (list, tuple)) and len(entry) == 2):
-            raise LoraxTypeError(f"{where}: modules['{path}'] holds {entry!r}; each entry is a "
-                                 "pair (module name, layer index or None)")
+            raise LoraxTypeError(
+                f"{where}: modules['{path}'] holds {entry!r}; each entry is a "
+                "pair (module name, layer index or None)"
+            )
         name, layer = entry
         if not isinstance(name, str) or not name:
-            raise LoraxTypeError(f"{where}: modules['{path}'] names module {name!r}; module "
-                                 "names are non-empty strings such as 'model.layers.0.q_proj'")
+            raise LoraxTypeError(
+                f"{where}: modules['{path}'] names module {name!r}; module "
+                "names are non-empty strings such as 'model.layers.0.q_proj'"
+            )
         if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
-            raise LoraxTypeError(f"{where}: modules['{path}'] gives '{name}' layer "
-                                 f"{type(layer).__name__} {layer!r}; a layer is an int or None")
+            raise LoraxTypeError(
+                f"{where}: modules['{path}'] gives '{name}' layer "
+                f"{type(layer).__name__} {layer!r}; a layer is an int or None"
+            )
         out.append((name, layer))
     layers = [layer for _, layer in out]
     if None in layers:
         if len(out) > 1:
-            raise LoraxValueError(f"{where}: modules['{path}'] has {len(out)} entries, one "
-                                  "without a layer index; an unstacked kernel is one module, "
-                                  "a stacked one lists (name, layer) for each layer")
+            raise LoraxValueError(
+                f"{where}: modules['{path}'] has {len(out)} entries, one "
+                "without a layer index; an unstacked kernel is one module, "
+                "a stacked one lists (name, layer) for each layer"
+            )
         return tuple(out)
     if sorted(layers) != list(range(len(layers))):
-        raise LoraxValueError(f"{where}: modules['{path}'] gives layers {layers}; a stacked "
-                              f"kernel lists each layer 0 .. n-1 once")
+        raise LoraxValueError(
+            f"{where}: modules['{path}'] gives layers {layers}; a stacked "
+            f"kernel lists each layer 0 .. n-1 once"
+        )
     return tuple(sorted(out, key=lambda e: e[1]))
 
 
@@ -204,24 +224,30 @@ def register_peft_family(name: str, family: FamilyLike) -> None:
     """
     where = "lorax.io.peft.register_peft_family"
     if not isinstance(name, str) or not name:
-        raise LoraxTypeError(f"{where}: name must be a non-empty string; got "
-                             f"{type(name).__name__} {name!r}")
+        raise LoraxTypeError(
+            f"{where}: name must be a non-empty string; got {type(name).__name__} {name!r}"
+        )
     if not (isinstance(family, PeftFamily) or callable(family)):
-        raise LoraxTypeError(f"{where}: family for {name!r} must have a method "
-                             "peft_modules(params) or be a function params -> PeftModuleMap; "
-                             f"got {type(family).__name__} {family!r}")
+        raise LoraxTypeError(
+            f"{where}: family for {name!r} must have a method "
+            "peft_modules(params) or be a function params -> PeftModuleMap; "
+            f"got {type(family).__name__} {family!r}"
+        )
     _FAMILIES[name] = family
 
 
 def _model_help() -> str:
-    return (f"registered names: {sorted(_FAMILIES)} (`import lorax.models` registers 'gpt2' "
-            "and 'llama'; lorax.io.peft.register_peft_family adds one); or pass a model with a "
-            "peft_modules(params) method, a lorax.io.peft.PeftModuleMap, or a mapping "
-            "{flax_path: module_name}")
+    return (
+        f"registered names: {sorted(_FAMILIES)} (`import lorax.models` registers 'gpt2' "
+        "and 'llama'; lorax.io.peft.register_peft_family adds one); or pass a model with a "
+        "peft_modules(params) method, a lorax.io.peft.PeftModuleMap, or a mapping "
+        "{flax_path: module_name}"
+    )
 
 
-def peft_module_map(params: Any, model: Any,
-                    where: str = "lorax.io.peft.peft_module_map") -> PeftModuleMap:
+def peft_module_map(
+    params: Any, model: Any, where: str = "lorax.io.peft.peft_module_map"
+) -> PeftModuleMap:
     """The :class:`PeftModuleMap` that ``model`` gives for ``params``.
 
     Args:
@@ -248,20 +274,24 @@ def peft_module_map(params: Any, model: Any,
         return model
     if isinstance(model, str):
         if model not in _FAMILIES:
-            raise LoraxValueError(f"{where}: no model family {model!r} is registered; "
-                                  f"{_model_help()}")
+            raise LoraxValueError(
+                f"{where}: no model family {model!r} is registered; {_model_help()}"
+            )
         family, what = _FAMILIES[model], f"family {model!r}"
     elif isinstance(model, Mapping):
         return PeftModuleMap(modules=model)
     elif isinstance(model, PeftFamily):
         family, what = model, f"{type(model).__name__}.peft_modules"
     else:
-        raise LoraxTypeError(f"{where}: model must name a family or map modules; got "
-                             f"{type(model).__name__} {model!r}; {_model_help()}")
+        raise LoraxTypeError(
+            f"{where}: model must name a family or map modules; got "
+            f"{type(model).__name__} {model!r}; {_model_help()}"
+        )
     out = family.peft_modules(params) if isinstance(family, PeftFamily) else family(params)
     if not isinstance(out, PeftModuleMap):
-        raise LoraxTypeError(f"{where}: {what} returned {type(out).__name__}, not a "
-                             "lorax.io.peft.PeftModuleMap")
+        raise LoraxTypeError(
+            f"{where}: {what} returned {type(out).__name__}, not a lorax.io.peft.PeftModuleMap"
+        )
     return out
 
 
@@ -274,12 +304,17 @@ def module_map(params: Any, model: Any) -> dict[str, list[tuple[str, int | None]
       >>> module_map({}, {"dense/kernel": "dense"})
       {'dense/kernel': [('dense', None)]}
     """
-    return {path: list(entries)
-            for path, entries in peft_module_map(params, model).modules.items()}
+    return {path: list(entries) for path, entries in peft_module_map(params, model).modules.items()}
 
 
-def export_peft(directory: str | os.PathLike, tree: Any, /, *, model: Any = "gpt2",
-                base_model_name: str | None = None) -> Path:
+def export_peft(
+    directory: str | os.PathLike,
+    tree: Any,
+    /,
+    *,
+    model: Any = "gpt2",
+    base_model_name: str | None = None,
+) -> Path:
     """Writes the LoRA leaves of ``tree`` as a Hugging Face PEFT adapter directory.
 
     Args:
@@ -319,24 +354,32 @@ def export_peft(directory: str | os.PathLike, tree: Any, /, *, model: Any = "gpt
             continue
         path = path_str(key_path)
         if type(leaf) not in (LoraWeight, DoraWeight):
-            raise LoraxValueError(f"lorax.export_peft: '{path}' is a {type(leaf).__name__}; only "
-                                  "LoRA and DoRA leaves are exported")
+            raise LoraxValueError(
+                f"lorax.export_peft: '{path}' is a {type(leaf).__name__}; only "
+                "LoRA and DoRA leaves are exported"
+            )
         kinds.add(type(leaf))
         dropouts.add(leaf.dropout)
         if path not in names:
-            raise LoraxValueError(f"lorax.export_peft: no Hugging Face module is known for "
-                                  f"'{path}'; pass ... matching the tree, or a mapping")
+            raise LoraxValueError(
+                f"lorax.export_peft: no Hugging Face module is known for "
+                f"'{path}'; pass ... matching the tree, or a mapping"
+            )
         a, b = np.asarray(jax.device_get(leaf.a)), np.asarray(jax.device_get(leaf.b))
         stacked = names[path][0][1] is not None
         if stacked and (a.ndim < 3 or a.shape[0] != len(names[path])):
-            raise LoraxValueError(f"lorax.export_peft: the module map lists {len(names[path])} "
-                                  f"stacked layers for '{path}', whose factors have shape "
-                                  f"{a.shape} / {b.shape}")
+            raise LoraxValueError(
+                f"lorax.export_peft: the module map lists {len(names[path])} "
+                f"stacked layers for '{path}', whose factors have shape "
+                f"{a.shape} / {b.shape}"
+            )
         for name, layer in names[path]:
             la, lb = (a, b) if layer is None else (a[layer], b[layer])
             if la.ndim != 2 or lb.ndim != 2:
-                raise LoraxValueError(f"lorax.export_peft: '{path}' has factors {la.shape} / "
-                                      f"{lb.shape} per layer; PEFT stores 2-D Linear factors")
+                raise LoraxValueError(
+                    f"lorax.export_peft: '{path}' has factors {la.shape} / "
+                    f"{lb.shape} per layer; PEFT stores 2-D Linear factors"
+                )
             tensors[f"{PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(la.T)
             tensors[f"{PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(lb.T)
             if isinstance(leaf, DoraWeight):
@@ -347,20 +390,30 @@ def export_peft(directory: str | os.PathLike, tree: Any, /, *, model: Any = "gpt
     if not tensors:
         raise LoraxValueError("lorax.export_peft: the tree has no LoRA leaves")
     if len(kinds) > 1:
-        raise LoraxValueError("lorax.export_peft: PEFT's use_dora applies to every module; the "
-                              "tree mixes LoRA and DoRA leaves")
+        raise LoraxValueError(
+            "lorax.export_peft: PEFT's use_dora applies to every module; the "
+            "tree mixes LoRA and DoRA leaves"
+        )
     r = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank
     alpha = max(set(alphas.values()), key=list(alphas.values()).count)
     config = {
-        "peft_type": "LORA", "task_type": modules.task_type, "r": r, "lora_alpha": alpha,
-        "target_modules": sorted(ranks), "lora_dropout": max(dropouts), "bias": "none",
+        "peft_type": "LORA",
+        "task_type": modules.task_type,
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": sorted(ranks),
+        "lora_dropout": max(dropouts),
+        "bias": "none",
         "fan_in_fan_out": modules.fan_in_fan_out,
         "use_rslora": False,  # lora_alpha = scale * r reproduces any scaling
         "use_dora": DoraWeight in kinds,
         "rank_pattern": {n: v for n, v in ranks.items() if v != r},
         "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
-        "base_model_name_or_path": base_model_name, "init_lora_weights": True,
-        "modules_to_save": None, "inference_mode": True, "peft_version": "0.13.0",
+        "base_model_name_or_path": base_model_name,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "inference_mode": True,
+        "peft_version": "0.13.0",
     }
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -382,49 +435,62 @@ def _read_config(file: Path) -> dict[str, Any]:
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"lorax.import_peft: '{file}' is not valid JSON ({e}); it is "
-                              "truncated or corrupt: save or download it again") from e
+        raise CheckpointError(
+            f"lorax.import_peft: '{file}' is not valid JSON ({e}); it is "
+            "truncated or corrupt: save or download it again"
+        ) from e
     if not isinstance(config, dict):
-        raise CheckpointError(f"lorax.import_peft: '{file}' holds a JSON "
-                              f"{type(config).__name__}, not an object of LoRA options")
+        raise CheckpointError(
+            f"lorax.import_peft: '{file}' holds a JSON "
+            f"{type(config).__name__}, not an object of LoRA options"
+        )
     return config
 
 
 def _check_config(config: Mapping[str, Any], file: Path) -> None:
     """Refuses ranks, alphas and dropouts that would make the scale (alpha / r) or the
     dropout silently wrong."""
+
     def number(key: str, value: Any, what: str) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise LoraxTypeError(f"lorax.import_peft: '{file}': {key} must be {what}; got "
-                                 f"{type(value).__name__} {value!r}")
+            raise LoraxTypeError(
+                f"lorax.import_peft: '{file}': {key} must be {what}; got "
+                f"{type(value).__name__} {value!r}"
+            )
 
     ranks = [("r", config.get("r", 8))]
     alphas = [("lora_alpha", config.get("lora_alpha", 8))]
     for key, out in (("rank_pattern", ranks), ("alpha_pattern", alphas)):
         pattern = config.get(key) or {}
         if not isinstance(pattern, dict):
-            raise LoraxTypeError(f"lorax.import_peft: '{file}': {key} must be an object "
-                                 f"{{module name: value}}; got {pattern!r}")
+            raise LoraxTypeError(
+                f"lorax.import_peft: '{file}': {key} must be an object "
+                f"{{module name: value}}; got {pattern!r}"
+            )
         out += [(f"{key}[{k!r}]", v) for k, v in pattern.items()]
     for key, r in ranks:
         number(key, r, "a positive int")
         if not (isinstance(r, int) and r > 0):
-            raise LoraxValueError(f"lorax.import_peft: '{file}': {key} must be a positive int; "
-                                  f"got {r!r}")
+            raise LoraxValueError(
+                f"lorax.import_peft: '{file}': {key} must be a positive int; got {r!r}"
+            )
     for key, alpha in alphas:
         number(key, alpha, "a finite number")
         if not math.isfinite(alpha):
-            raise LoraxValueError(f"lorax.import_peft: '{file}': {key} must be a finite number; "
-                                  f"got {alpha!r}")
+            raise LoraxValueError(
+                f"lorax.import_peft: '{file}': {key} must be a finite number; got {alpha!r}"
+            )
     dropout = config.get("lora_dropout") or 0.0
     number("lora_dropout", dropout, "a number in [0, 1)")
     if not 0.0 <= dropout < 1.0:
-        raise LoraxValueError(f"lorax.import_peft: '{file}': lora_dropout must be in [0, 1); got "
-                              f"{dropout!r}")
+        raise LoraxValueError(
+            f"lorax.import_peft: '{file}': lora_dropout must be in [0, 1); got {dropout!r}"
+        )
     for flag in ("use_rslora", "use_dora"):
         if not isinstance(config.get(flag) or False, bool):
-            raise LoraxTypeError(f"lorax.import_peft: '{file}': {flag} must be true or false; "
-                                 f"got {config[flag]!r}")
+            raise LoraxTypeError(
+                f"lorax.import_peft: '{file}': {flag} must be true or false; got {config[flag]!r}"
+            )
 
 
 def _read_tensors(file: Path) -> dict[str, np.ndarray]:
@@ -433,22 +499,26 @@ def _read_tensors(file: Path) -> dict[str, np.ndarray]:
         with safe_open(file, framework="numpy") as f:
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except Exception as e:  # SafetensorError (not exported): the file does not parse
-        raise CheckpointError(f"lorax.import_peft: '{file}' is not a readable safetensors file "
-                              f"({type(e).__name__}: {e}); it is truncated or corrupt: save or "
-                              "download it again") from e
+        raise CheckpointError(
+            f"lorax.import_peft: '{file}' is not a readable safetensors file "
+            f"({type(e).__name__}: {e}); it is truncated or corrupt: save or "
+            "download it again"
+        ) from e
     for key, value in tensors.items():
         if not jnp.issubdtype(value.dtype, jnp.floating):
-            raise LoraxTypeError(f"lorax.import_peft: tensor '{key}' of '{file}' is "
-                                 f"{value.dtype}; LoRA factors are floating point")
+            raise LoraxTypeError(
+                f"lorax.import_peft: tensor '{key}' of '{file}' is "
+                f"{value.dtype}; LoRA factors are floating point"
+            )
         values = value if value.dtype.kind == "f" else value.astype(np.float32)  # bfloat16
         if not np.isfinite(values).all():
-            raise NonFiniteError(f"lorax.import_peft: tensor '{key}' of '{file}' holds inf or "
-                                 "NaN")
+            raise NonFiniteError(f"lorax.import_peft: tensor '{key}' of '{file}' holds inf or NaN")
     return tensors
 
 
-def import_peft(directory: str | os.PathLike, params: Any, /, *, model: Any = "gpt2",
-                dtype: Any = None) -> Any:
+def import_peft(
+    directory: str | os.PathLike, params: Any, /, *, model: Any = "gpt2", dtype: Any = None
+) -> Any:
     """Puts the LoRA adapter in a Hugging Face PEFT directory onto ``params``.
 
     Args:
@@ -483,31 +553,42 @@ def import_peft(directory: str | os.PathLike, params: Any, /, *, model: Any = "g
     if not directory.is_dir() and not directory.exists():  # a Hub name: download or cache
         try:
             from huggingface_hub import snapshot_download
-            directory = Path(snapshot_download(str(directory),
-                                               allow_patterns=[CONFIG_FILE, WEIGHTS_FILE]))
+
+            directory = Path(
+                snapshot_download(str(directory), allow_patterns=[CONFIG_FILE, WEIGHTS_FILE])
+            )
         except Exception as e:
             raise LoraxFileNotFoundError(
                 f"lorax.import_peft: '{directory}' is not a local directory and the Hugging "
                 f"Face Hub could not provide it ({type(e).__name__}: {e}); download "
-                f"{CONFIG_FILE} and {WEIGHTS_FILE} and pass their directory") from e
+                f"{CONFIG_FILE} and {WEIGHTS_FILE} and pass their directory"
+            ) from e
     for file in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / file).is_file():
             raise LoraxFileNotFoundError(f"lorax.import_peft: no {file} in '{directory}'")
     config = _read_config(directory / CONFIG_FILE)
     if config.get("peft_type") != "LORA":
-        raise LoraxValueError(f"lorax.import_peft: peft_type {config.get('peft_type')!r} is not "
-                              "LORA")
+        raise LoraxValueError(
+            f"lorax.import_peft: peft_type {config.get('peft_type')!r} is not LORA"
+        )
     for option, ok in [("bias", "none"), ("modules_to_save", None)]:
         if config.get(option, ok) not in (ok, [] if ok is None else ok):
-            raise LoraxValueError(f"lorax.import_peft: {option}={config[option]!r} is not "
-                                  "supported yet")
+            raise LoraxValueError(
+                f"lorax.import_peft: {option}={config[option]!r} is not supported yet"
+            )
     _check_config(config, directory / CONFIG_FILE)
-    tensors = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v
-               for k, v in _read_tensors(directory / WEIGHTS_FILE).items()}
-    tensors = {re.sub(r"\.lora_([AB])\.[^.]+\.weight$", r".lora_\1.weight", k): v
-               for k, v in tensors.items()}  # keys saved with an adapter name
-    tensors = {re.sub(r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$",
-                      ".lora_magnitude_vector", k): v for k, v in tensors.items()}
+    tensors = {
+        k[len(PREFIX) :] if k.startswith(PREFIX) else k: v
+        for k, v in _read_tensors(directory / WEIGHTS_FILE).items()
+    }
+    tensors = {
+        re.sub(r"\.lora_([AB])\.[^.]+\.weight$", r".lora_\1.weight", k): v
+        for k, v in tensors.items()
+    }  # keys saved with an adapter name
+    tensors = {
+        re.sub(r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$", ".lora_magnitude_vector", k): v
+        for k, v in tensors.items()
+    }
     dropout = float(config.get("lora_dropout") or 0.0)
     used: set[str] = set()
 
@@ -518,28 +599,39 @@ def import_peft(directory: str | os.PathLike, params: Any, /, *, model: Any = "g
         if not found:
             return None
         if len(found) != len(names[path]):
-            raise LoraxValueError(f"lorax.import_peft: the adapter covers {len(found)} of the "
-                                  f"{len(names[path])} layers stacked in '{path}'")
+            raise LoraxValueError(
+                f"lorax.import_peft: the adapter covers {len(found)} of the "
+                f"{len(names[path])} layers stacked in '{path}'"
+            )
         a_list, b_list, m_list, scales = [], [], [], set()
         dora = bool(config.get("use_dora"))
         for name, _ in found:
             if f"{name}.lora_B.weight" not in tensors:
-                raise LoraxValueError(f"lorax.import_peft: '{name}' has lora_A but no lora_B in "
-                                      f"'{directory / WEIGHTS_FILE}'")
+                raise LoraxValueError(
+                    f"lorax.import_peft: '{name}' has lora_A but no lora_B in "
+                    f"'{directory / WEIGHTS_FILE}'"
+                )
             la, lb = tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"]
             used.update({f"{name}.lora_A.weight", f"{name}.lora_B.weight"})
             if la.ndim != 2 or lb.ndim != 2 or la.shape[0] != lb.shape[1]:
-                raise LoraxValueError(f"lorax.import_peft: '{name}' has lora_A {la.shape} and "
-                                      f"lora_B {lb.shape}; PEFT's factors are [r, in] and "
-                                      "[out, r]")
+                raise LoraxValueError(
+                    f"lorax.import_peft: '{name}' has lora_A {la.shape} and "
+                    f"lora_B {lb.shape}; PEFT's factors are [r, in] and "
+                    "[out, r]"
+                )
             r = _pattern(config.get("rank_pattern"), name, config.get("r", 8))
             if r != la.shape[0]:  # PEFT's own loader would refuse it; the scale would be off
-                source = ("rank_pattern" if _pattern(config.get("rank_pattern"), name, None)
-                          is not None else "r")
-                raise LoraxValueError(f"lorax.import_peft: module '{name}' has rank "
-                                      f"{la.shape[0]} factors (lora_A {la.shape}) but "
-                                      f"'{directory / CONFIG_FILE}' gives it r={r} (from "
-                                      f"{source}); the scale lora_alpha / r would be wrong")
+                source = (
+                    "rank_pattern"
+                    if _pattern(config.get("rank_pattern"), name, None) is not None
+                    else "r"
+                )
+                raise LoraxValueError(
+                    f"lorax.import_peft: module '{name}' has rank "
+                    f"{la.shape[0]} factors (lora_A {la.shape}) but "
+                    f"'{directory / CONFIG_FILE}' gives it r={r} (from "
+                    f"{source}); the scale lora_alpha / r would be wrong"
+                )
             alpha = _pattern(config.get("alpha_pattern"), name, config.get("lora_alpha", 8))
             scales.add(alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
             a_list.append(la.T)
@@ -547,39 +639,51 @@ def import_peft(directory: str | os.PathLike, params: Any, /, *, model: Any = "g
             if dora:
                 key = f"{name}.lora_magnitude_vector"
                 if key not in tensors:
-                    raise LoraxValueError(f"lorax.import_peft: use_dora is set but '{key}' is "
-                                          "missing")
+                    raise LoraxValueError(
+                        f"lorax.import_peft: use_dora is set but '{key}' is missing"
+                    )
                 used.add(key)
                 if tensors[key].shape != (lb.shape[0],):
-                    raise LoraxValueError(f"lorax.import_peft: '{key}' has shape "
-                                          f"{tensors[key].shape}; the module's output needs "
-                                          f"({lb.shape[0]},)")
+                    raise LoraxValueError(
+                        f"lorax.import_peft: '{key}' has shape "
+                        f"{tensors[key].shape}; the module's output needs "
+                        f"({lb.shape[0]},)"
+                    )
                 m_list.append(tensors[key])
         if len(scales) != 1:
-            raise LoraxValueError(f"lorax.import_peft: the layers stacked in '{path}' have "
-                                  f"different scalings {sorted(scales)}")
+            raise LoraxValueError(
+                f"lorax.import_peft: the layers stacked in '{path}' have "
+                f"different scalings {sorted(scales)}"
+            )
         stacked = found[0][1] is not None
         a = np.stack(a_list) if stacked else a_list[0]
         b = np.stack(b_list) if stacked else b_list[0]
         if stacked and (len(leaf.shape) != 3 or leaf.shape[0] != len(found)):
-            raise LoraxValueError(f"lorax.import_peft: the module map lists {len(found)} "
-                                  f"stacked layers for '{path}', a base of shape "
-                                  f"{tuple(leaf.shape)}")
+            raise LoraxValueError(
+                f"lorax.import_peft: the module map lists {len(found)} "
+                f"stacked layers for '{path}', a base of shape "
+                f"{tuple(leaf.shape)}"
+            )
         per_layer = tuple(leaf.shape[1:] if stacked else leaf.shape)
         if (a.shape[-2], b.shape[-1]) != per_layer or a.shape[-1] != b.shape[-2]:
-            raise LoraxValueError(f"lorax.import_peft: '{found[0][0]}' has lora_A "
-                                  f"{a_list[0].T.shape} and lora_B {b_list[0].T.shape}, which do "
-                                  f"not fit the base '{path}' of shape {tuple(leaf.shape)}")
+            raise LoraxValueError(
+                f"lorax.import_peft: '{found[0][0]}' has lora_A "
+                f"{a_list[0].T.shape} and lora_B {b_list[0].T.shape}, which do "
+                f"not fit the base '{path}' of shape {tuple(leaf.shape)}"
+            )
         cast = (lambda x: jnp.asarray(x, dtype)) if dtype else jnp.asarray
         if dora:
             m = np.stack(m_list) if stacked else m_list[0]
-            return DoraWeight(leaf, cast(a), cast(b), scale=scales.pop(), dropout=dropout,
-                              magnitude=cast(m))
+            return DoraWeight(
+                leaf, cast(a), cast(b), scale=scales.pop(), dropout=dropout, magnitude=cast(m)
+            )
         return LoraWeight(leaf, cast(a), cast(b), scale=scales.pop(), dropout=dropout)
 
     out, _ = attach(params, build, what="lorax.import_peft")
     unused = sorted(set(tensors) - used)
     if unused:
-        raise LoraxValueError(f"lorax.import_peft: {len(unused)} adapter tensors fit no parameter "
-                              f"of this model, e.g. {unused[:4]}")
+        raise LoraxValueError(
+            f"lorax.import_peft: {len(unused)} adapter tensors fit no parameter "
+            f"of this model, e.g. {unused[:4]}"
+        )
     return out

@@ -7,7 +7,8 @@ makes them not mergeable: ``lorax.merge`` says so, and ``lorax.lora(apply)`` run
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,11 @@ from lorax.leaf import OverBase, input_product, register_leaf, shape_of, static_
 from lorax.targets import Targets
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": jax.nn.relu, "gelu": jax.nn.gelu, "silu": jax.nn.silu, "tanh": jnp.tanh}
+    "relu": jax.nn.relu,
+    "gelu": jax.nn.gelu,
+    "silu": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
 
 
 @register_leaf(kind="adapter", aliases=("AdapterWeight",))
@@ -53,7 +58,8 @@ class AdapterWeight(OverBase):
         raise NotMergeableError(
             f"a {self.mode} bottleneck adapter ({self.activation} between its projections) "
             "is not a weight and cannot be merged or densified; run the model with "
-            "lorax.lora(apply), whose rules compute it")
+            "lorax.lora(apply), whose rules compute it"
+        )
 
     def misfit(self) -> str | None:
         w, d, u = tuple(self.shape), shape_of(self.down), shape_of(self.up)
@@ -64,27 +70,49 @@ class AdapterWeight(OverBase):
             return unfit(f"down {d} and up {u}", w)
         return None
 
-    def dot_general(self, other, *, dimension_numbers, leaf_is_lhs, precision,
-                    preferred_element_type, bind, rng=None):
-        if not input_product(dimension_numbers, leaf_is_lhs=leaf_is_lhs,
-                             stack_ndim=self.stack_ndim, in_ndim=1):
+    def dot_general(
+        self,
+        other,
+        *,
+        dimension_numbers,
+        leaf_is_lhs,
+        precision,
+        preferred_element_type,
+        bind,
+        rng=None,
+    ):
+        if not input_product(
+            dimension_numbers, leaf_is_lhs=leaf_is_lhs, stack_ndim=self.stack_ndim, in_ndim=1
+        ):
             return NotImplemented  # only x @ W with W's input axis contracted
         (lc, _), _ = dimension_numbers
-        y = self.base_dot(other, dimension_numbers=dimension_numbers, leaf_is_lhs=False,
-                          precision=precision, preferred_element_type=preferred_element_type,
-                          bind=bind)
+        y = self.base_dot(
+            other,
+            dimension_numbers=dimension_numbers,
+            leaf_is_lhs=False,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+            bind=bind,
+        )
         if y is NotImplemented:
             return NotImplemented
-        if self.mode == "serial":
-            source = y
-        else:  # x with the contracted axis last
-            source = jnp.moveaxis(other, int(lc[0]), -1)
+        # serial: fed by y; parallel: by x with the contracted axis last
+        source = y if self.mode == "serial" else jnp.moveaxis(other, int(lc[0]), -1)
         hidden = ACTIVATIONS[self.activation](source @ self.down.astype(source.dtype))
         return y + (hidden @ self.up.astype(hidden.dtype)).astype(y.dtype)
 
 
-def adapters(params: Any, /, *, targets: Targets, bottleneck: int = 16, mode: str = "serial",
-             activation: str = "relu", key: jax.Array | None = None, dtype: Any = None) -> Any:
+def adapters(
+    params: Any,
+    /,
+    *,
+    targets: Targets,
+    bottleneck: int = 16,
+    mode: str = "serial",
+    activation: str = "relu",
+    key: jax.Array | None = None,
+    dtype: Any = None,
+) -> Any:
     """Returns ``params`` with bottleneck adapters on the targeted 2-D kernels.
 
     Args:
@@ -112,8 +140,9 @@ def adapters(params: Any, /, *, targets: Targets, bottleneck: int = 16, mode: st
     if mode not in ("serial", "parallel"):
         raise LoraxValueError(f"lorax.adapters: mode must be 'serial' or 'parallel'; got {mode!r}")
     if not isinstance(activation, str) or activation not in ACTIVATIONS:
-        raise LoraxValueError(f"lorax.adapters: activation must be one of {sorted(ACTIVATIONS)}; "
-                              f"got {activation!r}")
+        raise LoraxValueError(
+            f"lorax.adapters: activation must be one of {sorted(ACTIVATIONS)}; got {activation!r}"
+        )
     bottleneck = positive_int(bottleneck, "lorax.adapters: bottleneck")
     dtype = floating_dtype(dtype, "lorax.adapters: dtype")
 
@@ -121,8 +150,10 @@ def adapters(params: Any, /, *, targets: Targets, bottleneck: int = 16, mode: st
         path, leaf, k = site.path, site.leaf, site.key
         ns = site.stack_axes()
         if len(leaf.shape) - ns != 2 or site.in_axes(ns) != 1:
-            raise LoraxValueError(f"lorax.adapters: '{path}' has shape {tuple(leaf.shape)}; "
-                                  "adapters go on 2-D (per layer) kernels")
+            raise LoraxValueError(
+                f"lorax.adapters: '{path}' has shape {tuple(leaf.shape)}; "
+                "adapters go on 2-D (per layer) kernels"
+            )
         stack, (d_in, d_out) = tuple(leaf.shape[:ns]), tuple(leaf.shape[ns:])
         fan = d_out if mode == "serial" else d_in
         vdtype = dtype if dtype is not None else jnp.promote_types(leaf.dtype, jnp.float32)
@@ -131,5 +162,10 @@ def adapters(params: Any, /, *, targets: Targets, bottleneck: int = 16, mode: st
         up = jnp.zeros(stack + (bottleneck, d_out), vdtype)
         return AdapterWeight(leaf, down, up, mode=mode, activation=activation)
 
-    return build(params, make, targets=targets,
-                 key=jax.random.key(0) if key is None else key, what="lorax.adapters")
+    return build(
+        params,
+        make,
+        targets=targets,
+        key=jax.random.key(0) if key is None else key,
+        what="lorax.adapters",
+    )

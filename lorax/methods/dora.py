@@ -15,8 +15,15 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from lorax.leaf import (OverBase, input_product, materialize, register_leaf, shape_of,
-                        static_field, unfit)
+from lorax.leaf import (
+    OverBase,
+    input_product,
+    materialize,
+    register_leaf,
+    shape_of,
+    static_field,
+    unfit,
+)
 from lorax.methods.lora import LoraWeight
 
 
@@ -24,7 +31,7 @@ def _column_norm(leaf: LoraWeight) -> jax.Array:
     """||W + s A B|| over the input axes, ``(*stack, *out_axes)``, in float32."""
     ns, ni = leaf.stack_ndim, leaf.in_ndim
     shape = leaf.shape
-    stack, ins, outs = shape[:ns], shape[ns:ns + ni], shape[ns + ni:]
+    stack, ins, outs = shape[:ns], shape[ns : ns + ni], shape[ns + ni :]
     fan_in = 1
     for s in ins:
         fan_in *= s
@@ -32,8 +39,8 @@ def _column_norm(leaf: LoraWeight) -> jax.Array:
     a = leaf.a.astype(jnp.float32).reshape(stack + (fan_in, leaf.rank))
     b = leaf.b.astype(jnp.float32).reshape(stack + (leaf.rank, -1))
     hi = jax.lax.Precision.HIGHEST
-    aw = jnp.einsum("...ir,...io->...ro", a, w, precision=hi)          # A^T W: [r, out]
-    ata = jnp.einsum("...ir,...is->...rs", a, a, precision=hi)         # A^T A: [r, r]
+    aw = jnp.einsum("...ir,...io->...ro", a, w, precision=hi)  # A^T W: [r, out]
+    ata = jnp.einsum("...ir,...is->...rs", a, a, precision=hi)  # A^T A: [r, r]
     ab_sq = jnp.einsum("...ro,...rs,...so->...o", b, ata, b, precision=hi)
     s = leaf.scale
     sq = (w * w).sum(-2) + 2 * s * (b * aw).sum(-2) + s * s * ab_sq
@@ -85,7 +92,7 @@ class DoraWeight(OverBase):
         if shape_of(self.a) is None or shape_of(self.b) is None:
             return None
         ns, ni = self.stack_ndim, self.in_ndim
-        want = w[:ns] + w[ns + ni:]
+        want = w[:ns] + w[ns + ni :]
         return None if m in (None, want) else unfit(f"magnitude {m} (expected {want})", w)
 
     def norm_scale(self) -> jax.Array:
@@ -99,15 +106,33 @@ class DoraWeight(OverBase):
         ratio = jnp.expand_dims(ratio, tuple(range(ns, ns + ni)))
         return (merged.astype(jnp.float32) * ratio).astype(merged.dtype)
 
-    def dot_general(self, other, *, dimension_numbers, leaf_is_lhs, precision,
-                    preferred_element_type, bind, rng=None):
-        if not input_product(dimension_numbers, leaf_is_lhs=leaf_is_lhs,
-                             stack_ndim=self.stack_ndim, in_ndim=self.in_ndim):
+    def dot_general(
+        self,
+        other,
+        *,
+        dimension_numbers,
+        leaf_is_lhs,
+        precision,
+        preferred_element_type,
+        bind,
+        rng=None,
+    ):
+        if not input_product(
+            dimension_numbers,
+            leaf_is_lhs=leaf_is_lhs,
+            stack_ndim=self.stack_ndim,
+            in_ndim=self.in_ndim,
+        ):
             return NotImplemented  # only x @ W: the outputs end in W's output axes
-        out = self.lora.dot_general(other, dimension_numbers=dimension_numbers,
-                                    leaf_is_lhs=False, precision=precision,
-                                    preferred_element_type=preferred_element_type, bind=bind,
-                                    rng=rng)
+        out = self.lora.dot_general(
+            other,
+            dimension_numbers=dimension_numbers,
+            leaf_is_lhs=False,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+            bind=bind,
+            rng=rng,
+        )
         if out is NotImplemented:
             return NotImplemented
         ratio = self.norm_scale().astype(out.dtype)
@@ -117,6 +142,6 @@ class DoraWeight(OverBase):
 def dora_from_lora(leaf: LoraWeight) -> DoraWeight:
     """The DoRA leaf of a freshly initialised LoRA leaf: magnitude = the base's norm."""
     magnitude = _column_norm(leaf).astype(leaf.a.dtype)
-    return DoraWeight(leaf.base, leaf.a, leaf.b, scale=leaf.scale, dropout=leaf.dropout,
-                      magnitude=magnitude)
-
+    return DoraWeight(
+        leaf.base, leaf.a, leaf.b, scale=leaf.scale, dropout=leaf.dropout, magnitude=magnitude
+    )

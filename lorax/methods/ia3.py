@@ -6,7 +6,8 @@ scaled axis. Initialised to ones, so the model starts unchanged.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +15,15 @@ import jax.numpy as jnp
 from lorax._build import Site, build
 from lorax._checks import compile_regex, floating_dtype
 from lorax.errors import LoraxTypeError, LoraxValueError
-from lorax.leaf import (OverBase, input_product, materialize, register_leaf, shape_of,
-                        static_field, unfit)
+from lorax.leaf import (
+    OverBase,
+    input_product,
+    materialize,
+    register_leaf,
+    shape_of,
+    static_field,
+    unfit,
+)
 from lorax.targets import Targets
 
 
@@ -48,8 +56,9 @@ class IA3Weight(OverBase):
         ns = self.stack_ndim
         if self.on == "out":  # (*stack, *out) -> (*stack, 1.., *out)
             return jnp.expand_dims(self.vector, tuple(range(ns, ns + self.n_in)))
-        return jnp.expand_dims(self.vector, tuple(range(ns + self.n_in,
-                                                        ns + self.n_in + self.n_out)))
+        return jnp.expand_dims(
+            self.vector, tuple(range(ns + self.n_in, ns + self.n_in + self.n_out))
+        )
 
     def materialize(self) -> jax.Array:
         base = materialize(self.base)
@@ -57,14 +66,28 @@ class IA3Weight(OverBase):
 
     def misfit(self) -> str | None:
         w, v, ns = tuple(self.shape), shape_of(self.vector), self.stack_ndim
-        want = w[:ns] + (w[ns:ns + self.n_in] if self.on == "in" else w[ns + self.n_in:])
+        want = w[:ns] + (w[ns : ns + self.n_in] if self.on == "in" else w[ns + self.n_in :])
         return super().misfit() or (
-            None if v in (None, want) else unfit(f"vector {v} (expected {want})", w))
+            None if v in (None, want) else unfit(f"vector {v} (expected {want})", w)
+        )
 
-    def dot_general(self, other, *, dimension_numbers, leaf_is_lhs, precision,
-                    preferred_element_type, bind, rng=None):
-        if not input_product(dimension_numbers, leaf_is_lhs=leaf_is_lhs,
-                             stack_ndim=self.stack_ndim, in_ndim=self.n_in):
+    def dot_general(
+        self,
+        other,
+        *,
+        dimension_numbers,
+        leaf_is_lhs,
+        precision,
+        preferred_element_type,
+        bind,
+        rng=None,
+    ):
+        if not input_product(
+            dimension_numbers,
+            leaf_is_lhs=leaf_is_lhs,
+            stack_ndim=self.stack_ndim,
+            in_ndim=self.n_in,
+        ):
             return NotImplemented  # only x @ W over W's input axes
         (lc, rc), _ = dimension_numbers
         vector = self.vector.astype(other.dtype)
@@ -72,14 +95,19 @@ class IA3Weight(OverBase):
             order = sorted(range(len(rc)), key=lambda i: rc[i])
             x_axes = [int(lc[i]) for i in order]
             shape = [1] * other.ndim
-            for axis, size in zip(x_axes, vector.shape):
+            for axis, size in zip(x_axes, vector.shape, strict=True):
                 shape[axis] = size
             if sorted(x_axes) != x_axes:
                 return NotImplemented
             other = other * vector.reshape(shape)
-        out = self.base_dot(other, dimension_numbers=dimension_numbers, leaf_is_lhs=False,
-                            precision=precision, preferred_element_type=preferred_element_type,
-                            bind=bind)
+        out = self.base_dot(
+            other,
+            dimension_numbers=dimension_numbers,
+            leaf_is_lhs=False,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+            bind=bind,
+        )
         if out is NotImplemented:
             return NotImplemented
         if self.on == "out":
@@ -87,8 +115,14 @@ class IA3Weight(OverBase):
         return out
 
 
-def ia3(params: Any, /, *, targets: Targets, feedforward: Sequence[str] | str | None = None,
-        dtype: Any = None) -> Any:
+def ia3(
+    params: Any,
+    /,
+    *,
+    targets: Targets,
+    feedforward: Sequence[str] | str | None = None,
+    dtype: Any = None,
+) -> Any:
     """Returns ``params`` with IA3 leaves on the targeted weights.
 
     Args:
@@ -113,10 +147,14 @@ def ia3(params: Any, /, *, targets: Targets, feedforward: Sequence[str] | str | 
     ff_regex = None
     if isinstance(feedforward, str):
         ff_regex = compile_regex(feedforward, "lorax.ia3: feedforward")
-    elif feedforward is not None and not (isinstance(feedforward, (list, tuple, set, frozenset))
-                                          and all(isinstance(n, str) for n in feedforward)):
-        raise LoraxTypeError("lorax.ia3: feedforward must be None, a regex (str) or a list of "
-                             f"module names (str); got {feedforward!r}")
+    elif feedforward is not None and not (
+        isinstance(feedforward, (list, tuple, set, frozenset))
+        and all(isinstance(n, str) for n in feedforward)
+    ):
+        raise LoraxTypeError(
+            "lorax.ia3: feedforward must be None, a regex (str) or a list of "
+            f"module names (str); got {feedforward!r}"
+        )
     names = () if ff_regex is not None else tuple(feedforward or ())
 
     def check(sites: list[Site]) -> None:
@@ -125,8 +163,10 @@ def ia3(params: Any, /, *, targets: Targets, feedforward: Sequence[str] | str | 
         if ff_regex is not None and not any(ff_regex.fullmatch(p) for p in adapted):
             unmatched = [feedforward]
         if unmatched:  # a typo would silently scale the outputs instead of the inputs
-            raise LoraxValueError(f"lorax.ia3: feedforward {unmatched} matches no targeted "
-                                  "path; the targeted paths are: " + ", ".join(adapted[:40]))
+            raise LoraxValueError(
+                f"lorax.ia3: feedforward {unmatched} matches no targeted "
+                "path; the targeted paths are: " + ", ".join(adapted[:40])
+            )
 
     def make(site: Site) -> IA3Weight:
         path, leaf = site.path, site.leaf
@@ -137,9 +177,10 @@ def ia3(params: Any, /, *, targets: Targets, feedforward: Sequence[str] | str | 
         ns = site.stack_axes()
         ni = site.in_axes(ns)
         no = len(leaf.shape) - ns - ni
-        axes = leaf.shape[:ns] + (leaf.shape[ns:ns + ni] if on_input else leaf.shape[ns + ni:])
+        axes = leaf.shape[:ns] + (leaf.shape[ns : ns + ni] if on_input else leaf.shape[ns + ni :])
         vdtype = dtype if dtype is not None else jnp.promote_types(leaf.dtype, jnp.float32)
-        return IA3Weight(leaf, jnp.ones(axes, vdtype), n_in=ni, n_out=no,
-                         on="in" if on_input else "out")
+        return IA3Weight(
+            leaf, jnp.ones(axes, vdtype), n_in=ni, n_out=no, on="in" if on_input else "out"
+        )
 
     return build(params, make, targets=targets, check=check, what="lorax.ia3")

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import math
 import string
-from typing import Any, ClassVar, Iterable
+from collections.abc import Iterable
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from lorax.leaf import (Array, OverBase, materialize, register_leaf, shape_of,
-                        static_field, unfit)
+from lorax.leaf import Array, OverBase, materialize, register_leaf, shape_of, static_field, unfit
 
 _LETTERS = [c for c in string.ascii_letters if c != "r"]
 
@@ -72,8 +72,16 @@ class LoraWeight(OverBase):
             return problem
         ns = len(a) + len(b) - 2 - len(w)
         ni = len(a) - 1 - ns
-        if (ns < 0 or ni < 1 or len(w) - ns - ni < 1 or a[:ns] != w[:ns] or b[:ns] != w[:ns]
-                or a[ns:-1] != w[ns:ns + ni] or b[ns + 1:] != w[ns + ni:] or a[-1] != b[ns]):
+        if (
+            ns < 0
+            or ni < 1
+            or len(w) - ns - ni < 1
+            or a[:ns] != w[:ns]
+            or b[:ns] != w[:ns]
+            or a[ns:-1] != w[ns : ns + ni]
+            or b[ns + 1 :] != w[ns + ni :]
+            or a[-1] != b[ns]
+        ):
             return unfit(f"a {a} and b {b}", w)
         return None
 
@@ -82,38 +90,63 @@ class LoraWeight(OverBase):
         nd, ns, ni = len(self.shape), self.stack_ndim, self.in_ndim
         w = _LETTERS[:nd]
         a = "".join(w[: ns + ni]) + "r"
-        b = "".join(w[:ns]) + "r" + "".join(w[ns + ni:])
+        b = "".join(w[:ns]) + "r" + "".join(w[ns + ni :])
         return w, a, b, "".join(w)
 
     def materialize(self) -> Array:
         base = materialize(self.base)
         _, a_spec, b_spec, w_spec = self._labels()
         acc = jnp.promote_types(base.dtype, jnp.float32)
-        delta = jnp.einsum(f"{a_spec},{b_spec}->{w_spec}", self.a.astype(acc),
-                           self.b.astype(acc), precision=jax.lax.Precision.HIGHEST)
+        delta = jnp.einsum(
+            f"{a_spec},{b_spec}->{w_spec}",
+            self.a.astype(acc),
+            self.b.astype(acc),
+            precision=jax.lax.Precision.HIGHEST,
+        )
         return (base.astype(acc) + jnp.asarray(self.scale, acc) * delta).astype(base.dtype)
 
     # ----- primitives -------------------------------------------------------------------
-    def dot_general(self, other, *, dimension_numbers, leaf_is_lhs, precision,
-                    preferred_element_type, bind, rng=None):
-        base_out = self.base_dot(other, dimension_numbers=dimension_numbers,
-                                 leaf_is_lhs=leaf_is_lhs, precision=precision,
-                                 preferred_element_type=preferred_element_type, bind=bind)
+    def dot_general(
+        self,
+        other,
+        *,
+        dimension_numbers,
+        leaf_is_lhs,
+        precision,
+        preferred_element_type,
+        bind,
+        rng=None,
+    ):
+        base_out = self.base_dot(
+            other,
+            dimension_numbers=dimension_numbers,
+            leaf_is_lhs=leaf_is_lhs,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+            bind=bind,
+        )
         if base_out is NotImplemented:
             return NotImplemented
         if rng is not None and self.dropout > 0:  # inverted dropout on the low-rank input
             keep = jax.random.bernoulli(rng, 1.0 - self.dropout, other.shape)
             other = jnp.where(keep, other / (1.0 - self.dropout), 0).astype(other.dtype)
-        low = _lowrank_dot(self, other, dimension_numbers, leaf_is_lhs, precision,
-                           preferred_element_type)
+        low = _lowrank_dot(
+            self, other, dimension_numbers, leaf_is_lhs, precision, preferred_element_type
+        )
         return base_out + low.astype(base_out.dtype)
 
-    def conv_general_dilated(self, lhs, *, dimension_numbers, feature_group_count,
-                             batch_group_count, bind):
+    def conv_general_dilated(
+        self, lhs, *, dimension_numbers, feature_group_count, batch_group_count, bind
+    ):
         nd = len(self.shape)
         out_feature_axis = dimension_numbers.rhs_spec[0]
-        if (self.stack_ndim or self.in_ndim != nd - 1 or out_feature_axis != nd - 1
-                or feature_group_count != 1 or batch_group_count != 1):
+        if (
+            self.stack_ndim
+            or self.in_ndim != nd - 1
+            or out_feature_axis != nd - 1
+            or feature_group_count != 1
+            or batch_group_count != 1
+        ):
             return NotImplemented
         base_out = self.base_apply(lambda w: bind(lhs, w))
         if base_out is NotImplemented:
@@ -131,8 +164,11 @@ class LoraWeight(OverBase):
         dnums, slice_sizes = params["dimension_numbers"], tuple(params["slice_sizes"])
         nd, ns, ni = len(self.shape), self.stack_ndim, self.in_ndim
         out_axes = range(ns + ni, nd)
-        touched = (set(dnums.collapsed_slice_dims) | set(dnums.start_index_map)
-                   | set(getattr(dnums, "operand_batching_dims", ())))
+        touched = (
+            set(dnums.collapsed_slice_dims)
+            | set(dnums.start_index_map)
+            | set(getattr(dnums, "operand_batching_dims", ()))
+        )
         if ns or touched & set(out_axes) or any(slice_sizes[q] != self.shape[q] for q in out_axes):
             return NotImplemented
         nq = len(out_axes)
@@ -144,36 +180,41 @@ class LoraWeight(OverBase):
             return NotImplemented
         a_dnums = dnums._replace(offset_dims=tuple(dnums.offset_dims[:-nq]) + (q_out[0],))
         rows = jax.lax.gather(
-            self.a.astype(base_out.dtype), indices, a_dnums, slice_sizes[:ni] + (self.rank,),
+            self.a.astype(base_out.dtype),
+            indices,
+            a_dnums,
+            slice_sizes[:ni] + (self.rank,),
             indices_are_sorted=params.get("indices_are_sorted", False),
             unique_indices=params.get("unique_indices", False),
-            mode=params.get("mode"), fill_value=params.get("fill_value"))
+            mode=params.get("mode"),
+            fill_value=params.get("fill_value"),
+        )
         rows = rows * jnp.asarray(self.scale, rows.dtype)
         low = jnp.tensordot(rows, self.b.astype(rows.dtype), axes=([q_out[0]], [0]))
-        low = jnp.moveaxis(low, tuple(range(low.ndim - nq, low.ndim)),
-                           tuple(range(q_out[0], q_out[0] + nq)))
+        low = jnp.moveaxis(
+            low, tuple(range(low.ndim - nq, low.ndim)), tuple(range(q_out[0], q_out[0] + nq))
+        )
         return base_out + low.astype(base_out.dtype)
 
     def transpose(self, permutation):
         perm = [int(p) for p in permutation]
         ns, ni, nd = self.stack_ndim, self.in_ndim, len(self.shape)
-        stack, ins, outs = perm[:ns], perm[ns:ns + ni], perm[ns + ni:]
+        stack, ins, outs = perm[:ns], perm[ns : ns + ni], perm[ns + ni :]
         if sorted(stack) != list(range(ns)):
             return NotImplemented
         in_set, out_set = set(range(ns, ns + ni)), set(range(ns + ni, nd))
-        base = self.base_apply(lambda w: jnp.transpose(w, perm),
-                           lambda leaf: leaf.transpose(perm))
+        base = self.base_apply(lambda w: jnp.transpose(w, perm), lambda leaf: leaf.transpose(perm))
         if base is NotImplemented:
             return NotImplemented
         # A's axes are (stack, in, r); B's are (stack, r, out).
         a_pos = {ax: i for i, ax in enumerate(range(ns + ni))}
         b_pos = {ax: i + ns + 1 for i, ax in enumerate(range(ns + ni, nd))}
-        if set(ins) == in_set and set(perm[ns + ni:]) == out_set:  # axes stay in their group
+        if set(ins) == in_set and set(perm[ns + ni :]) == out_set:  # axes stay in their group
             a = jnp.transpose(self.a, stack + [a_pos[p] for p in ins] + [ns + ni])
             b = jnp.transpose(self.b, stack + [ns] + [b_pos[p] for p in outs])
             return self.replace(base=base, a=a, b=b)
         no = nd - ns - ni
-        new_in, new_out = perm[ns:ns + no], perm[ns + no:]
+        new_in, new_out = perm[ns : ns + no], perm[ns + no :]
         if set(new_in) == out_set and set(new_out) == in_set:  # the groups swap: W.T
             a = jnp.transpose(self.b, stack + [b_pos[p] for p in new_in] + [ns])
             b = jnp.transpose(self.a, stack + [ns + ni] + [a_pos[p] for p in new_out])
@@ -185,14 +226,15 @@ class LoraWeight(OverBase):
         ns, ni = self.stack_ndim, self.in_ndim
         if new_sizes[:ns] != self.shape[:ns]:
             return NotImplemented
-        in_size = _prod(self.shape[ns:ns + ni])
+        in_size = _prod(self.shape[ns : ns + ni])
         for j in range(ns + 1, len(new_sizes)):
             if _prod(new_sizes[ns:j]) == in_size:
                 break
         else:
             return NotImplemented
-        base = self.base_apply(lambda w: jnp.reshape(w, new_sizes),
-                           lambda leaf: leaf.reshape(new_sizes))
+        base = self.base_apply(
+            lambda w: jnp.reshape(w, new_sizes), lambda leaf: leaf.reshape(new_sizes)
+        )
         if base is NotImplemented:
             return NotImplemented
         a = jnp.reshape(self.a, new_sizes[:j] + (self.rank,))
@@ -200,8 +242,14 @@ class LoraWeight(OverBase):
         return self.replace(base=base, a=a, b=b)
 
 
-def _lowrank_dot(leaf: LoraWeight, x: Array, dimension_numbers, leaf_is_lhs: bool, precision,
-                 preferred_element_type) -> Array:
+def _lowrank_dot(
+    leaf: LoraWeight,
+    x: Array,
+    dimension_numbers,
+    leaf_is_lhs: bool,
+    precision,
+    preferred_element_type,
+) -> Array:
     """``dot_general(x, scale * A @ B)`` (or with the operands swapped) as two contractions.
 
     x is contracted with whichever factor is cheaper first (A when x contracts W's input
@@ -211,19 +259,19 @@ def _lowrank_dot(leaf: LoraWeight, x: Array, dimension_numbers, leaf_is_lhs: boo
     (lc, rc), (lb, rb) = dimension_numbers
     xc, wc, xb, wb = (rc, lc, rb, lb) if leaf_is_lhs else (lc, rc, lb, rb)
     w_labels, a_spec, b_spec, _ = leaf._labels()
-    fresh = iter(_LETTERS[len(w_labels):])
+    fresh = iter(_LETTERS[len(w_labels) :])
     x_labels = [next(fresh) for _ in range(x.ndim)]
-    for i, j in zip(xc, wc):
+    for i, j in zip(xc, wc, strict=True):
         x_labels[i] = w_labels[j]
-    for i, j in zip(xb, wb):
+    for i, j in zip(xb, wb, strict=True):
         x_labels[i] = w_labels[j]
     batch = [w_labels[j] for j in wb]
     x_free = [x_labels[i] for i in range(x.ndim) if i not in set(xc) | set(xb)]
     w_free = [w_labels[j] for j in range(len(w_labels)) if j not in set(wc) | set(wb)]
     out = batch + (w_free + x_free if leaf_is_lhs else x_free + w_free)
 
-    sizes = dict(zip(w_labels, leaf.shape))
-    sizes.update(zip(x_labels, x.shape))
+    sizes = dict(zip(w_labels, leaf.shape, strict=True))
+    sizes.update(zip(x_labels, x.shape, strict=True))
     sizes["r"] = leaf.rank
 
     def plan(first: str, second: str) -> tuple[int, str]:
@@ -236,14 +284,25 @@ def _lowrank_dot(leaf: LoraWeight, x: Array, dimension_numbers, leaf_is_lhs: boo
     factors = {a_spec: leaf.a, b_spec: leaf.b}
     cost_ab, mid_ab = plan(a_spec, b_spec)
     cost_ba, mid_ba = plan(b_spec, a_spec)
-    first, second, mid = ((a_spec, b_spec, mid_ab) if cost_ab <= cost_ba
-                          else (b_spec, a_spec, mid_ba))
+    first, second, mid = (
+        (a_spec, b_spec, mid_ab) if cost_ab <= cost_ba else (b_spec, a_spec, mid_ba)
+    )
     x_spec = "".join(x_labels)
     compute = x.dtype
-    t = jnp.einsum(f"{x_spec},{first}->{mid}", x, factors[first].astype(compute),
-                   precision=precision, preferred_element_type=preferred_element_type)
+    t = jnp.einsum(
+        f"{x_spec},{first}->{mid}",
+        x,
+        factors[first].astype(compute),
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
     if leaf.scale != 1.0:
         t = t * jnp.asarray(leaf.scale, t.dtype)
     t = t.astype(compute)
-    return jnp.einsum(f"{mid},{second}->{''.join(out)}", t, factors[second].astype(compute),
-                      precision=precision, preferred_element_type=preferred_element_type)
+    return jnp.einsum(
+        f"{mid},{second}->{''.join(out)}",
+        t,
+        factors[second].astype(compute),
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )

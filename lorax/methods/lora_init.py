@@ -26,13 +26,13 @@ from lorax.methods.lora import LoraWeight
 
 def _matrix_view(w: jax.Array, ns: int, ni: int) -> jax.Array:
     shape = w.shape
-    return w.reshape(shape[:ns] + (math.prod(shape[ns:ns + ni]), -1)).astype(jnp.float32)
+    return w.reshape(shape[:ns] + (math.prod(shape[ns : ns + ni]), -1)).astype(jnp.float32)
 
 
 def _factors_to_leaf_shapes(a, b, shape, ns, ni, dtype):
     r = a.shape[-1]
-    a = a.reshape(shape[:ns + ni] + (r,)).astype(dtype)
-    b = b.reshape(shape[:ns] + (r,) + shape[ns + ni:]).astype(dtype)
+    a = a.reshape(shape[: ns + ni] + (r,)).astype(dtype)
+    b = b.reshape(shape[:ns] + (r,) + shape[ns + ni :]).astype(dtype)
     return a, b
 
 
@@ -43,8 +43,7 @@ def _top_svd(m: jax.Array, rank: int, scale: float) -> tuple[jax.Array, jax.Arra
     return u[..., :rank] * root[..., None, :], root[..., :, None] * vt[..., :rank, :]
 
 
-def pissa(w: jax.Array, rank: int, scale: float, ns: int, ni: int, dtype: Any
-          ) -> LoraWeight:
+def pissa(w: jax.Array, rank: int, scale: float, ns: int, ni: int, dtype: Any) -> LoraWeight:
     m = _matrix_view(w, ns, ni)
     a, b = _top_svd(m, rank, scale)
     residual = (m - scale * a @ b).reshape(w.shape).astype(w.dtype)
@@ -52,19 +51,26 @@ def pissa(w: jax.Array, rank: int, scale: float, ns: int, ni: int, dtype: Any
     return LoraWeight(residual, a, b, scale=scale)
 
 
-def olora(w: jax.Array, rank: int, scale: float, ns: int, ni: int, dtype: Any
-          ) -> LoraWeight:
+def olora(w: jax.Array, rank: int, scale: float, ns: int, ni: int, dtype: Any) -> LoraWeight:
     m = _matrix_view(w, ns, ni)
-    q, r = jnp.linalg.qr(jnp.swapaxes(m, -1, -2))   # torch layout [out, in] = Q R, as peft
-    a = jnp.swapaxes(r[..., :rank, :], -1, -2)       # lora_A = R_r [r, in]  -> A = R_r^T
-    b = jnp.swapaxes(q[..., :, :rank], -1, -2)       # lora_B = Q_r [out, r] -> B = Q_r^T
+    q, r = jnp.linalg.qr(jnp.swapaxes(m, -1, -2))  # torch layout [out, in] = Q R, as peft
+    a = jnp.swapaxes(r[..., :rank, :], -1, -2)  # lora_A = R_r [r, in]  -> A = R_r^T
+    b = jnp.swapaxes(q[..., :, :rank], -1, -2)  # lora_B = Q_r [out, r] -> B = Q_r^T
     residual = (m - scale * a @ b).reshape(w.shape).astype(w.dtype)
     a, b = _factors_to_leaf_shapes(a, b, w.shape, ns, ni, dtype)
     return LoraWeight(residual, a, b, scale=scale)
 
 
-def loftq(w: jax.Array, rank: int, scale: float, ns: int, ni: int, dtype: Any,
-          iterations: int = 1, **nf4_options: Any) -> LoraWeight:
+def loftq(
+    w: jax.Array,
+    rank: int,
+    scale: float,
+    ns: int,
+    ni: int,
+    dtype: Any,
+    iterations: int = 1,
+    **nf4_options: Any,
+) -> LoraWeight:
     from lorax.quant.quantizers import (
         quantize_nf4,  # quant imports the leaves, not the reverse
     )

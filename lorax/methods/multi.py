@@ -10,7 +10,8 @@ that of one LoRA per row, whatever the number of adapters.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -49,25 +50,44 @@ class MultiLoraWeight(OverBase):
         return self.a.ndim - 3
 
     def materialize(self) -> jax.Array:
-        raise NotMergeableError("each row uses its own adapter, so there is no single dense "
-                                "weight; merge the adapters one at a time instead")
+        raise NotMergeableError(
+            "each row uses its own adapter, so there is no single dense "
+            "weight; merge the adapters one at a time instead"
+        )
 
-    def dot_general(self, other, *, dimension_numbers, leaf_is_lhs, precision,
-                    preferred_element_type, bind, rng=None):
+    def dot_general(
+        self,
+        other,
+        *,
+        dimension_numbers,
+        leaf_is_lhs,
+        precision,
+        preferred_element_type,
+        bind,
+        rng=None,
+    ):
         (lc, _), _ = dimension_numbers
-        if (not input_product(dimension_numbers, leaf_is_lhs=leaf_is_lhs,
-                              stack_ndim=self.stack_ndim, in_ndim=1)
-                or tuple(int(c) for c in lc) != (other.ndim - 1,)
-                or other.shape[0] != self.index.shape[0]):
+        if (
+            not input_product(
+                dimension_numbers, leaf_is_lhs=leaf_is_lhs, stack_ndim=self.stack_ndim, in_ndim=1
+            )
+            or tuple(int(c) for c in lc) != (other.ndim - 1,)
+            or other.shape[0] != self.index.shape[0]
+        ):
             return NotImplemented  # only x [batch, ..., in] @ W
-        y = self.base_dot(other, dimension_numbers=dimension_numbers, leaf_is_lhs=False,
-                          precision=precision, preferred_element_type=preferred_element_type,
-                          bind=bind)
+        y = self.base_dot(
+            other,
+            dimension_numbers=dimension_numbers,
+            leaf_is_lhs=False,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+            bind=bind,
+        )
         if y is NotImplemented:
             return NotImplemented
-        a = self.a[self.index].astype(other.dtype)                        # [batch, in, r]
-        b = self.b[self.index].astype(other.dtype)                        # [batch, r, out]
-        scale = self.scales[self.index].astype(other.dtype)               # [batch]
+        a = self.a[self.index].astype(other.dtype)  # [batch, in, r]
+        b = self.b[self.index].astype(other.dtype)  # [batch, r, out]
+        scale = self.scales[self.index].astype(other.dtype)  # [batch]
         low = jnp.einsum("b...i,bir->b...r", other, a)
         low = jnp.einsum("b...r,bro->b...o", low, b)
         low = low * scale.reshape((-1,) + (1,) * (low.ndim - 1))
@@ -94,8 +114,9 @@ def stack(trees: Sequence[Any], index: Any, /) -> Any:
       ((2, 6, 3), (2,))
     """
     if not isinstance(trees, (list, tuple)):  # one tree (a dict) would stack its keys
-        raise LoraxTypeError(f"lorax.stack: trees must be a list of wrapped trees; got "
-                             f"{type(trees).__name__}")
+        raise LoraxTypeError(
+            f"lorax.stack: trees must be a list of wrapped trees; got {type(trees).__name__}"
+        )
     if not trees:
         raise LoraxValueError("lorax.stack: no trees")
     try:
@@ -103,12 +124,15 @@ def stack(trees: Sequence[Any], index: Any, /) -> Any:
     except Exception:  # e.g. ragged lists
         raw = None
     if raw is None or not (jnp.issubdtype(raw.dtype, jnp.integer) or raw.size == 0):
-        raise LoraxTypeError(f"lorax.stack: index must be [batch] ints (the adapter of each "
-                             f"row); got {getattr(raw, 'dtype', type(index).__name__)} {index!r}")
+        raise LoraxTypeError(
+            f"lorax.stack: index must be [batch] ints (the adapter of each "
+            f"row); got {getattr(raw, 'dtype', type(index).__name__)} {index!r}"
+        )
     index = jnp.asarray(raw, jnp.int32)
     if index.ndim != 1 or index.size == 0:
-        raise LoraxValueError(f"lorax.stack: index must be [batch] with batch >= 1; got shape "
-                              f"{index.shape}")
+        raise LoraxValueError(
+            f"lorax.stack: index must be [batch] with batch >= 1; got shape {index.shape}"
+        )
     if int(index.max()) >= len(trees) or int(index.min()) < 0:
         raise LoraxValueError(f"lorax.stack: index values must be in [0, {len(trees)})")
     flats = [jax.tree_util.tree_flatten_with_path(t, is_leaf=is_lorax_leaf) for t in trees]
@@ -116,18 +140,20 @@ def stack(trees: Sequence[Any], index: Any, /) -> Any:
     if any(f[1] != treedef for f in flats[1:]):
         raise LoraxValueError("lorax.stack: the trees have different structures")
     out = []
-    for column in zip(*(f[0] for f in flats)):
+    for column in zip(*(f[0] for f in flats), strict=True):
         path, leaves = path_str(column[0][0]), [leaf for _, leaf in column]
         if not any(is_lorax_leaf(leaf) and leaf.trainable_fields for leaf in leaves):
             out.append(leaves[0])  # the shared base
             continue
         if not all(type(leaf) is LoraWeight for leaf in leaves):
-            raise LoraxValueError(f"lorax.stack: '{path}' is a LoRA leaf in some trees only (or "
-                                  "another kind)")
+            raise LoraxValueError(
+                f"lorax.stack: '{path}' is a LoRA leaf in some trees only (or another kind)"
+            )
         shapes = [tuple(leaf.shape) for leaf in leaves]
         if len(set(shapes)) != 1:  # only the first tree's base is kept
-            raise LoraxValueError(f"lorax.stack: '{path}' has bases of shapes {shapes}; the "
-                                  "trees must adapt one base")
+            raise LoraxValueError(
+                f"lorax.stack: '{path}' has bases of shapes {shapes}; the trees must adapt one base"
+            )
         ns = leaves[0].stack_ndim
         if leaves[0].in_ndim != 1 or len(leaves[0].shape) - ns != 2:
             raise LoraxValueError(f"lorax.stack: '{path}' is not a 2-D (per layer) kernel")
@@ -137,11 +163,14 @@ def stack(trees: Sequence[Any], index: Any, /) -> Any:
         a = jnp.stack([pad_a(leaf.a) for leaf in leaves], axis=ns)
         b = jnp.stack([pad_b(leaf.b) for leaf in leaves], axis=ns)
         lead = tuple(leaves[0].shape[:ns])
-        scales = jnp.broadcast_to(jnp.asarray([leaf.scale for leaf in leaves], jnp.float32),
-                                  lead + (len(leaves),))
-        out.append(MultiLoraWeight(leaves[0].base, a, b, scales,
-                                   jnp.broadcast_to(index, lead + index.shape)))
+        scales = jnp.broadcast_to(
+            jnp.asarray([leaf.scale for leaf in leaves], jnp.float32), lead + (len(leaves),)
+        )
+        out.append(
+            MultiLoraWeight(
+                leaves[0].base, a, b, scales, jnp.broadcast_to(index, lead + index.shape)
+            )
+        )
     if not any(isinstance(leaf, MultiLoraWeight) for leaf in out):
-        raise LoraxValueError("lorax.stack: the trees hold no LoRA leaves (lorax.wrap them "
-                              "first)")
+        raise LoraxValueError("lorax.stack: the trees hold no LoRA leaves (lorax.wrap them first)")
     return jax.tree_util.tree_unflatten(treedef, out)

@@ -7,7 +7,8 @@ it like any adapter, and ``lorax.lora`` uses it as the array it is.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, ClassVar, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import jax
 
@@ -46,8 +47,9 @@ class Unfrozen(LoraxLeaf):
         return self.value
 
 
-def unfreeze(params: Any, /, *, targets: Selector | None = None,
-             select: Selector | None = None) -> Any:
+def unfreeze(
+    params: Any, /, *, targets: Selector | None = None, select: Selector | None = None
+) -> Any:
     """Marks the chosen plain arrays of ``params`` as fully trainable.
 
     Unlike ``lorax.wrap``'s targets, which adapt weights only, these choose any plain array
@@ -78,39 +80,54 @@ def unfreeze(params: Any, /, *, targets: Selector | None = None,
     if select is not None:
         if targets is not None:
             raise LoraxTypeError("lorax.unfreeze: pass targets= only (select= is its old name)")
-        warnings.warn("lorax.unfreeze: select= is deprecated; pass targets=",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "lorax.unfreeze: select= is deprecated; pass targets=", DeprecationWarning, stacklevel=2
+        )
         targets = select
     if targets is None:
-        raise LoraxTypeError("lorax.unfreeze: targets must be given: a regex (str), a list of "
-                             "path components (str) or a callable (path, leaf) -> bool")
-    return build(params, lambda site: Unfrozen(site.leaf),
-                 choose=lambda tree: _choose(tree, targets), what="lorax.unfreeze")
+        raise LoraxTypeError(
+            "lorax.unfreeze: targets must be given: a regex (str), a list of "
+            "path components (str) or a callable (path, leaf) -> bool"
+        )
+    return build(
+        params,
+        lambda site: Unfrozen(site.leaf),
+        choose=lambda tree: _choose(tree, targets),
+        what="lorax.unfreeze",
+    )
 
 
 def _choose(tree: FlatTree, targets: Selector) -> dict[int, LoraSpec]:
     plain = [not is_lorax_leaf(leaf) and hasattr(leaf, "shape") for leaf in tree.leaves]
-    listing = "; the paths are: " + ", ".join(tree.paths[:40]) + (
-        " ..." if len(tree.paths) > 40 else "")
+    listing = (
+        "; the paths are: " + ", ".join(tree.paths[:40]) + (" ..." if len(tree.paths) > 40 else "")
+    )
     if callable(targets):
         chosen = [targets(p, leaf) for p, leaf in zip(tree.paths, tree.leaves, strict=True)]
     elif isinstance(targets, str):
         pattern = compile_regex(targets, "lorax.unfreeze: targets")
         chosen = [pattern.fullmatch(p) is not None for p in tree.paths]
     elif isinstance(targets, (list, tuple, set, frozenset)) and all(
-            isinstance(n, str) for n in targets):
+        isinstance(n, str) for n in targets
+    ):
         names = set(targets)
         # as wrap's target names: a name that selects nothing is most likely a typo
-        unmatched = sorted(n for n in names if not any(
-            n in p.split("/") and ok for p, ok in zip(tree.paths, plain, strict=True)))
+        unmatched = sorted(
+            n
+            for n in names
+            if not any(n in p.split("/") and ok for p, ok in zip(tree.paths, plain, strict=True))
+        )
         if unmatched and len(unmatched) < len(names):
-            raise LoraxValueError(f"lorax.unfreeze: the names {unmatched} select no plain "
-                                  "array" + listing)
+            raise LoraxValueError(
+                f"lorax.unfreeze: the names {unmatched} select no plain array" + listing
+            )
         chosen = [bool(names & set(p.split("/"))) for p in tree.paths]
     else:
-        raise LoraxTypeError("lorax.unfreeze: targets must be a regex (str), a list of path "
-                             "components (str) or a callable (path, leaf) -> bool; got "
-                             f"{targets!r}")
+        raise LoraxTypeError(
+            "lorax.unfreeze: targets must be a regex (str), a list of path "
+            "components (str) or a callable (path, leaf) -> bool; got "
+            f"{targets!r}"
+        )
     chosen = [bool(c) and ok for c, ok in zip(chosen, plain, strict=True)]
     if not any(chosen):
         raise LoraxValueError(f"lorax.unfreeze: {targets!r} selects no plain array" + listing)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorax._build import Site, build
 from lorax._checks import (
     compile_regex,
     floating_dtype,
@@ -24,18 +26,29 @@ from lorax.leaf import is_lorax_leaf
 from lorax.methods import lora_init
 from lorax.methods.dora import dora_from_lora
 from lorax.methods.lora import LoraWeight
-from lorax._build import Site, build
 from lorax.targets import Targets, pattern_matches
 
 _INITS = ("kaiming", "gaussian", "pissa", "olora", "loftq")
 
 
-def wrap(params: Any, /, *, rank: int = 8, alpha: float | None = None,
-         targets: Targets = None, key: jax.Array | None = None,
-         rank_pattern: Mapping[str, int] | None = None,
-         alpha_pattern: Mapping[str, float] | None = None, rslora: bool = False,
-         dtype: Any = None, init: str = "kaiming", stacked: Any = None, dora: bool = False,
-         dropout: float = 0.0, method: str | None = None) -> Any:
+def wrap(
+    params: Any,
+    /,
+    *,
+    rank: int = 8,
+    alpha: float | None = None,
+    targets: Targets = None,
+    key: jax.Array | None = None,
+    rank_pattern: Mapping[str, int] | None = None,
+    alpha_pattern: Mapping[str, float] | None = None,
+    rslora: bool = False,
+    dtype: Any = None,
+    init: str = "kaiming",
+    stacked: Any = None,
+    dora: bool = False,
+    dropout: float = 0.0,
+    method: str | None = None,
+) -> Any:
     """Returns ``params`` with the targeted weights replaced by :class:`LoraWeight` leaves.
 
     Each LoRA leaf keeps the original weight as its frozen base (never copied) and adds
@@ -64,7 +77,8 @@ def wrap(params: Any, /, *, rank: int = 8, alpha: float | None = None,
       rslora: use rank-stabilized scaling ``alpha / sqrt(r)``.
       dtype: dtype of the factors; default the base's dtype promoted to at least float32.
       init: ``"kaiming"`` (``A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, as peft),
-        ``"gaussian"`` (``A ~ N(0, 1/r^2)``), or from the weight (see ``lorax/methods/lora_init.py``):
+        ``"gaussian"`` (``A ~ N(0, 1/r^2)``), or from the weight (see
+        ``lorax/methods/lora_init.py``):
         ``"pissa"`` (top-r SVD, residual base), ``"olora"`` (QR, residual base),
         ``"loftq"`` (an NF4 base plus factors that cancel most of its quantization error).
       stacked: leading layer axes of the targeted kernels: an int for all, a regex of the
@@ -105,8 +119,12 @@ def wrap(params: Any, /, *, rank: int = 8, alpha: float | None = None,
     if method is not None:
         if method not in ("lora", "dora"):
             raise LoraxValueError(f"lorax.wrap: method must be 'lora' or 'dora'; got {method!r}")
-        warnings.warn("lorax.wrap: method= is deprecated; pass dora=True for DoRA (method="
-                      "'lora' is the default)", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "lorax.wrap: method= is deprecated; pass dora=True for DoRA (method="
+            "'lora' is the default)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         dora = dora or method == "dora"
     if not isinstance(dora, (bool, np.bool_)):
         raise LoraxTypeError(f"lorax.wrap: dora must be a bool; got {dora!r}")
@@ -120,8 +138,7 @@ def wrap(params: Any, /, *, rank: int = 8, alpha: float | None = None,
 
     def check(sites: list[Site]) -> None:
         adapted = [s.path for s in sites]
-        for name, patterns in (("rank_pattern", rank_pattern),
-                               ("alpha_pattern", alpha_pattern)):
+        for name, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
             _check_pattern_keys(name, patterns, adapted)
         _warn_tied(sites)
 
@@ -129,23 +146,38 @@ def wrap(params: Any, /, *, rank: int = 8, alpha: float | None = None,
         path, spec = site.path, site.spec
         r = _resolve(spec.rank, rank_pattern, "rank", rank, path, positive_int)
         a_ = _resolve(spec.alpha, alpha_pattern, "alpha", alpha, path, check_alpha)
-        leaf = make_lora_leaf(path, site.leaf, r, a_, site.key, siblings=site.siblings,
-                              rslora=rslora, dtype=dtype, init=init, in_axes=spec.in_axes,
-                              stack_axes=stack_axes_for(stacked, spec.stack_axes, path))
+        leaf = make_lora_leaf(
+            path,
+            site.leaf,
+            r,
+            a_,
+            site.key,
+            siblings=site.siblings,
+            rslora=rslora,
+            dtype=dtype,
+            init=init,
+            in_axes=spec.in_axes,
+            stack_axes=stack_axes_for(stacked, spec.stack_axes, path),
+        )
         if dora:
             leaf = dora_from_lora(leaf)
         return leaf.replace(dropout=float(dropout)) if dropout else leaf
 
-    return build(params, make, targets=targets, key=jax.random.key(0) if key is None else key,
-                 check=check, what="lorax.wrap")
+    return build(
+        params,
+        make,
+        targets=targets,
+        key=jax.random.key(0) if key is None else key,
+        check=check,
+        what="lorax.wrap",
+    )
 
 
 def check_alpha(value: Any, what: str) -> float:
     """``value`` as a float if it is a finite, non-zero real number (an alpha of 0 would
     switch the adapter off for good: its gradients are zero too)."""
     if not is_real_scalar(value):
-        raise LoraxTypeError(f"{what} must be a real number; got {type(value).__name__} "
-                             f"{value!r}")
+        raise LoraxTypeError(f"{what} must be a real number; got {type(value).__name__} {value!r}")
     alpha = float(value)
     if not math.isfinite(alpha) or alpha == 0:
         raise LoraxValueError(f"{what} must be finite and non-zero; got {value!r}")
@@ -157,12 +189,15 @@ def _patterns(patterns: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
     if patterns is None:
         return {}
     if not isinstance(patterns, Mapping):
-        raise LoraxTypeError(f"lorax.wrap: {what} must be a dict {{name_or_regex: value}}; "
-                             f"got {type(patterns).__name__}")
+        raise LoraxTypeError(
+            f"lorax.wrap: {what} must be a dict {{name_or_regex: value}}; "
+            f"got {type(patterns).__name__}"
+        )
     for key in patterns:
         if not isinstance(key, str):
-            raise LoraxTypeError(f"lorax.wrap: {what} keys must be names or regexes (str); "
-                                 f"got {key!r}")
+            raise LoraxTypeError(
+                f"lorax.wrap: {what} keys must be names or regexes (str); got {key!r}"
+            )
         compile_regex(key, f"lorax.wrap: {what} key")
     return dict(patterns)
 
@@ -171,14 +206,22 @@ def _check_pattern_keys(what: str, patterns: Mapping[str, Any], adapted: list[st
     for key in patterns:
         if not any(pattern_matches(key, p) for p in adapted):
             shown = ", ".join(f"'{p}'" for p in adapted[:20]) + (
-                ", ..." if len(adapted) > 20 else "")
+                ", ..." if len(adapted) > 20 else ""
+            )
             raise LoraxValueError(
                 f"lorax.wrap: {what} key {key!r} matches none of the adapted weights (as a "
-                f"path component or a regex matched in full); they are: {shown}")
+                f"path component or a regex matched in full); they are: {shown}"
+            )
 
 
-def _resolve(explicit: Any, patterns: Mapping[str, Any], what: str, default: Any, path: str,
-             check: Callable[[Any, str], Any]) -> Any:
+def _resolve(
+    explicit: Any,
+    patterns: Mapping[str, Any],
+    what: str,
+    default: Any,
+    path: str,
+    check: Callable[[Any, str], Any],
+) -> Any:
     """A per-path rank / alpha (LoraSpec, else first matching pattern key, else the
     argument), checked with an error naming where it came from and the path."""
     if explicit is not None:
@@ -196,45 +239,67 @@ def _warn_tied(sites: list[Site]) -> None:
         path = site.path
         other = first.setdefault(id(site.leaf), path)
         if other != path:
-            warnings.warn(f"lorax.wrap: '{other}' and '{path}' are the same array (tied "
-                          "weights); each gets its own adapter over the shared base, so they "
-                          "are no longer tied once trained. Target only one of them to keep "
-                          "them tied.", LoraxTiedWeightWarning, stacklevel=5)
+            warnings.warn(
+                f"lorax.wrap: '{other}' and '{path}' are the same array (tied "
+                "weights); each gets its own adapter over the shared base, so they "
+                "are no longer tied once trained. Target only one of them to keep "
+                "them tied.",
+                LoraxTiedWeightWarning,
+                stacklevel=5,
+            )
 
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
 
 
-def make_lora_leaf(path: str, base: Any, rank: int, alpha: float | None, key: jax.Array, *,
-                   siblings: Mapping[str, Any] | None = None, rslora: bool = False,
-                   dtype: Any = None, init: str = "kaiming", in_axes: int | None = None,
-                   stack_axes: int | None = None) -> LoraWeight:
+def make_lora_leaf(
+    path: str,
+    base: Any,
+    rank: int,
+    alpha: float | None,
+    key: jax.Array,
+    *,
+    siblings: Mapping[str, Any] | None = None,
+    rslora: bool = False,
+    dtype: Any = None,
+    init: str = "kaiming",
+    in_axes: int | None = None,
+    stack_axes: int | None = None,
+) -> LoraWeight:
     """One :class:`LoraWeight` over ``base`` (validated; errors name ``path``)."""
     siblings = siblings or {}
     shape = tuple(base.shape)
     rank = positive_int(rank, f"lorax.wrap: rank for '{path}'")
     ns = infer_stack_axes(path, shape, siblings) if stack_axes is None else stack_axes
     if not _is_int(ns) or not 0 <= ns <= len(shape) - 2:
-        raise LoraxValueError(f"lorax.wrap: '{path}' of shape {shape} cannot have {ns} stack axes "
-                              "(at least two axes must remain)")
+        raise LoraxValueError(
+            f"lorax.wrap: '{path}' of shape {shape} cannot have {ns} stack axes "
+            "(at least two axes must remain)"
+        )
     ni = infer_in_axes(shape, siblings, ns) if in_axes is None else in_axes
     if not _is_int(ni) or not 1 <= ni <= len(shape) - ns - 1:
-        raise LoraxValueError(f"lorax.wrap: in_axes={ni} for '{path}' of shape {shape} (stack "
-                              f"axes {ns}) must leave at least one input and one output axis")
-    stack, ins, outs = shape[:ns], shape[ns:ns + ni], shape[ns + ni:]
+        raise LoraxValueError(
+            f"lorax.wrap: in_axes={ni} for '{path}' of shape {shape} (stack "
+            f"axes {ns}) must leave at least one input and one output axis"
+        )
+    stack, ins, outs = shape[:ns], shape[ns : ns + ni], shape[ns + ni :]
     fan_in, fan_out = math.prod(ins), math.prod(outs)
     if rank > min(fan_in, fan_out):
-        raise LoraxValueError(f"lorax.wrap: rank {rank} for '{path}' exceeds min(in, out) = "
-                              f"min({fan_in}, {fan_out}) of its weight {shape}")
+        raise LoraxValueError(
+            f"lorax.wrap: rank {rank} for '{path}' exceeds min(in, out) = "
+            f"min({fan_in}, {fan_out}) of its weight {shape}"
+        )
     alpha = float(rank) if alpha is None else check_alpha(alpha, f"lorax.wrap: alpha for '{path}'")
     scale = alpha / math.sqrt(rank) if rslora else alpha / rank
     if dtype is None:
         dtype = jnp.promote_types(base.dtype, jnp.float32)
     if init in ("pissa", "olora", "loftq"):
         if is_lorax_leaf(base):
-            raise LoraxTypeError(f"lorax.wrap: init={init!r} for '{path}' needs a dense base (it "
-                                 "rewrites it); LoftQ quantizes a dense base itself")
+            raise LoraxTypeError(
+                f"lorax.wrap: init={init!r} for '{path}' needs a dense base (it "
+                "rewrites it); LoftQ quantizes a dense base itself"
+            )
         # An SVD / QR of inf or NaN gives NaN factors, or never returns on some backends.
         require_finite(base, f"lorax.wrap: init={init!r} for '{path}'")
         make = {"pissa": lora_init.pissa, "olora": lora_init.olora, "loftq": lora_init.loftq}[init]

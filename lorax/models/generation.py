@@ -17,11 +17,21 @@ from lorax.models.prefix import extend_cache
 from lorax.transform import lora
 
 
-def generate(model: nn.Module, params: Any, input_ids: jax.Array, max_new_tokens: int, *,
-             attention_mask: jax.Array | None = None, temperature: float = 0.0,
-             top_k: int | None = None, key: jax.Array | None = None,
-             eos_token_id: int | None = None, pad_token_id: int = 0,
-             prefix: KVCache | None = None, prompt: jax.Array | None = None) -> jax.Array:
+def generate(
+    model: nn.Module,
+    params: Any,
+    input_ids: jax.Array,
+    max_new_tokens: int,
+    *,
+    attention_mask: jax.Array | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    key: jax.Array | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int = 0,
+    prefix: KVCache | None = None,
+    prompt: jax.Array | None = None,
+) -> jax.Array:
     """Continues ``input_ids`` by ``max_new_tokens`` tokens.
 
     Args:
@@ -57,18 +67,35 @@ def generate(model: nn.Module, params: Any, input_ids: jax.Array, max_new_tokens
         raise LoraxValueError(f"generate: temperature must be >= 0, got {temperature}")
     if temperature > 0 and key is None:
         raise LoraxValueError("generate: sampling (temperature > 0) needs a PRNG key")
-    total = (input_ids.shape[1] + max_new_tokens + (0 if prefix is None else prefix.max_len)
-             + (0 if prompt is None else prompt.shape[0]))
+    total = (
+        input_ids.shape[1]
+        + max_new_tokens
+        + (0 if prefix is None else prefix.max_len)
+        + (0 if prompt is None else prompt.shape[0])
+    )
     limit = getattr(model, "max_positions", None)
     if limit is not None and total > limit:
-        raise LoraxValueError(f"generate: {input_ids.shape[1]} prompt + {max_new_tokens} new "
-                              f"tokens exceed the model's {limit} positions")
+        raise LoraxValueError(
+            f"generate: {input_ids.shape[1]} prompt + {max_new_tokens} new "
+            f"tokens exceed the model's {limit} positions"
+        )
     if attention_mask is None:
         attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     key = jax.random.key(0) if key is None else key
-    return _generate(model, params, jnp.asarray(input_ids), jnp.asarray(attention_mask), key,
-                     prefix, prompt, max_new_tokens, float(temperature), top_k, eos_token_id,
-                     pad_token_id)
+    return _generate(
+        model,
+        params,
+        jnp.asarray(input_ids),
+        jnp.asarray(attention_mask),
+        key,
+        prefix,
+        prompt,
+        max_new_tokens,
+        float(temperature),
+        top_k,
+        eos_token_id,
+        pad_token_id,
+    )
 
 
 def _sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | None):
@@ -82,15 +109,31 @@ def _sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | 
 
 
 @functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10, 11))
-def _generate(model, params, input_ids, attention_mask, key, prefix, prompt, max_new_tokens,
-              temperature, top_k, eos_token_id, pad_token_id):
+def _generate(
+    model,
+    params,
+    input_ids,
+    attention_mask,
+    key,
+    prefix,
+    prompt,
+    max_new_tokens,
+    temperature,
+    top_k,
+    eos_token_id,
+    pad_token_id,
+):
     apply = lora(model.apply)
     batch, t = input_ids.shape
     room = t + max_new_tokens + (0 if prompt is None else prompt.shape[0])
-    cache = (model.init_cache(batch, room) if prefix is None
-             else extend_cache(prefix, prefix.max_len + room))
-    logits, cache = apply({"params": params}, input_ids, attention_mask=attention_mask,
-                          cache=cache, prompt=prompt)
+    cache = (
+        model.init_cache(batch, room)
+        if prefix is None
+        else extend_cache(prefix, prefix.max_len + room)
+    )
+    logits, cache = apply(
+        {"params": params}, input_ids, attention_mask=attention_mask, cache=cache, prompt=prompt
+    )
     keys = jax.random.split(key, max_new_tokens)
     first = _sample(logits[:, -1], keys[0], temperature, top_k)
     done = jnp.zeros(batch, bool) if eos_token_id is None else first == eos_token_id

@@ -36,11 +36,15 @@ from lorax.models.layers import (
     updated_cache,
 )
 
-ACTIVATIONS = {"gelu_new": functools.partial(nn.gelu, approximate=True),
-               "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True),
-               "gelu_fast": functools.partial(nn.gelu, approximate=True),
-               "gelu": functools.partial(nn.gelu, approximate=False),
-               "relu": nn.relu, "silu": nn.silu, "swish": nn.silu}
+ACTIVATIONS = {
+    "gelu_new": functools.partial(nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True),
+    "gelu_fast": functools.partial(nn.gelu, approximate=True),
+    "gelu": functools.partial(nn.gelu, approximate=False),
+    "relu": nn.relu,
+    "silu": nn.silu,
+    "swish": nn.silu,
+}
 MODEL_TYPES = ("gpt2",)
 
 
@@ -61,16 +65,25 @@ class GPT2Config:
     eos_token_id: int | tuple[int, ...] | None = 50256
 
     def __post_init__(self):
-        hub.check_sizes("GPT2Config", vocab_size=self.vocab_size, n_positions=self.n_positions,
-                        n_embd=self.n_embd, n_layer=self.n_layer, n_head=self.n_head,
-                        n_inner=self.n_inner)
+        hub.check_sizes(
+            "GPT2Config",
+            vocab_size=self.vocab_size,
+            n_positions=self.n_positions,
+            n_embd=self.n_embd,
+            n_layer=self.n_layer,
+            n_head=self.n_head,
+            n_inner=self.n_inner,
+        )
         hub.check_positive("GPT2Config", layer_norm_epsilon=self.layer_norm_epsilon)
         if self.n_embd % self.n_head:
-            raise LoraxValueError(f"GPT2Config: n_embd {self.n_embd} is not a multiple of "
-                                  f"n_head {self.n_head}")
+            raise LoraxValueError(
+                f"GPT2Config: n_embd {self.n_embd} is not a multiple of n_head {self.n_head}"
+            )
         if self.activation_function not in ACTIVATIONS:
-            raise LoraxValueError(f"GPT2Config: activation_function {self.activation_function!r} "
-                                  f"is not one of {sorted(ACTIVATIONS)}")
+            raise LoraxValueError(
+                f"GPT2Config: activation_function {self.activation_function!r} "
+                f"is not one of {sorted(ACTIVATIONS)}"
+            )
         if isinstance(self.eos_token_id, list):  # several eos ids: keep the config hashable
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
 
@@ -79,22 +92,31 @@ class GPT2Config:
         return self.n_inner or 4 * self.n_embd
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any]) -> "GPT2Config":
+    def from_hf(cls, hf: dict[str, Any]) -> GPT2Config:
         """From a Hugging Face config dict; refuses another architecture and options that
         change the computation (the logits would differ from transformers')."""
         hub.check_model_type(hf, MODEL_TYPES, "GPT2Config", "GPT-2")
-        for flag, ok in [("scale_attn_by_inverse_layer_idx", False),
-                         ("add_cross_attention", False), ("scale_attn_weights", True),
-                         ("tie_word_embeddings", True)]:
+        for flag, ok in [
+            ("scale_attn_by_inverse_layer_idx", False),
+            ("add_cross_attention", False),
+            ("scale_attn_weights", True),
+            ("tie_word_embeddings", True),
+        ]:
             if hf.get(flag, ok) != ok:
-                raise LoraxValueError(f"GPT2Config: config key {flag}={hf[flag]!r} is not "
-                                      f"supported (GPT2 implements {flag}={ok})")
+                raise LoraxValueError(
+                    f"GPT2Config: config key {flag}={hf[flag]!r} is not "
+                    f"supported (GPT2 implements {flag}={ok})"
+                )
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in hf.items() if k in names})
 
     def to_hf(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "model_type": "gpt2",
-                "architectures": ["GPT2LMHeadModel"], "tie_word_embeddings": True}
+        return {
+            **dataclasses.asdict(self),
+            "model_type": "gpt2",
+            "architectures": ["GPT2LMHeadModel"],
+            "tie_word_embeddings": True,
+        }
 
 
 CONFIGS = {
@@ -106,8 +128,12 @@ CONFIGS = {
 
 
 def _dense(features: int, config: GPT2Config, dtype: Any, name: str) -> nn.Dense:
-    return nn.Dense(features, dtype=dtype, name=name,
-                    kernel_init=nn.initializers.normal(config.initializer_range))
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        name=name,
+        kernel_init=nn.initializers.normal(config.initializer_range),
+    )
 
 
 class GPT2Attention(nn.Module):
@@ -141,10 +167,12 @@ class GPT2Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, layer_cache, ctx):
-        norm = functools.partial(nn.LayerNorm, epsilon=self.config.layer_norm_epsilon,
-                                 dtype=self.dtype)
+        norm = functools.partial(
+            nn.LayerNorm, epsilon=self.config.layer_norm_epsilon, dtype=self.dtype
+        )
         h, layer_cache = GPT2Attention(self.config, self.dtype, name="attn")(
-            norm(name="ln_1")(x), layer_cache, ctx)
+            norm(name="ln_1")(x), layer_cache, ctx
+        )
         x = x + h
         x = x + GPT2MLP(self.config, self.dtype, name="mlp")(norm(name="ln_2")(x))
         return x, layer_cache
@@ -182,34 +210,41 @@ class GPT2(nn.Module):
         """This model's PEFT module map, for ``lorax.export_peft(..., model=model)``: the
         modules of its config's layers (scanned or not as the model is); ``params`` is not
         read."""
-        return PeftModuleMap(modules=hub.peft_modules(hf_table(self.config, self.scan_layers)),
-                             fan_in_fan_out=True)
+        return PeftModuleMap(
+            modules=hub.peft_modules(hf_table(self.config, self.scan_layers)), fan_in_fan_out=True
+        )
 
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
         """An empty KV cache for ``batch`` rows of at most ``max_len`` tokens."""
         c = self.config
-        return KVCache.empty(c.n_layer, batch, max_len, c.n_head, c.n_embd // c.n_head,
-                             dtype or self.dtype)
+        return KVCache.empty(
+            c.n_layer, batch, max_len, c.n_head, c.n_embd // c.n_head, dtype or self.dtype
+        )
 
     @nn.compact
-    def __call__(self, input_ids, *, attention_mask=None, positions=None, cache=None,
-                 prompt=None):
+    def __call__(self, input_ids, *, attention_mask=None, positions=None, cache=None, prompt=None):
         c = self.config
         init = nn.initializers.normal(c.initializer_range)
-        wte = nn.Embed(c.vocab_size, c.n_embd, dtype=self.dtype, embedding_init=init,
-                       name="wte")
-        wpe = nn.Embed(c.n_positions, c.n_embd, dtype=self.dtype, embedding_init=init,
-                       name="wpe")
+        wte = nn.Embed(c.vocab_size, c.n_embd, dtype=self.dtype, embedding_init=init, name="wte")
+        wpe = nn.Embed(c.n_positions, c.n_embd, dtype=self.dtype, embedding_init=init, name="wpe")
         x, attention_mask, n_prompt = prepend_prompt(wte(input_ids), prompt, attention_mask)
         length = x.shape[1] if cache is None else cache.max_len
         if length > c.n_positions:
-            raise LoraxValueError(f"GPT2: {length} positions requested; this model has "
-                                  f"n_positions={c.n_positions}")
-        ctx = attention_context(x.shape[:2], attention_mask, positions, cache,
-                                self.attention_impl)
+            raise LoraxValueError(
+                f"GPT2: {length} positions requested; this model has n_positions={c.n_positions}"
+            )
+        ctx = attention_context(x.shape[:2], attention_mask, positions, cache, self.attention_impl)
         x = x + wpe(ctx.positions)
-        x, kv = run_layers(GPT2Block, dict(config=c, dtype=self.dtype), c.n_layer,
-                           StackOptions(self.scan_layers, self.remat_policy), "h", x, ctx, cache)
+        x, kv = run_layers(
+            GPT2Block,
+            dict(config=c, dtype=self.dtype),
+            c.n_layer,
+            StackOptions(self.scan_layers, self.remat_policy),
+            "h",
+            x,
+            ctx,
+            cache,
+        )
         x = nn.LayerNorm(epsilon=c.layer_norm_epsilon, dtype=self.dtype, name="ln_f")(x)
         logits = wte.attend(x[:, n_prompt:]).astype(jnp.float32)  # the head is tied
         if cache is None:
@@ -218,12 +253,18 @@ class GPT2(nn.Module):
 
 
 _LAYER_ROWS = [  # (flax path inside a block, HF name inside a block); Conv1D is [in, out]
-    ("ln_1/scale", "ln_1.weight"), ("ln_1/bias", "ln_1.bias"),
-    ("attn/c_attn/kernel", "attn.c_attn.weight"), ("attn/c_attn/bias", "attn.c_attn.bias"),
-    ("attn/c_proj/kernel", "attn.c_proj.weight"), ("attn/c_proj/bias", "attn.c_proj.bias"),
-    ("ln_2/scale", "ln_2.weight"), ("ln_2/bias", "ln_2.bias"),
-    ("mlp/c_fc/kernel", "mlp.c_fc.weight"), ("mlp/c_fc/bias", "mlp.c_fc.bias"),
-    ("mlp/c_proj/kernel", "mlp.c_proj.weight"), ("mlp/c_proj/bias", "mlp.c_proj.bias"),
+    ("ln_1/scale", "ln_1.weight"),
+    ("ln_1/bias", "ln_1.bias"),
+    ("attn/c_attn/kernel", "attn.c_attn.weight"),
+    ("attn/c_attn/bias", "attn.c_attn.bias"),
+    ("attn/c_proj/kernel", "attn.c_proj.weight"),
+    ("attn/c_proj/bias", "attn.c_proj.bias"),
+    ("ln_2/scale", "ln_2.weight"),
+    ("ln_2/bias", "ln_2.bias"),
+    ("mlp/c_fc/kernel", "mlp.c_fc.weight"),
+    ("mlp/c_fc/bias", "mlp.c_fc.bias"),
+    ("mlp/c_proj/kernel", "mlp.c_proj.weight"),
+    ("mlp/c_proj/bias", "mlp.c_proj.bias"),
 ]
 
 HF_PREFIX = "transformer."
@@ -231,16 +272,23 @@ HF_IGNORE = r"(\.attn\.bias|\.attn\.masked_bias|^lm_head\.weight)$"  # buffers; 
 
 
 def _blocks(n_layer: int, scan_layers: bool) -> list[hub.Entry]:
-    return hub.stack_rows([(path, name, False) for path, name in _LAYER_ROWS], n_layer,
-                          scan_layers, "h", "transformer.h")
+    return hub.stack_rows(
+        [(path, name, False) for path, name in _LAYER_ROWS],
+        n_layer,
+        scan_layers,
+        "h",
+        "transformer.h",
+    )
 
 
 def hf_table(config: GPT2Config, scan_layers: bool = False) -> list[hub.Entry]:
     """Every parameter's Flax path and Hugging Face ``GPT2LMHeadModel`` tensor name."""
-    return [hub.Entry("wte/embedding", "transformer.wte.weight"),
-            hub.Entry("wpe/embedding", "transformer.wpe.weight"),
-            hub.Entry("ln_f/scale", "transformer.ln_f.weight"),
-            hub.Entry("ln_f/bias", "transformer.ln_f.bias")] + _blocks(config.n_layer, scan_layers)
+    return [
+        hub.Entry("wte/embedding", "transformer.wte.weight"),
+        hub.Entry("wpe/embedding", "transformer.wpe.weight"),
+        hub.Entry("ln_f/scale", "transformer.ln_f.weight"),
+        hub.Entry("ln_f/bias", "transformer.ln_f.bias"),
+    ] + _blocks(config.n_layer, scan_layers)
 
 
 def peft_modules(params: Any) -> PeftModuleMap:
@@ -265,17 +313,21 @@ def peft_modules(params: Any) -> PeftModuleMap:
       ((('transformer.h.1.mlp.c_fc', None),), True)
     """
     n_layer, scanned = hub.layer_count(params, hub.param_paths(params), "h")
-    return PeftModuleMap(modules=hub.peft_modules(_blocks(n_layer, scanned)),
-                         fan_in_fan_out=True)
+    return PeftModuleMap(modules=hub.peft_modules(_blocks(n_layer, scanned)), fan_in_fan_out=True)
 
 
 register_peft_family("gpt2", peft_modules)
 
 
-def from_pretrained(name_or_dir: str | os.PathLike, *, dtype: Any = jnp.float32,
-                    param_dtype: Any = None, scan_layers: bool = False,
-                    remat_policy: str | None = None, attention_impl: str | None = None
-                    ) -> tuple[GPT2, dict]:
+def from_pretrained(
+    name_or_dir: str | os.PathLike,
+    *,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = None,
+    scan_layers: bool = False,
+    remat_policy: str | None = None,
+    attention_impl: str | None = None,
+) -> tuple[GPT2, dict]:
     """Loads a Hugging Face GPT-2 checkpoint.
 
     Args:
@@ -295,10 +347,19 @@ def from_pretrained(name_or_dir: str | os.PathLike, *, dtype: Any = jnp.float32,
         does not parse (naming it).
       FileNotFoundError: no checkpoint there, or a shard the index names is missing.
     """
-    return hub.load_model(name_or_dir, GPT2Config, GPT2, hf_table, dtype=dtype,
-                          param_dtype=param_dtype, strip_prefix=HF_PREFIX, ignore=HF_IGNORE,
-                          scan_layers=scan_layers, remat_policy=remat_policy,
-                          attention_impl=attention_impl)
+    return hub.load_model(
+        name_or_dir,
+        GPT2Config,
+        GPT2,
+        hf_table,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        strip_prefix=HF_PREFIX,
+        ignore=HF_IGNORE,
+        scan_layers=scan_layers,
+        remat_policy=remat_policy,
+        attention_impl=attention_impl,
+    )
 
 
 def save_pretrained(directory: str | os.PathLike, model: GPT2, params: dict) -> None:

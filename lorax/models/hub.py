@@ -11,8 +11,9 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,10 +33,18 @@ from lorax.errors import (
 from lorax.leaf import is_lorax_leaf
 from lorax.paths import path_str
 
-CHECKPOINT_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json",
-                    "model-*.safetensors", "generation_config.json", "tokenizer.json",
-                    "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                    "merges.txt"]
+CHECKPOINT_FILES = [
+    "config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*.safetensors",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+]
 
 # model_type -> the lorax.models module that loads it, to point a wrong loader at the right one
 LOADER_OF = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama"}
@@ -59,8 +68,13 @@ class Entry:
     layer: int | None = None
 
 
-def stack_rows(block: Iterable[tuple[str, str, bool]], n_layers: int, scan_layers: bool,
-               flax_prefix: str, hf_prefix: str) -> list[Entry]:
+def stack_rows(
+    block: Iterable[tuple[str, str, bool]],
+    n_layers: int,
+    scan_layers: bool,
+    flax_prefix: str,
+    hf_prefix: str,
+) -> list[Entry]:
     """The entries of ``n_layers`` blocks of one kind.
 
     Args:
@@ -84,8 +98,14 @@ def stack_rows(block: Iterable[tuple[str, str, bool]], n_layers: int, scan_layer
     for i in range(n_layers):
         for path, name, transpose in block:
             flax_path = f"ScanLayers/{path}" if scan_layers else f"{flax_prefix}_{i}/{path}"
-            rows.append(Entry(flax_path, f"{hf_prefix}.{i}.{name}", transpose,
-                              layer=i if scan_layers else None))
+            rows.append(
+                Entry(
+                    flax_path,
+                    f"{hf_prefix}.{i}.{name}",
+                    transpose,
+                    layer=i if scan_layers else None,
+                )
+            )
     return rows
 
 
@@ -102,7 +122,7 @@ def peft_modules(table: Iterable[Entry]) -> dict[str, list[tuple[str, int | None
     out: dict[str, list[tuple[str, int | None]]] = {}
     for entry in table:
         if entry.path.endswith("/kernel") and entry.name.endswith(".weight"):
-            out.setdefault(entry.path, []).append((entry.name[:-len(".weight")], entry.layer))
+            out.setdefault(entry.path, []).append((entry.name[: -len(".weight")], entry.layer))
     return out
 
 
@@ -153,24 +173,31 @@ def resolve(name_or_dir: str | os.PathLike) -> Path:
     if path.is_dir():
         return path
     if path.exists():
-        raise LoraxNotADirectoryError(f"lorax.models: '{path}' is a file; pass the directory that "
-                                      "holds config.json and model.safetensors.")
-    how = (f"Provide the files as a local directory: on a machine with network run "
-           f"`huggingface-cli download {name_or_dir} config.json model.safetensors` (or "
-           f"huggingface_hub.snapshot_download('{name_or_dir}')) and pass the directory it "
-           "prints to from_pretrained.")
+        raise LoraxNotADirectoryError(
+            f"lorax.models: '{path}' is a file; pass the directory that "
+            "holds config.json and model.safetensors."
+        )
+    how = (
+        f"Provide the files as a local directory: on a machine with network run "
+        f"`huggingface-cli download {name_or_dir} config.json model.safetensors` (or "
+        f"huggingface_hub.snapshot_download('{name_or_dir}')) and pass the directory it "
+        "prints to from_pretrained."
+    )
     try:
         from huggingface_hub import snapshot_download
     except ImportError as e:
-        raise LoraxFileNotFoundError(f"lorax.models: '{name_or_dir}' is not a local directory and "
-                                     f"huggingface_hub is not installed. {how}") from e
+        raise LoraxFileNotFoundError(
+            f"lorax.models: '{name_or_dir}' is not a local directory and "
+            f"huggingface_hub is not installed. {how}"
+        ) from e
     try:
         return Path(snapshot_download(str(name_or_dir), allow_patterns=CHECKPOINT_FILES))
     except Exception as e:  # offline, not cached, no such repository, gated, ...
         raise LoraxFileNotFoundError(
             f"lorax.models: '{name_or_dir}' is not a local directory, and the Hugging Face Hub "
             f"could not provide it (offline and not in the cache, or no such repository): "
-            f"{type(e).__name__}: {e}. {how}") from e
+            f"{type(e).__name__}: {e}. {how}"
+        ) from e
 
 
 def read_json(file: Path) -> Any:
@@ -179,36 +206,48 @@ def read_json(file: Path) -> Any:
     try:
         return json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"lorax.models: '{file}' is not valid JSON ({e}); it is "
-                              "truncated or corrupt: download or write it again.") from e
+        raise CheckpointError(
+            f"lorax.models: '{file}' is not valid JSON ({e}); it is "
+            "truncated or corrupt: download or write it again."
+        ) from e
 
 
 def read_config(directory: Path) -> dict[str, Any]:
     """The checkpoint's config.json as a dict."""
     file = directory / "config.json"
     if not file.is_file():
-        raise LoraxFileNotFoundError(f"lorax.models: no config.json in '{directory}' (it has: "
-                                     f"{sorted(p.name for p in directory.iterdir())}).")
+        raise LoraxFileNotFoundError(
+            f"lorax.models: no config.json in '{directory}' (it has: "
+            f"{sorted(p.name for p in directory.iterdir())})."
+        )
     config = read_json(file)
     if not isinstance(config, dict):
-        raise CheckpointError(f"lorax.models: '{file}' holds a JSON {type(config).__name__}, "
-                              "not an object of config keys.")
+        raise CheckpointError(
+            f"lorax.models: '{file}' holds a JSON {type(config).__name__}, "
+            "not an object of config keys."
+        )
     return config
 
 
-def check_model_type(hf: Mapping[str, Any], supported: tuple[str, ...], where: str,
-                     model: str) -> None:
+def check_model_type(
+    hf: Mapping[str, Any], supported: tuple[str, ...], where: str, model: str
+) -> None:
     """Refuses a config of another architecture (no ``model_type``: taken as supported),
     naming the lorax loader that reads it if there is one."""
     kind = hf.get("model_type")
     if kind is None or kind in supported:
         return
     other = LOADER_OF.get(kind)
-    hint = (f"load it with lorax.models.{other}.from_pretrained" if other else
-            f"lorax.models loads model_type {sorted(LOADER_OF)} only")
-    raise LoraxValueError(f"{where}: config key model_type={kind!r}: the directory holds a "
-                          f"model_type {kind!r} checkpoint, not {model} (supported model_type: "
-                          f"{list(supported)}); {hint}")
+    hint = (
+        f"load it with lorax.models.{other}.from_pretrained"
+        if other
+        else f"lorax.models loads model_type {sorted(LOADER_OF)} only"
+    )
+    raise LoraxValueError(
+        f"{where}: config key model_type={kind!r}: the directory holds a "
+        f"model_type {kind!r} checkpoint, not {model} (supported model_type: "
+        f"{list(supported)}); {hint}"
+    )
 
 
 def check_sizes(where: str, **sizes: Any) -> None:
@@ -217,8 +256,9 @@ def check_sizes(where: str, **sizes: Any) -> None:
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int):
-            raise LoraxTypeError(f"{where}: {key} must be a positive int; got "
-                                 f"{type(value).__name__} {value!r}")
+            raise LoraxTypeError(
+                f"{where}: {key} must be a positive int; got {type(value).__name__} {value!r}"
+            )
         if value <= 0:
             raise LoraxValueError(f"{where}: {key} must be a positive int; got {value}")
 
@@ -227,8 +267,9 @@ def check_positive(where: str, **numbers: Any) -> None:
     """Refuses a number that is not finite and > 0 (an epsilon, a RoPE base)."""
     for key, value in numbers.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise LoraxTypeError(f"{where}: {key} must be a positive number; got "
-                                 f"{type(value).__name__} {value!r}")
+            raise LoraxTypeError(
+                f"{where}: {key} must be a positive number; got {type(value).__name__} {value!r}"
+            )
         if not (math.isfinite(value) and value > 0):
             raise LoraxValueError(f"{where}: {key} must be a finite number > 0; got {value}")
 
@@ -237,9 +278,11 @@ def _open(file: Path) -> Any:
     try:
         return safe_open(file, framework="numpy")
     except Exception as e:  # SafetensorError (not exported): the header does not parse
-        raise CheckpointError(f"lorax.models: '{file}' is not a readable safetensors file "
-                              f"({type(e).__name__}: {e}); it is truncated or corrupt: "
-                              "download it again.") from e
+        raise CheckpointError(
+            f"lorax.models: '{file}' is not a readable safetensors file "
+            f"({type(e).__name__}: {e}); it is truncated or corrupt: "
+            "download it again."
+        ) from e
 
 
 class TensorFiles:
@@ -254,21 +297,26 @@ class TensorFiles:
             weight_map = read_json(index)
             weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
             if not isinstance(weight_map, dict) or not all(
-                    isinstance(v, str) for v in weight_map.values()):
-                raise CheckpointError(f"lorax.models: '{index}' has no \"weight_map\" object "
-                                      "{tensor name: shard file}.")
+                isinstance(v, str) for v in weight_map.values()
+            ):
+                raise CheckpointError(
+                    f"lorax.models: '{index}' has no \"weight_map\" object "
+                    "{tensor name: shard file}."
+                )
             self.file_of = {name: directory / file for name, file in weight_map.items()}
             lost = sorted({f.name for f in self.file_of.values() if not f.is_file()})
             if lost:
                 raise LoraxFileNotFoundError(
                     f"lorax.models: '{index}' names shards that are not in '{directory}': "
-                    f"{lost[:5]}; the download is incomplete.")
+                    f"{lost[:5]}; the download is incomplete."
+                )
         elif not single.is_file():
             raise LoraxFileNotFoundError(
                 f"lorax.models: no model.safetensors or model.safetensors.index.json in "
                 f"'{directory}' (it has: {sorted(p.name for p in directory.iterdir())}). "
                 "Only safetensors checkpoints are read; convert a pytorch_model.bin with "
-                "transformers' save_pretrained(safe_serialization=True).")
+                "transformers' save_pretrained(safe_serialization=True)."
+            )
         # open every file now: a truncated shard fails here, not after the others are read
         try:
             if not index.is_file():
@@ -279,8 +327,9 @@ class TensorFiles:
                 keys = set(self._handles[file].keys())
                 absent = sorted(n for n, f in self.file_of.items() if f == file and n not in keys)
                 if absent:
-                    raise CheckpointError(f"lorax.models: '{index}' puts {absent[:5]} in "
-                                          f"'{file}', which lacks them.")
+                    raise CheckpointError(
+                        f"lorax.models: '{index}' puts {absent[:5]} in '{file}', which lacks them."
+                    )
         except LoraxError:
             self.close()
             raise
@@ -293,8 +342,10 @@ class TensorFiles:
         try:
             return self._handles[file].get_tensor(name)
         except Exception as e:  # SafetensorError: data that does not decode
-            raise CheckpointError(f"lorax.models: tensor '{name}' of '{file}' cannot be read "
-                                  f"({type(e).__name__}: {e}).") from e
+            raise CheckpointError(
+                f"lorax.models: tensor '{name}' of '{file}' cannot be read "
+                f"({type(e).__name__}: {e})."
+            ) from e
 
     def close(self):
         for handle in self._handles.values():
@@ -303,9 +354,14 @@ class TensorFiles:
         self._handles.clear()
 
 
-def params_from_tensors(table: Iterable[Entry], tensors: TensorFiles,
-                        shapes: Mapping[str, tuple[int, ...]], dtype: Any,
-                        strip_prefix: str = "", ignore: str | None = None) -> dict:
+def params_from_tensors(
+    table: Iterable[Entry],
+    tensors: TensorFiles,
+    shapes: Mapping[str, tuple[int, ...]],
+    dtype: Any,
+    strip_prefix: str = "",
+    ignore: str | None = None,
+) -> dict:
     """The nested Flax params that ``table`` builds from ``tensors``.
 
     Args:
@@ -327,7 +383,7 @@ def params_from_tensors(table: Iterable[Entry], tensors: TensorFiles,
     for entry in table:
         name = entry.name
         if name not in available and name.startswith(strip_prefix):
-            name = name[len(strip_prefix):]
+            name = name[len(strip_prefix) :]
         if name not in available:
             missing.append(entry.name)
             continue
@@ -337,19 +393,25 @@ def params_from_tensors(table: Iterable[Entry], tensors: TensorFiles,
         expected = shapes[entry.path]
         layer_shape = expected[1:] if entry.layer is not None else expected
         if tuple(array.shape) != tuple(layer_shape):
-            raise LoraxValueError(f"lorax.models: checkpoint tensor '{name}' has shape "
-                                  f"{tuple(array.shape)} (after transpose: {entry.transpose}) but "
-                                  f"parameter '{entry.path}' of this config needs "
-                                  f"{tuple(layer_shape)}; does config.json match the weights?")
+            raise LoraxValueError(
+                f"lorax.models: checkpoint tensor '{name}' has shape "
+                f"{tuple(array.shape)} (after transpose: {entry.transpose}) but "
+                f"parameter '{entry.path}' of this config needs "
+                f"{tuple(layer_shape)}; does config.json match the weights?"
+            )
         values.setdefault(entry.path, {})[entry.layer] = array
     if missing:
-        raise LoraxKeyError(f"lorax.models: the checkpoint lacks {len(missing)} tensors this "
-                            f"config needs, e.g. {missing[:5]}; it has e.g. "
-                            f"{sorted(available)[:5]}.")
+        raise LoraxKeyError(
+            f"lorax.models: the checkpoint lacks {len(missing)} tensors this "
+            f"config needs, e.g. {missing[:5]}; it has e.g. "
+            f"{sorted(available)[:5]}."
+        )
     unused = sorted(n for n in available - used if not (ignore and re.search(ignore, n)))
     if unused:
-        raise LoraxKeyError(f"lorax.models: the checkpoint has {len(unused)} tensors this config "
-                            f"does not use, e.g. {unused[:5]}; does config.json match the weights?")
+        raise LoraxKeyError(
+            f"lorax.models: the checkpoint has {len(unused)} tensors this config "
+            f"does not use, e.g. {unused[:5]}; does config.json match the weights?"
+        )
     params: dict = {}
     for path, by_layer in values.items():
         if None in by_layer:
@@ -372,8 +434,10 @@ def tensors_from_params(table: Iterable[Entry], params: Mapping) -> dict[str, np
         node = params
         for part in entry.path.split("/"):
             if part not in node:
-                raise LoraxKeyError(f"lorax.models: params have no '{entry.path}' (needed for "
-                                    f"'{entry.name}'); pass dense params (lorax.merge first).")
+                raise LoraxKeyError(
+                    f"lorax.models: params have no '{entry.path}' (needed for "
+                    f"'{entry.name}'); pass dense params (lorax.merge first)."
+                )
             node = node[part]
         array = np.asarray(jax.device_get(node))
         array = array[entry.layer] if entry.layer is not None else array
@@ -381,8 +445,9 @@ def tensors_from_params(table: Iterable[Entry], params: Mapping) -> dict[str, np
     return out
 
 
-def save_checkpoint(directory: str | os.PathLike, config: Mapping[str, Any],
-                    tensors: Mapping[str, np.ndarray]) -> Path:
+def save_checkpoint(
+    directory: str | os.PathLike, config: Mapping[str, Any], tensors: Mapping[str, np.ndarray]
+) -> Path:
     """Writes config.json and model.safetensors that transformers' from_pretrained reads."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -393,9 +458,18 @@ def save_checkpoint(directory: str | os.PathLike, config: Mapping[str, Any],
     return directory
 
 
-def load_model(name_or_dir: str | os.PathLike, config_cls: Any, model_cls: Any,
-               table: Any, *, dtype: Any, param_dtype: Any, strip_prefix: str,
-               ignore: Any, **model_options: Any) -> tuple[Any, dict]:
+def load_model(
+    name_or_dir: str | os.PathLike,
+    config_cls: Any,
+    model_cls: Any,
+    table: Any,
+    *,
+    dtype: Any,
+    param_dtype: Any,
+    strip_prefix: str,
+    ignore: Any,
+    **model_options: Any,
+) -> tuple[Any, dict]:
     """The shared body of the models' ``from_pretrained``: config, model, then params
     through ``table(config, scan_layers)``; ``ignore`` may be a function of the config."""
     directory = resolve(name_or_dir)
@@ -403,9 +477,11 @@ def load_model(name_or_dir: str | os.PathLike, config_cls: Any, model_cls: Any,
     if hf.get("quantization_config"):
         method = hf["quantization_config"]
         method = method.get("quant_method") if isinstance(method, dict) else method
-        raise LoraxValueError(f"lorax.models: '{directory / 'config.json'}' has "
-                              f"quantization_config (quant_method {method!r}): a pre-quantized "
-                              "checkpoint; load the unquantized one and use lorax.quantize.")
+        raise LoraxValueError(
+            f"lorax.models: '{directory / 'config.json'}' has "
+            f"quantization_config (quant_method {method!r}): a pre-quantized "
+            "checkpoint; load the unquantized one and use lorax.quantize."
+        )
     try:
         config = config_cls.from_hf(hf)
     except LoraxError as e:  # say which file holds the config that was refused
@@ -414,9 +490,13 @@ def load_model(name_or_dir: str | os.PathLike, config_cls: Any, model_cls: Any,
     tensors = TensorFiles(directory)
     try:
         params = params_from_tensors(
-            table(config, model.scan_layers), tensors, abstract_shapes(model),
-            param_dtype or dtype, strip_prefix=strip_prefix,
-            ignore=ignore(config) if callable(ignore) else ignore)
+            table(config, model.scan_layers),
+            tensors,
+            abstract_shapes(model),
+            param_dtype or dtype,
+            strip_prefix=strip_prefix,
+            ignore=ignore(config) if callable(ignore) else ignore,
+        )
     finally:
         tensors.close()
     return model, params

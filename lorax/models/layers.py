@@ -19,8 +19,12 @@ from flax import struct
 
 from lorax.errors import LoraxValueError
 
-REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
-                  "everything_saveable")
+REMAT_POLICIES = (
+    "nothing_saveable",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "everything_saveable",
+)
 
 
 @struct.dataclass
@@ -40,11 +44,22 @@ class KVCache:
     length: jax.Array
 
     @classmethod
-    def empty(cls, layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
-              dtype: Any = jnp.float32) -> "KVCache":
+    def empty(
+        cls,
+        layers: int,
+        batch: int,
+        max_len: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: Any = jnp.float32,
+    ) -> KVCache:
         shape = (layers, batch, max_len, kv_heads, head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                   jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+        return cls(
+            jnp.zeros(shape, dtype),
+            jnp.zeros(shape, dtype),
+            jnp.zeros((batch, max_len), bool),
+            jnp.zeros((), jnp.int32),
+        )
 
     @property
     def max_len(self) -> int:
@@ -55,60 +70,77 @@ class KVCache:
 class AttentionContext:
     """What every layer needs to attend, built once per call by :func:`attention_context`."""
 
-    positions: jax.Array            # [batch, T] absolute positions of the new tokens
-    padding: jax.Array | None       # [batch, T] bool, only without a cache
-    valid: jax.Array | None         # [batch, max_len] bool, with a cache
-    start: jax.Array | None         # int32 slot of the first new token, with a cache
+    positions: jax.Array  # [batch, T] absolute positions of the new tokens
+    padding: jax.Array | None  # [batch, T] bool, only without a cache
+    valid: jax.Array | None  # [batch, max_len] bool, with a cache
+    start: jax.Array | None  # int32 slot of the first new token, with a cache
     rope: tuple[jax.Array, jax.Array] | None = None  # cos, sin: [batch, T, head_dim]
     implementation: str | None = struct.field(pytree_node=False, default=None)
 
 
-def attention_context(shape: tuple[int, int], attention_mask: jax.Array | None,
-                      positions: jax.Array | None, cache: KVCache | None,
-                      implementation: str | None = None) -> AttentionContext:
+def attention_context(
+    shape: tuple[int, int],
+    attention_mask: jax.Array | None,
+    positions: jax.Array | None,
+    cache: KVCache | None,
+    implementation: str | None = None,
+) -> AttentionContext:
     """Positions and masks for a call on ``shape = (batch, T)`` new tokens.
 
     Positions default to the count of real tokens before each one (so left-padded rows start
     at 0, as Hugging Face computes them); with a cache the count includes the cached slots.
     """
     batch, t = shape
-    mask = (jnp.ones((batch, t), bool) if attention_mask is None
-            else jnp.asarray(attention_mask).astype(bool))
+    mask = (
+        jnp.ones((batch, t), bool)
+        if attention_mask is None
+        else jnp.asarray(attention_mask).astype(bool)
+    )
     if cache is None:
         if positions is None:
             positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
         padding = None if attention_mask is None else mask
-        return AttentionContext(positions.astype(jnp.int32), padding, None, None,
-                                implementation=implementation)
+        return AttentionContext(
+            positions.astype(jnp.int32), padding, None, None, implementation=implementation
+        )
     start = cache.length
     valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, mask, start, axis=1)
     if positions is None:
         counts = jnp.cumsum(valid, axis=1) - 1
         positions = jnp.maximum(jax.lax.dynamic_slice_in_dim(counts, start, t, axis=1), 0)
-    return AttentionContext(positions.astype(jnp.int32), None, valid, start,
-                            implementation=implementation)
+    return AttentionContext(
+        positions.astype(jnp.int32), None, valid, start, implementation=implementation
+    )
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, ctx: AttentionContext,
-              layer_cache: tuple[jax.Array, jax.Array] | None
-              ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    ctx: AttentionContext,
+    layer_cache: tuple[jax.Array, jax.Array] | None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """Causal attention of ``q [B, T, N, H]`` over ``k, v [B, T, K, H]`` (K divides N) and
     the layer's cached keys; returns the output ``[B, T, N, H]`` and the updated cache."""
     if layer_cache is None:
         mask = None if ctx.padding is None else ctx.padding[:, None, None, :]
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
-                                           implementation=ctx.implementation)
+        out = jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=True, implementation=ctx.implementation
+        )
         return out, None
     cached_k, cached_v = layer_cache
-    cached_k = jax.lax.dynamic_update_slice_in_dim(cached_k, k.astype(cached_k.dtype),
-                                                   ctx.start, axis=1)
-    cached_v = jax.lax.dynamic_update_slice_in_dim(cached_v, v.astype(cached_v.dtype),
-                                                   ctx.start, axis=1)
+    cached_k = jax.lax.dynamic_update_slice_in_dim(
+        cached_k, k.astype(cached_k.dtype), ctx.start, axis=1
+    )
+    cached_v = jax.lax.dynamic_update_slice_in_dim(
+        cached_v, v.astype(cached_v.dtype), ctx.start, axis=1
+    )
     t, s = q.shape[1], cached_k.shape[1]
-    causal = jnp.arange(s)[None, :] <= (ctx.start + jnp.arange(t))[:, None]   # [T, S]
-    mask = causal[None, None] & ctx.valid[:, None, None, :]                    # [B,1,T,S]
-    out = jax.nn.dot_product_attention(q, cached_k.astype(q.dtype), cached_v.astype(q.dtype),
-                                       mask=mask)
+    causal = jnp.arange(s)[None, :] <= (ctx.start + jnp.arange(t))[:, None]  # [T, S]
+    mask = causal[None, None] & ctx.valid[:, None, None, :]  # [B,1,T,S]
+    out = jax.nn.dot_product_attention(
+        q, cached_k.astype(q.dtype), cached_v.astype(q.dtype), mask=mask
+    )
     return out, (cached_k, cached_v)
 
 
@@ -121,8 +153,11 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None) -> jax.A
     if kind == "linear":
         return inv / scaling["factor"]
     if kind == "llama3":
-        factor, low, high = (scaling["factor"], scaling["low_freq_factor"],
-                             scaling["high_freq_factor"])
+        factor, low, high = (
+            scaling["factor"],
+            scaling["low_freq_factor"],
+            scaling["high_freq_factor"],
+        )
         old = scaling["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv
         scaled = jnp.where(wavelen > old / low, inv / factor, inv)
@@ -130,8 +165,10 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None) -> jax.A
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old / high) & (wavelen <= old / low)
         return jnp.where(medium, smoothed, scaled)
-    raise NotImplementedError(f"lorax.models: rope_scaling type {kind!r} is not supported "
-                              "(supported: default, linear, llama3)")
+    raise NotImplementedError(
+        f"lorax.models: rope_scaling type {kind!r} is not supported "
+        "(supported: default, linear, llama3)"
+    )
 
 
 def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -158,14 +195,22 @@ class StackOptions:
 
     def __post_init__(self):
         if self.remat_policy is not None and self.remat_policy not in REMAT_POLICIES:
-            raise LoraxValueError(f"lorax.models: remat_policy must be None or one of "
-                                  f"{REMAT_POLICIES}; got {self.remat_policy!r}")
+            raise LoraxValueError(
+                f"lorax.models: remat_policy must be None or one of "
+                f"{REMAT_POLICIES}; got {self.remat_policy!r}"
+            )
 
 
-def run_layers(block: type[nn.Module], block_kwargs: dict[str, Any], n_layers: int,
-               options: StackOptions, prefix: str, x: jax.Array, ctx: AttentionContext,
-               cache: KVCache | None
-               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+def run_layers(
+    block: type[nn.Module],
+    block_kwargs: dict[str, Any],
+    n_layers: int,
+    options: StackOptions,
+    prefix: str,
+    x: jax.Array,
+    ctx: AttentionContext,
+    cache: KVCache | None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """Runs ``n_layers`` blocks ``block(**block_kwargs)(x, layer_cache, ctx)``, each returning
     ``(x, layer_cache)``.
 
@@ -176,12 +221,20 @@ def run_layers(block: type[nn.Module], block_kwargs: dict[str, Any], n_layers: i
     """
     cls, kwargs = block, block_kwargs
     if options.remat_policy is not None:
-        cls = nn.remat(cls, policy=getattr(jax.checkpoint_policies, options.remat_policy),
-                       prevent_cse=not options.scan_layers)
+        cls = nn.remat(
+            cls,
+            policy=getattr(jax.checkpoint_policies, options.remat_policy),
+            prevent_cse=not options.scan_layers,
+        )
     layer_caches = None if cache is None else (cache.keys, cache.values)
     if options.scan_layers:
-        stack = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=(0, nn.broadcast), length=n_layers)
+        stack = nn.scan(
+            cls,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast),
+            length=n_layers,
+        )
         return stack(**kwargs, name="ScanLayers")(x, layer_caches, ctx)
     new_k, new_v = [], []
     for i in range(n_layers):
@@ -193,8 +246,9 @@ def run_layers(block: type[nn.Module], block_kwargs: dict[str, Any], n_layers: i
     return x, (None if cache is None else (jnp.stack(new_k), jnp.stack(new_v)))
 
 
-def prepend_prompt(embeddings: jax.Array, prompt: jax.Array | None,
-                   attention_mask: jax.Array | None) -> tuple[jax.Array, jax.Array | None, int]:
+def prepend_prompt(
+    embeddings: jax.Array, prompt: jax.Array | None, attention_mask: jax.Array | None
+) -> tuple[jax.Array, jax.Array | None, int]:
     """Soft-prompt tuning: ``prompt [P, d]`` before every row's token embeddings ``[B, T, d]``
     (and ones before the mask). Returns the embeddings, the mask and ``P``."""
     if prompt is None:
@@ -203,11 +257,13 @@ def prepend_prompt(embeddings: jax.Array, prompt: jax.Array | None,
     rows = jnp.broadcast_to(prompt[None].astype(embeddings.dtype), (batch,) + prompt.shape)
     if attention_mask is not None:
         attention_mask = jnp.concatenate(
-            [jnp.ones((batch, n), jnp.asarray(attention_mask).dtype), attention_mask], axis=1)
+            [jnp.ones((batch, n), jnp.asarray(attention_mask).dtype), attention_mask], axis=1
+        )
     return jnp.concatenate([rows, embeddings], axis=1), attention_mask, n
 
 
-def updated_cache(cache: KVCache, ctx: AttentionContext, kv: tuple[jax.Array, jax.Array],
-                  new_tokens: int) -> KVCache:
+def updated_cache(
+    cache: KVCache, ctx: AttentionContext, kv: tuple[jax.Array, jax.Array], new_tokens: int
+) -> KVCache:
     """The cache after a call wrote ``new_tokens`` slots."""
     return KVCache(kv[0], kv[1], ctx.valid, cache.length + new_tokens)

@@ -46,9 +46,11 @@ from lorax.models.layers import (
 
 MODEL_TYPES = ("llama", "mistral")  # Mistral: Llama's layers (without its sliding window)
 # the rope types layers.rope_frequencies implements, with the keys each needs
-ROPE_TYPES = {"default": (), "linear": ("factor",),
-              "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-                         "original_max_position_embeddings")}
+ROPE_TYPES = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,21 +76,31 @@ class LlamaConfig:
     eos_token_id: int | tuple[int, ...] | None = 2
 
     def __post_init__(self):
-        hub.check_sizes("LlamaConfig", vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-                        intermediate_size=self.intermediate_size,
-                        num_hidden_layers=self.num_hidden_layers,
-                        num_attention_heads=self.num_attention_heads,
-                        num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim,
-                        max_position_embeddings=self.max_position_embeddings)
-        hub.check_positive("LlamaConfig", rms_norm_eps=self.rms_norm_eps,
-                           rope_theta=self.rope_theta)
+        hub.check_sizes(
+            "LlamaConfig",
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            max_position_embeddings=self.max_position_embeddings,
+        )
+        hub.check_positive(
+            "LlamaConfig", rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta
+        )
         if self.num_attention_heads % self.kv_heads:
-            raise LoraxValueError(f"LlamaConfig: num_attention_heads {self.num_attention_heads} is "
-                                  f"not a multiple of num_key_value_heads {self.kv_heads}")
+            raise LoraxValueError(
+                f"LlamaConfig: num_attention_heads {self.num_attention_heads} is "
+                f"not a multiple of num_key_value_heads {self.kv_heads}"
+            )
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:
-            raise LoraxValueError(f"LlamaConfig: hidden_size {self.hidden_size} is not a "
-                                  "multiple of num_attention_heads "
-                                  f"{self.num_attention_heads}; set head_dim")
+            raise LoraxValueError(
+                f"LlamaConfig: hidden_size {self.hidden_size} is not a "
+                "multiple of num_attention_heads "
+                f"{self.num_attention_heads}; set head_dim"
+            )
         if isinstance(self.rope_scaling, dict):  # accept HF's dict, store it hashable
             object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
         if isinstance(self.eos_token_id, list):  # several eos ids (Llama 3 instruct): hashable
@@ -96,13 +108,17 @@ class LlamaConfig:
         scaling = self.scaling or {}
         kind = scaling.get("rope_type", scaling.get("type", "default"))
         if kind not in ROPE_TYPES:
-            raise LoraxValueError(f"LlamaConfig: rope type {kind!r} (config key rope_parameters "
-                                  f"or rope_scaling: {scaling}) is not supported; supported: "
-                                  f"{sorted(ROPE_TYPES)}")
+            raise LoraxValueError(
+                f"LlamaConfig: rope type {kind!r} (config key rope_parameters "
+                f"or rope_scaling: {scaling}) is not supported; supported: "
+                f"{sorted(ROPE_TYPES)}"
+            )
         lacking = [k for k in ROPE_TYPES[kind] if k not in scaling]
         if lacking:
-            raise LoraxValueError(f"LlamaConfig: rope type {kind!r} needs {lacking} in "
-                                  f"rope_parameters / rope_scaling; got {scaling}")
+            raise LoraxValueError(
+                f"LlamaConfig: rope type {kind!r} needs {lacking} in "
+                f"rope_parameters / rope_scaling; got {scaling}"
+            )
 
     @property
     def kv_heads(self) -> int:
@@ -117,13 +133,15 @@ class LlamaConfig:
         return None if self.rope_scaling is None else dict(self.rope_scaling)
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any]) -> "LlamaConfig":
+    def from_hf(cls, hf: dict[str, Any]) -> LlamaConfig:
         """From a Hugging Face config dict (transformers 4's ``rope_theta`` /
         ``rope_scaling`` or 5's ``rope_parameters``)."""
         hub.check_model_type(hf, MODEL_TYPES, "LlamaConfig", "Llama")
         if hf.get("hidden_act", "silu") != "silu":
-            raise LoraxValueError(f"LlamaConfig: config key hidden_act={hf['hidden_act']!r} is "
-                                  "not supported (Llama implements silu only)")
+            raise LoraxValueError(
+                f"LlamaConfig: config key hidden_act={hf['hidden_act']!r} is "
+                "not supported (Llama implements silu only)"
+            )
         window, positions = hf.get("sliding_window"), hf.get("max_position_embeddings", 2048)
         hub.check_sizes("LlamaConfig", sliding_window=window, max_position_embeddings=positions)
         # HF's Llama ignores sliding_window; Mistral masks keys further back than the window,
@@ -134,15 +152,18 @@ class LlamaConfig:
                 f"{hf.get('model_type')!r}) is smaller than max_position_embeddings="
                 f"{positions}: sliding-window attention is not implemented (the logits would "
                 "differ from transformers' past that many tokens); supported: sliding_window "
-                "null or >= max_position_embeddings")
+                "null or >= max_position_embeddings"
+            )
         hf = dict(hf)
         if hf.get("model_type") == "mistral":  # HF's Mistral has no biases, whatever the keys
             hf.pop("attention_bias", None)
             hf.pop("mlp_bias", None)
         rope = hf.pop("rope_parameters", None) or hf.get("rope_scaling") or {}
         if not isinstance(rope, dict):
-            raise LoraxTypeError(f"LlamaConfig: config key rope_parameters / rope_scaling must "
-                                 f"be an object; got {type(rope).__name__} {rope!r}")
+            raise LoraxTypeError(
+                f"LlamaConfig: config key rope_parameters / rope_scaling must "
+                f"be an object; got {type(rope).__name__} {rope!r}"
+            )
         rope = dict(rope)
         if "rope_theta" in rope:
             hf["rope_theta"] = rope.pop("rope_theta")
@@ -152,9 +173,14 @@ class LlamaConfig:
         return cls(**{k: v for k, v in hf.items() if k in names})
 
     def to_hf(self) -> dict[str, Any]:
-        out = {**dataclasses.asdict(self), "model_type": "llama",
-               "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
-               "num_key_value_heads": self.kv_heads, "head_dim": self.dims}
+        out = {
+            **dataclasses.asdict(self),
+            "model_type": "llama",
+            "architectures": ["LlamaForCausalLM"],
+            "hidden_act": "silu",
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.dims,
+        }
         rope = {"rope_type": "default", **(self.scaling or {}), "rope_theta": self.rope_theta}
         out.pop("rope_scaling")
         out.pop("rope_theta")
@@ -162,38 +188,81 @@ class LlamaConfig:
         return out
 
 
-_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 CONFIGS = {
     "llama-2-7b": LlamaConfig(rms_norm_eps=1e-5, max_position_embeddings=4096),
-    "llama-2-13b": LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                               num_attention_heads=40, rms_norm_eps=1e-5,
-                               max_position_embeddings=4096),
-    "llama-3.2-1b": LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
-                                num_hidden_layers=16, num_attention_heads=32,
-                                num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
-                                rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE,
-                                max_position_embeddings=131072, tie_word_embeddings=True,
-                                bos_token_id=128000, eos_token_id=128001),
-    "llama-3.2-3b": LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192,
-                                num_hidden_layers=28, num_attention_heads=24,
-                                num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
-                                rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE,
-                                max_position_embeddings=131072, tie_word_embeddings=True,
-                                bos_token_id=128000, eos_token_id=128001),
-    "llama-3.1-8b": LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                                num_hidden_layers=32, num_attention_heads=32,
-                                num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
-                                rope_scaling={**_LLAMA3_ROPE, "factor": 8.0},
-                                max_position_embeddings=131072, bos_token_id=128000,
-                                eos_token_id=128001),
+    "llama-2-13b": LlamaConfig(
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=4096,
+    ),
+    "llama-3.2-1b": LlamaConfig(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling=_LLAMA3_ROPE,
+        max_position_embeddings=131072,
+        tie_word_embeddings=True,
+        bos_token_id=128000,
+        eos_token_id=128001,
+    ),
+    "llama-3.2-3b": LlamaConfig(
+        vocab_size=128256,
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=28,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling=_LLAMA3_ROPE,
+        max_position_embeddings=131072,
+        tie_word_embeddings=True,
+        bos_token_id=128000,
+        eos_token_id=128001,
+    ),
+    "llama-3.1-8b": LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling={**_LLAMA3_ROPE, "factor": 8.0},
+        max_position_embeddings=131072,
+        bos_token_id=128000,
+        eos_token_id=128001,
+    ),
 }  # the benchmarks' own shapes (Llama-1B anchor, LLaMA-65B) are in benchmarks/bench_shapes.py
 
 
 def _dense(features: int, bias: bool, config: LlamaConfig, dtype: Any, name: str) -> nn.Dense:
-    return nn.Dense(features, use_bias=bias, dtype=dtype, name=name,
-                    kernel_init=nn.initializers.normal(config.initializer_range))
+    return nn.Dense(
+        features,
+        use_bias=bias,
+        dtype=dtype,
+        name=name,
+        kernel_init=nn.initializers.normal(config.initializer_range),
+    )
 
 
 class LlamaAttention(nn.Module):
@@ -204,8 +273,7 @@ class LlamaAttention(nn.Module):
     def __call__(self, x, layer_cache, ctx):
         c = self.config
         batch, t, _ = x.shape
-        heads, kv_heads, dims, bias = (c.num_attention_heads, c.kv_heads, c.dims,
-                                       c.attention_bias)
+        heads, kv_heads, dims, bias = (c.num_attention_heads, c.kv_heads, c.dims, c.attention_bias)
         q = _dense(heads * dims, bias, c, self.dtype, "q_proj")(x).reshape(batch, t, heads, dims)
         k = _dense(kv_heads * dims, bias, c, self.dtype, "k_proj")(x)
         v = _dense(kv_heads * dims, bias, c, self.dtype, "v_proj")(x)
@@ -237,10 +305,12 @@ class LlamaBlock(nn.Module):
     def __call__(self, x, layer_cache, ctx):
         norm = functools.partial(nn.RMSNorm, epsilon=self.config.rms_norm_eps, dtype=self.dtype)
         h, layer_cache = LlamaAttention(self.config, self.dtype, name="self_attn")(
-            norm(name="input_layernorm")(x), layer_cache, ctx)
+            norm(name="input_layernorm")(x), layer_cache, ctx
+        )
         x = x + h
         x = x + LlamaMLP(self.config, self.dtype, name="mlp")(
-            norm(name="post_attention_layernorm")(x))
+            norm(name="post_attention_layernorm")(x)
+        )
         return x, layer_cache
 
 
@@ -263,29 +333,42 @@ class Llama(nn.Module):
     def peft_modules(self, params: Any = None) -> PeftModuleMap:
         """This model's PEFT module map (as :meth:`lorax.models.gpt2.GPT2.peft_modules`;
         ``fan_in_fan_out`` false)."""
-        return PeftModuleMap(modules=hub.peft_modules(hf_table(self.config, self.scan_layers)),
-                             fan_in_fan_out=False)
+        return PeftModuleMap(
+            modules=hub.peft_modules(hf_table(self.config, self.scan_layers)), fan_in_fan_out=False
+        )
 
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
         """An empty KV cache for ``batch`` rows of at most ``max_len`` tokens."""
         c = self.config
-        return KVCache.empty(c.num_hidden_layers, batch, max_len, c.kv_heads, c.dims,
-                             dtype or self.dtype)
+        return KVCache.empty(
+            c.num_hidden_layers, batch, max_len, c.kv_heads, c.dims, dtype or self.dtype
+        )
 
     @nn.compact
-    def __call__(self, input_ids, *, attention_mask=None, positions=None, cache=None,
-                 prompt=None):
+    def __call__(self, input_ids, *, attention_mask=None, positions=None, cache=None, prompt=None):
         c = self.config
-        embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, name="embed_tokens",
-                         embedding_init=nn.initializers.normal(c.initializer_range))
+        embed = nn.Embed(
+            c.vocab_size,
+            c.hidden_size,
+            dtype=self.dtype,
+            name="embed_tokens",
+            embedding_init=nn.initializers.normal(c.initializer_range),
+        )
         x, attention_mask, n_prompt = prepend_prompt(embed(input_ids), prompt, attention_mask)
-        ctx = attention_context(x.shape[:2], attention_mask, positions, cache,
-                                self.attention_impl)
-        ctx = ctx.replace(rope=rope_tables(ctx.positions, rope_frequencies(
-            c.dims, c.rope_theta, c.scaling)))
-        x, kv = run_layers(LlamaBlock, dict(config=c, dtype=self.dtype), c.num_hidden_layers,
-                           StackOptions(self.scan_layers, self.remat_policy), "layers", x, ctx,
-                           cache)
+        ctx = attention_context(x.shape[:2], attention_mask, positions, cache, self.attention_impl)
+        ctx = ctx.replace(
+            rope=rope_tables(ctx.positions, rope_frequencies(c.dims, c.rope_theta, c.scaling))
+        )
+        x, kv = run_layers(
+            LlamaBlock,
+            dict(config=c, dtype=self.dtype),
+            c.num_hidden_layers,
+            StackOptions(self.scan_layers, self.remat_policy),
+            "layers",
+            x,
+            ctx,
+            cache,
+        )
         h = nn.RMSNorm(epsilon=c.rms_norm_eps, dtype=self.dtype, name="norm")(x[:, n_prompt:])
         if c.tie_word_embeddings:
             logits = embed.attend(h)
@@ -297,13 +380,17 @@ class Llama(nn.Module):
         return logits, updated_cache(cache, ctx, kv, x.shape[1])
 
 
-_LAYER_ROWS = [  # (flax path inside a block, HF name inside a block, transposed)
-    ("input_layernorm/scale", "input_layernorm.weight", False),
-    ("post_attention_layernorm/scale", "post_attention_layernorm.weight", False),
-] + [(f"self_attn/{p}/kernel", f"self_attn.{p}.weight", True)
-     for p in ("q_proj", "k_proj", "v_proj", "o_proj")
-     ] + [(f"mlp/{p}/kernel", f"mlp.{p}.weight", True)
-          for p in ("gate_proj", "up_proj", "down_proj")]
+_LAYER_ROWS = (
+    [  # (flax path inside a block, HF name inside a block, transposed)
+        ("input_layernorm/scale", "input_layernorm.weight", False),
+        ("post_attention_layernorm/scale", "post_attention_layernorm.weight", False),
+    ]
+    + [
+        (f"self_attn/{p}/kernel", f"self_attn.{p}.weight", True)
+        for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+    ]
+    + [(f"mlp/{p}/kernel", f"mlp.{p}.weight", True) for p in ("gate_proj", "up_proj", "down_proj")]
+)
 
 HF_PREFIX = "model."
 HF_IGNORE = r"(rotary_emb\.inv_freq|^lm_head\.weight)$"  # buffers; only read when untied
@@ -316,11 +403,14 @@ def _ignore(config: LlamaConfig) -> str:
 def _block_rows(config: LlamaConfig) -> list[tuple[str, str, bool]]:
     layer_rows = list(_LAYER_ROWS)
     if config.attention_bias:
-        layer_rows += [(f"self_attn/{p}/bias", f"self_attn.{p}.bias", False)
-                       for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        layer_rows += [
+            (f"self_attn/{p}/bias", f"self_attn.{p}.bias", False)
+            for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+        ]
     if config.mlp_bias:
-        layer_rows += [(f"mlp/{p}/bias", f"mlp.{p}.bias", False)
-                       for p in ("gate_proj", "up_proj", "down_proj")]
+        layer_rows += [
+            (f"mlp/{p}/bias", f"mlp.{p}.bias", False) for p in ("gate_proj", "up_proj", "down_proj")
+        ]
     return layer_rows
 
 
@@ -329,12 +419,15 @@ _LM_HEAD = hub.Entry("lm_head/kernel", "lm_head.weight", transpose=True)
 
 def hf_table(config: LlamaConfig, scan_layers: bool = False) -> list[hub.Entry]:
     """Every parameter's Flax path and Hugging Face ``LlamaForCausalLM`` tensor name."""
-    rows = [hub.Entry("embed_tokens/embedding", "model.embed_tokens.weight"),
-            hub.Entry("norm/scale", "model.norm.weight")]
+    rows = [
+        hub.Entry("embed_tokens/embedding", "model.embed_tokens.weight"),
+        hub.Entry("norm/scale", "model.norm.weight"),
+    ]
     if not config.tie_word_embeddings:
         rows.append(_LM_HEAD)
-    return rows + hub.stack_rows(_block_rows(config), config.num_hidden_layers, scan_layers,
-                                 "layers", "model.layers")
+    return rows + hub.stack_rows(
+        _block_rows(config), config.num_hidden_layers, scan_layers, "layers", "model.layers"
+    )
 
 
 def peft_modules(params: Any) -> PeftModuleMap:
@@ -369,16 +462,30 @@ def peft_modules(params: Any) -> PeftModuleMap:
 register_peft_family("llama", peft_modules)
 
 
-def from_pretrained(name_or_dir: str | os.PathLike, *, dtype: Any = jnp.float32,
-                    param_dtype: Any = None, scan_layers: bool = False,
-                    remat_policy: str | None = None, attention_impl: str | None = None
-                    ) -> tuple[Llama, dict]:
+def from_pretrained(
+    name_or_dir: str | os.PathLike,
+    *,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = None,
+    scan_layers: bool = False,
+    remat_policy: str | None = None,
+    attention_impl: str | None = None,
+) -> tuple[Llama, dict]:
     """Loads a Hugging Face Llama checkpoint, or a Mistral one without a binding sliding
     window (arguments and errors as :func:`lorax.models.gpt2.from_pretrained`)."""
-    return hub.load_model(name_or_dir, LlamaConfig, Llama, hf_table, dtype=dtype,
-                          param_dtype=param_dtype, strip_prefix=HF_PREFIX, ignore=_ignore,
-                          scan_layers=scan_layers, remat_policy=remat_policy,
-                          attention_impl=attention_impl)
+    return hub.load_model(
+        name_or_dir,
+        LlamaConfig,
+        Llama,
+        hf_table,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        strip_prefix=HF_PREFIX,
+        ignore=_ignore,
+        scan_layers=scan_layers,
+        remat_policy=remat_policy,
+        attention_impl=attention_impl,
+    )
 
 
 def save_pretrained(directory: str | os.PathLike, model: Llama, params: dict) -> None:

@@ -28,8 +28,9 @@ def _kv_shape(model: Any) -> tuple[int, int, int]:
     return keys.shape[0], keys.shape[3], keys.shape[4]  # layers, kv heads, head dim
 
 
-def init_prefix(model: Any, length: int, key: jax.Array, hidden: int | None = None,
-                scale: float = 0.02) -> dict:
+def init_prefix(
+    model: Any, length: int, key: jax.Array, hidden: int | None = None, scale: float = 0.02
+) -> dict:
     """Trainable prefix parameters for ``length`` virtual tokens.
 
     Args:
@@ -49,14 +50,18 @@ def init_prefix(model: Any, length: int, key: jax.Array, hidden: int | None = No
     k1, k2, k3, k4 = jax.random.split(key, 4)
     if hidden is None:
         shape = (layers, length, heads, dims)
-        return {"keys": scale * jax.random.normal(k1, shape),
-                "values": scale * jax.random.normal(k2, shape)}
+        return {
+            "keys": scale * jax.random.normal(k1, shape),
+            "values": scale * jax.random.normal(k2, shape),
+        }
     out = layers * 2 * heads * dims
-    return {"embedding": jax.random.normal(k1, (length, hidden)),
-            "w1": jax.random.normal(k2, (hidden, hidden)) / hidden ** 0.5,
-            "b1": jnp.zeros(hidden),
-            "w2": scale * jax.random.normal(k3, (hidden, out)) / hidden ** 0.5,
-            "b2": jnp.zeros(out)}
+    return {
+        "embedding": jax.random.normal(k1, (length, hidden)),
+        "w1": jax.random.normal(k2, (hidden, hidden)) / hidden**0.5,
+        "b1": jnp.zeros(hidden),
+        "w2": scale * jax.random.normal(k3, (hidden, out)) / hidden**0.5,
+        "b2": jnp.zeros(out),
+    }
 
 
 def prefix_kv(model: Any, prefix: dict) -> tuple[jax.Array, jax.Array]:
@@ -65,34 +70,42 @@ def prefix_kv(model: Any, prefix: dict) -> tuple[jax.Array, jax.Array]:
         return prefix["keys"], prefix["values"]
     layers, heads, dims = _kv_shape(model)
     h = jnp.tanh(prefix["embedding"] @ prefix["w1"] + prefix["b1"][None, :])
-    flat = h @ prefix["w2"] + prefix["b2"][None, :]                  # [P, layers*2*heads*dims]
+    flat = h @ prefix["w2"] + prefix["b2"][None, :]  # [P, layers*2*heads*dims]
     kv = flat.reshape(flat.shape[0], layers, 2, heads, dims).transpose(2, 1, 0, 3, 4)
     return kv[0], kv[1]
 
 
-def prefix_cache(model: Any, prefix: dict, batch: int, max_len: int,
-                 dtype: Any = None) -> KVCache:
+def prefix_cache(model: Any, prefix: dict, batch: int, max_len: int, dtype: Any = None) -> KVCache:
     """A KV cache of ``max_len`` slots whose first ``P`` hold the prefix for every row."""
     keys, values = prefix_kv(model, prefix)
     length = keys.shape[1]
     if max_len < length:
         raise LoraxValueError(f"prefix_cache: max_len {max_len} < prefix length {length}")
     cache = model.init_cache(batch, max_len, dtype)
-    fill = lambda buf, kv: buf.at[:, :, :length].set(  # noqa: E731
-        jnp.broadcast_to(kv[:, None], (kv.shape[0], batch) + kv.shape[1:]).astype(buf.dtype))
-    return KVCache(fill(cache.keys, keys), fill(cache.values, values),
-                   cache.valid.at[:, :length].set(True), jnp.asarray(length, jnp.int32))
+    fill = (
+        lambda buf, kv: buf.at[:, :, :length].set(  # noqa: E731
+            jnp.broadcast_to(kv[:, None], (kv.shape[0], batch) + kv.shape[1:]).astype(buf.dtype)
+        )
+    )
+    return KVCache(
+        fill(cache.keys, keys),
+        fill(cache.values, values),
+        cache.valid.at[:, :length].set(True),
+        jnp.asarray(length, jnp.int32),
+    )
 
 
 def extend_cache(cache: KVCache, max_len: int) -> KVCache:
     """``cache`` with room for ``max_len`` slots in all (its filled slots kept)."""
     grow = max_len - cache.max_len
     if grow < 0:
-        raise LoraxValueError(f"extend_cache: the cache already has {cache.max_len} > "
-                              f"{max_len} slots")
+        raise LoraxValueError(
+            f"extend_cache: the cache already has {cache.max_len} > {max_len} slots"
+        )
     pad = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, grow), (0, 0), (0, 0)])  # noqa: E731
-    return KVCache(pad(cache.keys), pad(cache.values),
-                   jnp.pad(cache.valid, [(0, 0), (0, grow)]), cache.length)
+    return KVCache(
+        pad(cache.keys), pad(cache.values), jnp.pad(cache.valid, [(0, 0), (0, grow)]), cache.length
+    )
 
 
 def init_prompt(model: Any, params: Any, length: int, key: jax.Array) -> jax.Array:

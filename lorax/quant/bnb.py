@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -47,19 +48,28 @@ def nf4_to_bnb(leaf: NF4Weight, prefix: str) -> dict[str, np.ndarray]:
     import json
 
     if leaf.codes.ndim != 1 or len(leaf.layer_shape) != 2:
-        raise LoraxValueError(f"lorax: '{prefix}': the bitsandbytes layout holds one 2-D Linear "
-                              f"weight; got a leaf of shape {leaf.shape} (slice stacked layers)")
+        raise LoraxValueError(
+            f"lorax: '{prefix}': the bitsandbytes layout holds one 2-D Linear "
+            f"weight; got a leaf of shape {leaf.shape} (slice stacked layers)"
+        )
     d_in, d_out = leaf.layer_shape
-    state = {"quant_type": "nf4", "blocksize": leaf.block_size,
-             "dtype": jnp.dtype(leaf.compute_dtype).name, "shape": [d_out, d_in]}
-    out = {f"{prefix}.weight": np.asarray(leaf.codes).reshape(-1, 1),
-           f"{prefix}.weight.absmax": np.asarray(leaf.absmax),
-           f"{prefix}.weight.quant_map": NF4_CODE.copy()}
+    state = {
+        "quant_type": "nf4",
+        "blocksize": leaf.block_size,
+        "dtype": jnp.dtype(leaf.compute_dtype).name,
+        "shape": [d_out, d_in],
+    }
+    out = {
+        f"{prefix}.weight": np.asarray(leaf.codes).reshape(-1, 1),
+        f"{prefix}.weight.absmax": np.asarray(leaf.absmax),
+        f"{prefix}.weight.quant_map": NF4_CODE.copy(),
+    }
     if leaf.double_quant:
         out[f"{prefix}.weight.nested_absmax"] = np.asarray(leaf.absmax2, np.float32)
         out[f"{prefix}.weight.nested_quant_map"] = DYNAMIC_MAP.copy()
-        state.update(nested_blocksize=NESTED_BLOCK, nested_dtype="float32",
-                     nested_offset=float(leaf.offset))
+        state.update(
+            nested_blocksize=NESTED_BLOCK, nested_dtype="float32", nested_offset=float(leaf.offset)
+        )
     out[f"{prefix}.{_QUANT_STATE_KEY}"] = np.frombuffer(json.dumps(state).encode(), np.uint8)
     return out
 
@@ -69,8 +79,12 @@ def _is_count(x: Any) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_)) and x > 0
 
 
-def nf4_from_bnb(tensors: Any, prefix: str, compute_dtype: Any = None,
-                 expected_shape: Sequence[int] | None = None) -> NF4Weight:
+def nf4_from_bnb(
+    tensors: Any,
+    prefix: str,
+    compute_dtype: Any = None,
+    expected_shape: Sequence[int] | None = None,
+) -> NF4Weight:
     """Reads one quantized Linear ``prefix`` from bitsandbytes tensors into an NF4Weight
     with the Flax ``[in, out]`` layout. Errors name the key that is missing or wrong.
 
@@ -101,95 +115,132 @@ def nf4_from_bnb(tensors: Any, prefix: str, compute_dtype: Any = None,
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise LoraxValueError(f"lorax: '{state_key}' is not a JSON quant state") from err
     if not isinstance(state, dict):
-        raise LoraxValueError(f"lorax: '{state_key}' is not a JSON quant state (an object); got "
-                              f"{type(state).__name__}")
+        raise LoraxValueError(
+            f"lorax: '{state_key}' is not a JSON quant state (an object); got "
+            f"{type(state).__name__}"
+        )
     if state.get("quant_type") != "nf4":
-        raise LoraxValueError(f"lorax: '{prefix}' has quant_type {state.get('quant_type')!r}; "
-                              "only 'nf4' is supported")
+        raise LoraxValueError(
+            f"lorax: '{prefix}' has quant_type {state.get('quant_type')!r}; only 'nf4' is supported"
+        )
     shape = state.get("shape")
     if not (isinstance(shape, list) and len(shape) == 2 and all(map(_is_count, shape))):
-        raise LoraxValueError(f"lorax: '{state_key}': shape must be [out, in], two positive "
-                              f"ints; got {shape!r}")
+        raise LoraxValueError(
+            f"lorax: '{state_key}': shape must be [out, in], two positive ints; got {shape!r}"
+        )
     d_out, d_in = (int(s) for s in shape)
     block = state.get("blocksize")
     if not _is_count(block):
-        raise LoraxValueError(f"lorax: '{state_key}': blocksize must be a positive int; got "
-                              f"{block!r}")
+        raise LoraxValueError(
+            f"lorax: '{state_key}': blocksize must be a positive int; got {block!r}"
+        )
     if expected_shape is not None:
         expected = tuple(expected_shape) if isinstance(expected_shape, Sequence) else None
         if expected is None or len(expected) != 2 or not all(map(_is_count, expected)):
-            raise LoraxValueError(f"lorax.quant.nf4_from_bnb: expected_shape must be the Flax "
-                                  f"kernel shape (in, out); got {expected_shape!r}")
+            raise LoraxValueError(
+                f"lorax.quant.nf4_from_bnb: expected_shape must be the Flax "
+                f"kernel shape (in, out); got {expected_shape!r}"
+            )
         expected = tuple(int(s) for s in expected)
         if (d_in, d_out) != expected:
-            hint = (" (swapped: the state's shape must be [out, in], the PyTorch layout)"
-                    if (d_out, d_in) == expected else "")
-            raise LoraxValueError(f"lorax: '{state_key}': shape [out, in] = {[d_out, d_in]} is a "
-                                  f"Flax kernel (in, out) = {(d_in, d_out)}; expected_shape is "
-                                  f"{expected}{hint}")
+            hint = (
+                " (swapped: the state's shape must be [out, in], the PyTorch layout)"
+                if (d_out, d_in) == expected
+                else ""
+            )
+            raise LoraxValueError(
+                f"lorax: '{state_key}': shape [out, in] = {[d_out, d_in]} is a "
+                f"Flax kernel (in, out) = {(d_in, d_out)}; expected_shape is "
+                f"{expected}{hint}"
+            )
     n = d_out * d_in
     nblocks = -(-n // block)
     weight, absmax = get("weight"), get("weight.absmax")
     if weight.dtype not in (np.uint8, np.int8):
-        raise LoraxValueError(f"lorax: '{prefix}.weight' must hold uint8 packed codes; got "
-                              f"dtype {weight.dtype}")
+        raise LoraxValueError(
+            f"lorax: '{prefix}.weight' must hold uint8 packed codes; got dtype {weight.dtype}"
+        )
     if weight.size != (n + 1) // 2 or absmax.size != nblocks:
-        raise LoraxValueError(f"lorax: '{prefix}': '{prefix}.weight' holds {weight.size} code "
-                              f"bytes and '{prefix}.weight.absmax' {absmax.size} scales; they "
-                              f"do not fit shape {[d_out, d_in]} with block {block} (expected "
-                              f"{(n + 1) // 2} and {nblocks})")
+        raise LoraxValueError(
+            f"lorax: '{prefix}': '{prefix}.weight' holds {weight.size} code "
+            f"bytes and '{prefix}.weight.absmax' {absmax.size} scales; they "
+            f"do not fit shape {[d_out, d_in]} with block {block} (expected "
+            f"{(n + 1) // 2} and {nblocks})"
+        )
     if weight.ndim != 1 and weight.shape != ((n + 1) // 2, 1):
-        raise LoraxValueError(f"lorax: '{prefix}.weight' must have shape [(n + 1) // 2, 1] = "
-                              f"{[(n + 1) // 2, 1]} for shape {[d_out, d_in]}; got "
-                              f"{list(weight.shape)}")
+        raise LoraxValueError(
+            f"lorax: '{prefix}.weight' must have shape [(n + 1) // 2, 1] = "
+            f"{[(n + 1) // 2, 1]} for shape {[d_out, d_in]}; got "
+            f"{list(weight.shape)}"
+        )
     codes = np.ascontiguousarray(weight).reshape(-1).view(np.uint8)
     if not np.array_equal(get("weight.quant_map").astype(np.float32), NF4_CODE):
         raise LoraxValueError(f"lorax: '{prefix}.weight.quant_map' is not the NF4 code table")
     absmax2 = offset = None
     if "nested_blocksize" in state:
         if state["nested_blocksize"] != NESTED_BLOCK:
-            raise LoraxValueError(f"lorax: '{state_key}': nested_blocksize must be "
-                                  f"{NESTED_BLOCK}; got {state['nested_blocksize']!r}")
+            raise LoraxValueError(
+                f"lorax: '{state_key}': nested_blocksize must be "
+                f"{NESTED_BLOCK}; got {state['nested_blocksize']!r}"
+            )
         if not np.array_equal(get("weight.nested_quant_map").astype(np.float32), DYNAMIC_MAP):
-            raise LoraxValueError(f"lorax: '{prefix}.weight.nested_quant_map' is not the signed "
-                                  "8-bit dynamic map")
+            raise LoraxValueError(
+                f"lorax: '{prefix}.weight.nested_quant_map' is not the signed 8-bit dynamic map"
+            )
         if absmax.dtype != np.uint8:
-            raise LoraxValueError(f"lorax: '{prefix}.weight.absmax' must hold uint8 codes (the "
-                                  f"quant state has nested_blocksize); got dtype {absmax.dtype}")
+            raise LoraxValueError(
+                f"lorax: '{prefix}.weight.absmax' must hold uint8 codes (the "
+                f"quant state has nested_blocksize); got dtype {absmax.dtype}"
+            )
         nested = get("weight.nested_absmax")
         nb2 = -(-nblocks // NESTED_BLOCK)
         if not np.issubdtype(nested.dtype, np.floating) or nested.size != nb2:
-            raise LoraxValueError(f"lorax: '{prefix}.weight.nested_absmax' must hold ceil("
-                                  f"{nblocks} blocks / {NESTED_BLOCK}) = {nb2} float scales; got "
-                                  f"{nested.size} of dtype {nested.dtype}")
+            raise LoraxValueError(
+                f"lorax: '{prefix}.weight.nested_absmax' must hold ceil("
+                f"{nblocks} blocks / {NESTED_BLOCK}) = {nb2} float scales; got "
+                f"{nested.size} of dtype {nested.dtype}"
+            )
         nested = nested.astype(np.float32).reshape(-1)
         if not np.all(np.isfinite(nested)):
-            raise LoraxValueError(f"lorax: '{prefix}.weight.nested_absmax' holds inf/NaN; "
-                                  "expected finite scales")
+            raise LoraxValueError(
+                f"lorax: '{prefix}.weight.nested_absmax' holds inf/NaN; expected finite scales"
+            )
         off = state.get("nested_offset")
         if isinstance(off, bool) or not isinstance(off, numbers.Real) or not math.isfinite(off):
-            raise LoraxValueError(f"lorax: '{state_key}': nested_offset must be a finite number; "
-                                  f"got {off!r}")
+            raise LoraxValueError(
+                f"lorax: '{state_key}': nested_offset must be a finite number; got {off!r}"
+            )
         absmax2 = jnp.asarray(nested)
         offset = jnp.asarray(off, jnp.float32)
         absmax = absmax.reshape(-1)
     else:
         if not np.issubdtype(absmax.dtype, np.floating):
-            raise LoraxValueError(f"lorax: '{prefix}.weight.absmax' must hold float scales (the "
-                                  "quant state has no nested_blocksize, so no double "
-                                  f"quantization); got dtype {absmax.dtype}")
+            raise LoraxValueError(
+                f"lorax: '{prefix}.weight.absmax' must hold float scales (the "
+                "quant state has no nested_blocksize, so no double "
+                f"quantization); got dtype {absmax.dtype}"
+            )
         absmax = absmax.astype(np.float32).reshape(-1)
         if not np.all(np.isfinite(absmax)):
-            raise LoraxValueError(f"lorax: '{prefix}.weight.absmax' holds inf/NaN; expected "
-                                  "finite scales")
+            raise LoraxValueError(
+                f"lorax: '{prefix}.weight.absmax' holds inf/NaN; expected finite scales"
+            )
     if compute_dtype is not None:
         dtype = _compute_dtype(compute_dtype, "lorax.quant.nf4_from_bnb")
     else:
         try:
             dtype = _compute_dtype(state.get("dtype", "bfloat16"), state_key)
         except LoraxTypeError:
-            raise LoraxValueError(f"lorax: '{state_key}': dtype must name a floating dtype; got "
-                                  f"{state.get('dtype')!r}") from None
-    return NF4Weight(codes=jnp.asarray(codes), absmax=jnp.asarray(absmax), absmax2=absmax2,
-                     offset=offset, layer_shape=(d_in, d_out), block_size=int(block),
-                     compute_dtype=dtype)
+            raise LoraxValueError(
+                f"lorax: '{state_key}': dtype must name a floating dtype; got "
+                f"{state.get('dtype')!r}"
+            ) from None
+    return NF4Weight(
+        codes=jnp.asarray(codes),
+        absmax=jnp.asarray(absmax),
+        absmax2=absmax2,
+        offset=offset,
+        layer_shape=(d_in, d_out),
+        block_size=int(block),
+        compute_dtype=dtype,
+    )

@@ -26,11 +26,27 @@ import numpy as np
 from lorax.leaf import LoraxLeaf, register_leaf, static_field
 
 #: The NF4 levels, indexed by code (float32; hard-coded as bitsandbytes does).
-NF4_CODE = np.array([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
+NF4_CODE = np.array(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    np.float32,
+)
 
 
 def _torch_linspace(start: float, end: float, steps: int) -> np.ndarray:
@@ -43,15 +59,17 @@ def _torch_linspace(start: float, end: float, steps: int) -> np.ndarray:
     return np.where(i < half, up, down).astype(np.float32)
 
 
-def dynamic_map(signed: bool = True, max_exponent_bits: int = 7,
-                total_bits: int = 8) -> np.ndarray:
+def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> np.ndarray:
     """bitsandbytes' dynamic 8-bit quantization map (``create_dynamic_map``), float32[256]."""
     data: list[float] = []
     non_sign_bits = total_bits - 1
     additional = 2 ** (non_sign_bits - max_exponent_bits) - 1
     for i in range(max_exponent_bits):
-        items = (2 ** (i + non_sign_bits - max_exponent_bits) + 1 if signed
-                 else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1)
+        items = (
+            2 ** (i + non_sign_bits - max_exponent_bits) + 1
+            if signed
+            else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1
+        )
         bounds = _torch_linspace(0.1, 1, items)
         means = (bounds[:-1] + bounds[1:]) / np.float32(2.0)
         scale = np.float32(10.0 ** (-(max_exponent_bits - 1) + i))
@@ -66,7 +84,7 @@ def dynamic_map(signed: bool = True, max_exponent_bits: int = 7,
         if signed:
             data += (-scale * means).astype(np.float32).tolist()
     data += [0.0, 1.0]
-    data += [0.0] * (2 ** total_bits - len(data))
+    data += [0.0] * (2**total_bits - len(data))
     return np.array(sorted(data), np.float32)
 
 
@@ -77,8 +95,8 @@ NESTED_BLOCK = 256
 # XLA divides by multiplying with the reciprocal, and 1 / absmax is a subnormal (flushed to
 # zero) once absmax >= 2**126 (~8.5e37): blocks above _BIG are scaled by _SHRINK first. Both
 # are powers of two, so the scaling is exact and smaller blocks stay bit for bit as before.
-_BIG = 2.0 ** 100
-_SHRINK = 2.0 ** -64
+_BIG = 2.0**100
+_SHRINK = 2.0**-64
 
 
 def _normalize(blocks: jax.Array, absmax: jax.Array) -> jax.Array:
@@ -133,8 +151,17 @@ class QuantizedLeaf(LoraxLeaf):
     def dtype(self) -> Any:
         return jnp.dtype(self.cast_to or self.compute_dtype)
 
-    def dot_general(self, other, *, dimension_numbers, leaf_is_lhs, precision,
-                    preferred_element_type, bind, rng=None):
+    def dot_general(
+        self,
+        other,
+        *,
+        dimension_numbers,
+        leaf_is_lhs,
+        precision,
+        preferred_element_type,
+        bind,
+        rng=None,
+    ):
         return _dequantized_apply(self, other, leaf_is_lhs, bind)
 
     def astype(self, dtype):
@@ -187,13 +214,13 @@ class NF4Weight(QuantizedLeaf):
         if not self.double_quant:
             return self.absmax
         code2 = jnp.asarray(DYNAMIC_MAP)[self.absmax.astype(jnp.int32)]
-        scale2 = jnp.repeat(self.absmax2, NESTED_BLOCK, axis=-1)[..., :self.absmax.shape[-1]]
+        scale2 = jnp.repeat(self.absmax2, NESTED_BLOCK, axis=-1)[..., : self.absmax.shape[-1]]
         return code2 * scale2 + self.offset[..., None]
 
     def unpacked_codes(self) -> jax.Array:
         """uint8 codes, one per value, ``(*stack, n)``."""
         q = jnp.stack([self.codes >> 4, self.codes & 15], axis=-1)
-        return q.reshape(q.shape[:-2] + (-1,))[..., :self.n]
+        return q.reshape(q.shape[:-2] + (-1,))[..., : self.n]
 
     def materialize(self) -> jax.Array:
         q = self.unpacked_codes()
@@ -208,7 +235,7 @@ class NF4Weight(QuantizedLeaf):
         values = (values * scales[..., None]).reshape(values.shape[:-2] + (-1,))
         # Round before reordering: the transpose to the Flax layout then moves compute_dtype
         # values (half the bytes of float32 for bf16); rounding and reordering commute.
-        values = values[..., :self.n].astype(self.compute_dtype)
+        values = values[..., : self.n].astype(self.compute_dtype)
         return _from_torch_order(values, self.layer_shape).astype(self.dtype)
 
 
@@ -230,7 +257,7 @@ class Int8Weight(QuantizedLeaf):
         """Leading axes where the per-channel scale is as long as the codes (a layer stack:
         the input axes, reduced for the scale, come next)."""
         n = 0
-        for c, s in zip(self.codes.shape[:-2], self.scale.shape):
+        for c, s in zip(self.codes.shape[:-2], self.scale.shape, strict=False):
             if c != s:
                 break
             n += 1
@@ -250,5 +277,4 @@ def _dequantized_apply(leaf: LoraxLeaf, other: jax.Array, leaf_is_lhs: bool, bin
         w = leaf.materialize().astype(other.dtype)
         return bind(w, other) if leaf_is_lhs else bind(other, w)
 
-    return jax.checkpoint(product, policy=jax.checkpoint_policies.nothing_saveable)(
-        other, leaf)
+    return jax.checkpoint(product, policy=jax.checkpoint_policies.nothing_saveable)(other, leaf)

@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorax._build import Site, build
 from lorax._checks import floating_dtype, require_finite
 from lorax.errors import LoraxTypeError, LoraxValueError
 from lorax.leaf import is_lorax_leaf
-from lorax._build import Site, build
 from lorax.quant.formats import (
     DYNAMIC_MAP,
     NESTED_BLOCK,
@@ -48,27 +48,38 @@ def _compute_dtype(value: Any, where: str) -> str:
 
 def _check_nf4_options(block_size: Any, double_quant: Any, where: str) -> None:
     if isinstance(block_size, (bool, np.bool_)) or not isinstance(block_size, numbers.Integral):
-        raise LoraxTypeError(f"{where}: block_size must be an int, a power of two in [32, 4096]; "
-                             f"got {type(block_size).__name__} {block_size!r}")
+        raise LoraxTypeError(
+            f"{where}: block_size must be an int, a power of two in [32, 4096]; "
+            f"got {type(block_size).__name__} {block_size!r}"
+        )
     if not 32 <= block_size <= 4096 or block_size & (block_size - 1):
-        raise LoraxValueError(f"{where}: block_size must be a power of two in [32, 4096]; "
-                              f"got {block_size}")
+        raise LoraxValueError(
+            f"{where}: block_size must be a power of two in [32, 4096]; got {block_size}"
+        )
     if not isinstance(double_quant, (bool, np.bool_)):
-        raise LoraxTypeError(f"{where}: double_quant must be a bool; got "
-                             f"{type(double_quant).__name__} {double_quant!r}")
+        raise LoraxTypeError(
+            f"{where}: double_quant must be a bool; got "
+            f"{type(double_quant).__name__} {double_quant!r}"
+        )
 
 
 def _check_axes(value: Any, name: str, low: int, high: int, ndim: int, where: str) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise LoraxTypeError(f"{where}: {name} must be an int; got {value!r}")
     if not low <= value <= high:
-        raise LoraxValueError(f"{where}: {name} must be in [{low}, {high}] for a weight of "
-                              f"{ndim} axes; got {value}")
+        raise LoraxValueError(
+            f"{where}: {name} must be in [{low}, {high}] for a weight of {ndim} axes; got {value}"
+        )
     return int(value)
 
 
-def quantize_nf4(w: jax.Array, block_size: int = 64, double_quant: bool = True,
-                 compute_dtype: Any = jnp.bfloat16, stack: int = 0) -> NF4Weight:
+def quantize_nf4(
+    w: jax.Array,
+    block_size: int = 64,
+    double_quant: bool = True,
+    compute_dtype: Any = jnp.bfloat16,
+    stack: int = 0,
+) -> NF4Weight:
     """NF4-quantizes one weight (per layer over ``stack`` leading axes), as bitsandbytes.
 
     A concrete ``w`` holding inf or NaN raises :class:`lorax.NonFiniteError`; under tracing
@@ -88,8 +99,9 @@ def quantize_nf4(w: jax.Array, block_size: int = 64, double_quant: bool = True,
     return _nf4(w, int(block_size), bool(double_quant), dtype, stack)
 
 
-def _nf4(w: jax.Array, block_size: int, double_quant: bool, compute_dtype: str,
-         stack: int) -> NF4Weight:
+def _nf4(
+    w: jax.Array, block_size: int, double_quant: bool, compute_dtype: str, stack: int
+) -> NF4Weight:
     layer_shape = tuple(int(s) for s in w.shape[stack:])
     flat = _to_torch_order(jnp.asarray(w, jnp.float32), stack)
     n = flat.shape[-1]
@@ -113,13 +125,20 @@ def _nf4(w: jax.Array, block_size: int, double_quant: bool, compute_dtype: str,
         absmax2 = jnp.max(jnp.abs(cblocks), axis=-1)
         normed2 = _normalize(cblocks, absmax2)
         absmax = _nearest(DYNAMIC_MAP, normed2).reshape(cpad.shape)[..., :nblocks]
-    return NF4Weight(codes=codes.astype(jnp.uint8), absmax=absmax, absmax2=absmax2,
-                     offset=offset, layer_shape=layer_shape, block_size=block_size,
-                     compute_dtype=compute_dtype)
+    return NF4Weight(
+        codes=codes.astype(jnp.uint8),
+        absmax=absmax,
+        absmax2=absmax2,
+        offset=offset,
+        layer_shape=layer_shape,
+        block_size=block_size,
+        compute_dtype=compute_dtype,
+    )
 
 
-def quantize_int8(w: jax.Array, compute_dtype: Any = jnp.bfloat16, stack: int = 0,
-                  in_axes: int = 1) -> Int8Weight:
+def quantize_int8(
+    w: jax.Array, compute_dtype: Any = jnp.bfloat16, stack: int = 0, in_axes: int = 1
+) -> Int8Weight:
     """int8 absmax quantization with one scale per output channel (axes after ``in_axes``).
 
     A concrete ``w`` holding inf or NaN raises :class:`lorax.NonFiniteError`."""
@@ -140,9 +159,17 @@ def _int8(w: jax.Array, compute_dtype: str, stack: int, in_axes: int) -> Int8Wei
     return Int8Weight(codes=codes, scale=scale, compute_dtype=compute_dtype)
 
 
-def quantize(params: Any, /, method: str = "nf4", *, targets: Targets = None,
-             block_size: int = 64, double_quant: bool = True,
-             compute_dtype: Any = jnp.bfloat16, stacked: Any = None) -> Any:
+def quantize(
+    params: Any,
+    /,
+    method: str = "nf4",
+    *,
+    targets: Targets = None,
+    block_size: int = 64,
+    double_quant: bool = True,
+    compute_dtype: Any = jnp.bfloat16,
+    stacked: Any = None,
+) -> Any:
     """Replaces the targeted weights of ``params`` by quantized frozen leaves.
 
     Args:
@@ -180,8 +207,10 @@ def quantize(params: Any, /, method: str = "nf4", *, targets: Targets = None,
     def make(site: Site) -> Any:
         path, leaf = site.path, site.leaf
         if is_lorax_leaf(leaf):
-            raise LoraxValueError(f"lorax.quantize: '{path}' is already a {type(leaf).__name__}; "
-                                  "quantize the dense tree before wrapping it")
+            raise LoraxValueError(
+                f"lorax.quantize: '{path}' is already a {type(leaf).__name__}; "
+                "quantize the dense tree before wrapping it"
+            )
         stack = site.stack_axes(stacked)
         require_finite(leaf, f"lorax.quantize: '{path}'")
         if method == "nf4":
