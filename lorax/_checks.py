@@ -49,12 +49,9 @@ def is_real_scalar(value: Any) -> bool:
         return False
     if isinstance(value, numbers.Real):
         return True
-    dtype = getattr(value, "dtype", None)
-    return (
-        isinstance(value, (np.ndarray, jax.Array))
-        and np.ndim(value) == 0
-        and (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
-    )
+    if not isinstance(value, (np.ndarray, jax.Array)) or np.ndim(value) != 0:
+        return False
+    return jnp.issubdtype(value.dtype, jnp.integer) or jnp.issubdtype(value.dtype, jnp.floating)
 
 
 def check_key(key: Any, what: str) -> None:
@@ -62,7 +59,7 @@ def check_key(key: Any, what: str) -> None:
     ``jax.random.PRNGKey(...)`` (uint32[4] under the rbg implementation)."""
     dtype, shape = getattr(key, "dtype", None), getattr(key, "shape", None)
     if dtype is not None and shape is not None:
-        if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        if jnp.issubdtype(dtype, jax.dtypes.prng_key):
             if tuple(shape) == ():
                 return
         elif str(dtype) == "uint32" and tuple(shape) in ((2,), (4,)):
@@ -93,7 +90,7 @@ def floating_dtype(dtype: Any, what: str, optional: bool = True) -> Any:
 def require_finite(w: Any, what: str) -> None:
     """Raises :class:`NonFiniteError` (``what`` names the weight) if the concrete array ``w``
     holds inf or NaN. Under tracing (jit, vmap, lax.map) the values are unknown: no check."""
-    if isinstance(w, jax.core.Tracer):
+    if isinstance(w, jax.core.Tracer):  # pyright: ignore[reportAttributeAccessIssue]
         return
     finite = jnp.isfinite(w)
     if bool(jnp.all(finite)):

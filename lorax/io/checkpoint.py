@@ -353,7 +353,7 @@ def load(
         where = f"{manager.directory} step {step}"
         restore = lambda args: manager.restore(step, args=args)  # noqa: E731
     else:
-        path = Path(source).absolute()
+        path = Path(source).absolute()  # type: ignore[arg-type]  # a path here (see above)
         if not path.exists() and (found := _recovered(path)) is not None:
             path = found  # a save was killed mid-swap: its complete sibling
         if not path.is_dir():
@@ -442,11 +442,11 @@ def _checked_entries(entries: Any, where: str) -> dict[str, Any]:
                 f"{sorted(cls.trainable_fields)}",
             )
         for name, f in fields.items():
-            shape, dtype = (f.get("shape"), f.get("dtype")) if isinstance(f, dict) else (0, 0)
+            shape, dtype = (f.get("shape"), f.get("dtype")) if isinstance(f, dict) else (0, None)
             if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
                 raise bad(path, f"gives '{name}' the shape {shape!r}")
             try:
-                floating = jnp.issubdtype(np.dtype(dtype), jnp.floating)
+                floating = dtype is not None and jnp.issubdtype(np.dtype(dtype), jnp.floating)
             except TypeError:
                 floating = False
             if not floating:

@@ -422,7 +422,7 @@ def export_peft(
     return directory
 
 
-def _pattern(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
+def _pattern(patterns: Mapping[str, Any] | None, name: str, default: Any) -> Any:
     """peft's rule: a key applies to a module whose name it matches in full or as a suffix
     after a dot."""
     for key, value in (patterns or {}).items():

@@ -495,7 +495,7 @@ def load_model(
             abstract_shapes(model),
             param_dtype or dtype,
             strip_prefix=strip_prefix,
-            ignore=ignore(config) if callable(ignore) else ignore,
+            ignore=ignore(config) if callable(ignore) else ignore,  # type: ignore[arg-type]
         )
     finally:
         tensors.close()

@@ -79,7 +79,7 @@ class AttentionContext:
 
 
 def attention_context(
-    shape: tuple[int, int],
+    shape: tuple[int, ...],
     attention_mask: jax.Array | None,
     positions: jax.Array | None,
     cache: KVCache | None,
@@ -124,11 +124,19 @@ def attention(
     the layer's cached keys; returns the output ``[B, T, N, H]`` and the updated cache."""
     if layer_cache is None:
         mask = None if ctx.padding is None else ctx.padding[:, None, None, :]
-        out = jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=True, implementation=ctx.implementation
+        out = jax.nn.dot_product_attention(  # pyright: ignore[reportCallIssue]
+            q,
+            k,
+            v,
+            mask=mask,
+            is_causal=True,
+            # a str checked by the model config ("xla" / "cudnn" / None), not the Literal
+            implementation=ctx.implementation,  # pyright: ignore[reportArgumentType]
         )
         return out, None
     cached_k, cached_v = layer_cache
+    # attention_context sets start and valid whenever there is a cache
+    assert ctx.start is not None and ctx.valid is not None
     cached_k = jax.lax.dynamic_update_slice_in_dim(
         cached_k, k.astype(cached_k.dtype), ctx.start, axis=1
     )
@@ -150,6 +158,7 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None) -> jax.A
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind == "default":
         return inv
+    assert scaling is not None  # only "default" comes without a scaling dict
     if kind == "linear":
         return inv / scaling["factor"]
     if kind == "llama3":
@@ -232,7 +241,7 @@ def run_layers(
             cls,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast),
+            in_axes=(0, nn.broadcast),  # pyright: ignore[reportArgumentType]  # flax's stub: int
             length=n_layers,
         )
         return stack(**kwargs, name="ScanLayers")(x, layer_caches, ctx)
@@ -263,7 +272,11 @@ def prepend_prompt(
 
 
 def updated_cache(
-    cache: KVCache, ctx: AttentionContext, kv: tuple[jax.Array, jax.Array], new_tokens: int
+    cache: KVCache,
+    ctx: AttentionContext,
+    kv: tuple[jax.Array, jax.Array] | None,
+    new_tokens: int,
 ) -> KVCache:
     """The cache after a call wrote ``new_tokens`` slots."""
+    assert kv is not None and ctx.valid is not None  # a call with a cache returns both
     return KVCache(kv[0], kv[1], ctx.valid, cache.length + new_tokens)

@@ -66,7 +66,8 @@ class LlamaConfig:
     head_dim: int | None = None
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # items of HF's dict, hashable
+    # HF's dict, accepted as given and stored as its sorted items (hashable)
+    rope_scaling: tuple[tuple[str, Any], ...] | dict[str, Any] | None = None
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool = False
@@ -356,7 +357,7 @@ class Llama(nn.Module):
         )
         x, attention_mask, n_prompt = prepend_prompt(embed(input_ids), prompt, attention_mask)
         ctx = attention_context(x.shape[:2], attention_mask, positions, cache, self.attention_impl)
-        ctx = ctx.replace(
+        ctx = ctx.replace(  # pyright: ignore[reportAttributeAccessIssue]  # flax struct
             rope=rope_tables(ctx.positions, rope_frequencies(c.dims, c.rope_theta, c.scaling))
         )
         x, kv = run_layers(

@@ -76,7 +76,7 @@ def nf4_to_bnb(leaf: NF4Weight, prefix: str) -> dict[str, np.ndarray]:
 
 def _is_count(x: Any) -> bool:
     """A positive int (JSON ints and numpy ints pass; bools and floats do not)."""
-    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_)) and x > 0
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_)) and int(x) > 0
 
 
 def nf4_from_bnb(
@@ -134,6 +134,7 @@ def nf4_from_bnb(
         raise LoraxValueError(
             f"lorax: '{state_key}': blocksize must be a positive int; got {block!r}"
         )
+    block = int(block)  # type: ignore[arg-type]  # a positive integral number: checked above
     if expected_shape is not None:
         expected = tuple(expected_shape) if isinstance(expected_shape, Sequence) else None
         if expected is None or len(expected) != 2 or not all(map(_is_count, expected)):

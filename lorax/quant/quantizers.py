@@ -52,7 +52,7 @@ def _check_nf4_options(block_size: Any, double_quant: Any, where: str) -> None:
             f"{where}: block_size must be an int, a power of two in [32, 4096]; "
             f"got {type(block_size).__name__} {block_size!r}"
         )
-    if not 32 <= block_size <= 4096 or block_size & (block_size - 1):
+    if not 32 <= int(block_size) <= 4096 or int(block_size) & (int(block_size) - 1):
         raise LoraxValueError(
             f"{where}: block_size must be a power of two in [32, 4096]; got {block_size}"
         )
@@ -66,7 +66,7 @@ def _check_nf4_options(block_size: Any, double_quant: Any, where: str) -> None:
 def _check_axes(value: Any, name: str, low: int, high: int, ndim: int, where: str) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise LoraxTypeError(f"{where}: {name} must be an int; got {value!r}")
-    if not low <= value <= high:
+    if not low <= int(value) <= high:
         raise LoraxValueError(
             f"{where}: {name} must be in [{low}, {high}] for a weight of {ndim} axes; got {value}"
         )
