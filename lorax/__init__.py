@@ -60,8 +60,11 @@ from lorax.quant.formats import Int8Weight as Int8Weight
 from lorax.quant.formats import NF4Weight as NF4Weight
 from lorax.quant.quantizers import dequantize as dequantize
 from lorax.quant.quantizers import quantize as quantize
+from lorax import sharding as sharding  # registers the sharding primitives' rules
 from lorax.report import Summary as Summary
 from lorax.report import summary as summary
+from lorax.sharding import partition_specs as partition_specs
+from lorax.sharding import shard as shard
 from lorax.targets import LoraSpec as LoraSpec
 from lorax.transform import LoraxDensifyError as LoraxDensifyError
 from lorax.transform import LoraxDensifyWarning as LoraxDensifyWarning
@@ -89,6 +92,8 @@ __all__ = [
     "combine",
     "mask",
     "merge",
+    "partition_specs",
+    "shard",
     "optimizer",
     "summary",
     "Summary",

@@ -20,6 +20,9 @@ with :func:`static_field`). What the interpreter (``lorax.transform``) and the t
 ``misfit()``              why the trainable arrays do not fit the frozen ones, or None
 ``handle_primitive(c)``   the one hook: compute primitive call ``c`` without the dense
                           weight, or return ``NotImplemented``
+``field_axes(axes)``      given a label per axis of the dense weight (mesh axes, logical
+                          names or None), the labels of each array field's axes: how
+                          partition specs, Flax boxes and sharding constraints carry over
 ========================  ===============================================================
 
 The interpreter asks, for an equation that consumes a leaf: the rule registered for the
@@ -129,6 +132,37 @@ class LoraxLeaf:
             if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
                 return f"the trainable {name} is {dtype}; expected a floating dtype"
         return None
+
+    def field_axes(self, axes: tuple[Any, ...]) -> dict[str, Any]:
+        """The axis labels of each array field, from one label per axis of the dense weight.
+
+        ``axes`` has ``self.ndim`` entries: mesh axis names, logical names, None, or tuples
+        of them. The answer maps each non-None data field to a tuple with one entry per axis
+        of that field (an entry may be a tuple of labels: an axis that several dense axes
+        fold into, as NF4's flat codes); a field that is itself a lorax leaf gets the dense
+        ``axes`` and answers for its own fields. ``lorax.partition_specs``, Flax's boxes and
+        the interpreter's ``sharding_constraint`` / ``shard_map`` rules all derive from it.
+
+        The default fits leaves whose fields have the dense shape (labels as given) or are
+        scalars (no axes); kinds with factors of other shapes override it.
+        """
+        out: dict[str, Any] = {}
+        for name in (*self.trainable_fields, *self.frozen_fields):
+            x = getattr(self, name)
+            if x is None:
+                continue
+            shape = tuple(getattr(x, "shape", ()))
+            if is_lorax_leaf(x) or shape == tuple(self.shape):
+                out[name] = tuple(axes)
+            elif shape == ():
+                out[name] = ()
+            else:
+                raise LoraxTypeError(
+                    f"lorax: the {self.kind} leaf kind does not say how the axes of its "
+                    f"field {name!r} {shape} relate to the dense weight's {tuple(self.shape)}; "
+                    "define field_axes(axes) on the kind to shard it"
+                )
+        return out
 
     def handle_primitive(self, call: PrimitiveCall) -> Any:
         """Computes ``call`` on the dense weight without forming it, or ``NotImplemented``.

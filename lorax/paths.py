@@ -35,16 +35,37 @@ def path_str(path: Sequence[Any]) -> str:
 @dataclasses.dataclass(frozen=True)
 class FlatTree:
     """A tree flattened down to arrays and lorax leaves, with '/'-joined paths and, for each
-    path, its siblings by name (what layout inference looks at)."""
+    path, its siblings by name (what layout inference looks at).
+
+    Flax partitioning boxes (``nn.Partitioned``, ``nn.LogicallyPartitioned``) are read
+    through: ``leaves`` holds plain values and ``boxes`` the dense weight's box at each
+    boxed path, which :meth:`rebuild` puts back (a new lorax leaf gets each field boxed).
+    """
 
     treedef: Any
     paths: list[str]
     leaves: list[Any]
+    boxes: list[Any] | None = None
 
     @classmethod
     def of(cls, tree: Any) -> FlatTree:
-        flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lorax_leaf)
-        return cls(treedef, [path_str(p) for p, _ in flat], [leaf for _, leaf in flat])
+        from lorax.sharding import is_box, unbox_leaf
+
+        flat, treedef = jax.tree_util.tree_flatten_with_path(
+            tree, is_leaf=lambda x: is_lorax_leaf(x) or is_box(x)
+        )
+        leaves, boxes = [], []
+        for _, leaf in flat:
+            box = None
+            if is_box(leaf):
+                leaf, box = leaf.value, leaf
+            if is_lorax_leaf(leaf):
+                leaf, inner = unbox_leaf(leaf)
+                box = box if inner is None else inner
+            leaves.append(leaf)
+            boxes.append(box)
+        paths = [path_str(p) for p, _ in flat]
+        return cls(treedef, paths, leaves, boxes if any(b is not None for b in boxes) else None)
 
     def siblings(self, path: str) -> dict[str, Any]:
         parent = path.rpartition("/")[0]
@@ -55,4 +76,9 @@ class FlatTree:
         }
 
     def rebuild(self, leaves: Sequence[Any]) -> Any:
-        return jax.tree_util.tree_unflatten(self.treedef, list(leaves))
+        leaves = list(leaves)
+        if self.boxes is not None:
+            from lorax.sharding import rebox
+
+            leaves = [rebox(x, b) for x, b in zip(leaves, self.boxes, strict=True)]
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)

@@ -110,6 +110,9 @@ def summary(params: Any, /) -> Summary:
       >>> s.trainable, s.total
       (64, 336)
     """
+    from lorax.sharding import unbox
+
+    params = unbox(params)  # Flax partitioning boxes: count what they hold
     trainable_tree, _ = split(params)
     rows: dict[str, list[int]] = {}
     flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lorax_leaf)[0]

@@ -301,7 +301,7 @@ def lora(fn: Callable, /, *, strict: bool = False) -> Callable:
         flat, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_lorax_leaf)
         if not any(is_lorax_leaf(leaf) for _, leaf in flat):
             return fn(*args, **kwargs)
-        leaves = [leaf for _, leaf in flat]
+        leaves = [_unboxed(leaf) for _, leaf in flat]
         dynamic = [i for i, leaf in enumerate(leaves) if _is_dynamic(leaf)]
 
         def flat_fn(*dyn_values):
@@ -329,6 +329,16 @@ def lora(fn: Callable, /, *, strict: bool = False) -> Callable:
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
     return wrapped
+
+
+def _unboxed(x: Any) -> Any:
+    """A leaf whose fields are Flax boxes (``lorax.wrap`` of partitioned params) is
+    unboxed as Flax unboxes a weight: with its sharding constraint when a mesh is set."""
+    if not is_lorax_leaf(x):
+        return x
+    from lorax.sharding import unbox_leaf
+
+    return unbox_leaf(x, constrain=True)[0]
 
 
 def _refuse_halves(flat: Sequence[tuple[Any, Any]]) -> None:

@@ -69,7 +69,9 @@ def combine(trainable: Any, frozen: Any, /) -> Any:
       >>> lorax.combine(t, f)["w"].a.shape
       (8, 2)
     """
-    is_hole = lambda x: x is None  # noqa: E731
+    from lorax.sharding import is_box
+
+    is_hole = lambda x: x is None or is_box(x)  # noqa: E731 - a Flax box is one value
 
     def pick(path, t, f):
         if t is not None and f is not None:
@@ -93,8 +95,11 @@ def combine(trainable: Any, frozen: Any, /) -> Any:
             + _first_difference(t_flat, f_flat, t_def, f_def)
         ) from None
     # Shapes only (static under jit): a mismatch would otherwise fail deep inside the model.
+    from lorax.sharding import unbox_leaf
+
     for key_path, leaf in jax.tree_util.tree_leaves_with_path(out, is_leaf=is_lorax_leaf):
         if is_lorax_leaf(leaf):
+            leaf = unbox_leaf(leaf)[0]
             _check_whole(
                 leaf,
                 path_str(key_path),
@@ -174,9 +179,12 @@ def merge(params: Any, /) -> Any:
       (8, 8)
     """
 
+    from lorax.sharding import rebox, unbox_leaf
+
     def dense(key_path, x):
         if not is_lorax_leaf(x):
             return x
+        x, box = unbox_leaf(x)  # Flax boxes: the dense weight gets the weight's box
         _check_whole(
             x,
             path_str(key_path),
@@ -184,7 +192,7 @@ def merge(params: Any, /) -> Any:
             "this is one half of lorax.split; lorax.combine(trainable, frozen) first",
         )
         try:
-            return x.materialize()
+            return rebox(x.materialize(), box)
         except NotMergeableError as e:  # e.g. a bottleneck adapter: say where
             raise NotMergeableError(f"lorax.merge: '{path_str(key_path)}': {e}") from None
 

@@ -54,6 +54,15 @@ class AdapterWeight(OverBase):
     def stack_ndim(self) -> int:
         return len(self.shape) - 2
 
+    def field_axes(self, axes):
+        stack, fan_in, fan_out = tuple(axes[:-2]), axes[-2], axes[-1]
+        fed = fan_out if self.mode == "serial" else fan_in
+        return {
+            "base": tuple(axes),
+            "down": (*stack, fed, None),
+            "up": (*stack, None, fan_out),
+        }
+
     def materialize(self) -> jax.Array:
         raise NotMergeableError(
             f"a {self.mode} bottleneck adapter ({self.activation} between its projections) "

@@ -95,6 +95,12 @@ class DoraWeight(OverBase):
         want = w[:ns] + w[ns + ni :]
         return None if m in (None, want) else unfit(f"magnitude {m} (expected {want})", w)
 
+    def field_axes(self, axes):
+        ns, ni = self.stack_ndim, self.in_ndim
+        out = self.lora.field_axes(axes)
+        out["magnitude"] = (*axes[:ns], *axes[ns + ni :])  # one per output feature
+        return out
+
     def norm_scale(self) -> jax.Array:
         """``m / ||W + s A B||``, a constant for the backward pass through the norm."""
         return self.magnitude / jax.lax.stop_gradient(_column_norm(self.lora))

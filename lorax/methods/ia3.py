@@ -52,6 +52,11 @@ class IA3Weight(OverBase):
     def stack_ndim(self) -> int:
         return len(self.shape) - self.n_in - self.n_out
 
+    def field_axes(self, axes):
+        ns, ni = self.stack_ndim, self.n_in
+        scaled = axes[ns : ns + ni] if self.on == "in" else axes[ns + ni :]
+        return {"base": tuple(axes), "vector": (*axes[:ns], *scaled)}
+
     def _broadcast_vector(self) -> jax.Array:
         ns = self.stack_ndim
         if self.on == "out":  # (*stack, *out) -> (*stack, 1.., *out)

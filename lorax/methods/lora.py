@@ -85,6 +85,12 @@ class LoraWeight(OverBase):
             return unfit(f"a {a} and b {b}", w)
         return None
 
+    def field_axes(self, axes):
+        ns, ni = self.stack_ndim, self.in_ndim
+        stack, ins, outs = tuple(axes[:ns]), tuple(axes[ns : ns + ni]), tuple(axes[ns + ni :])
+        # A reads the input axes and B writes the output axes; the rank axis is replicated.
+        return {"base": tuple(axes), "a": (*stack, *ins, None), "b": (*stack, None, *outs)}
+
     def _labels(self) -> tuple[list[str], str, str, str]:
         """Einsum labels: W's axes, then A's and B's specs."""
         nd, ns, ni = len(self.shape), self.stack_ndim, self.in_ndim

@@ -49,6 +49,16 @@ class MultiLoraWeight(OverBase):
     def stack_ndim(self) -> int:
         return self.a.ndim - 3
 
+    def field_axes(self, axes):
+        stack, fan_in, fan_out = tuple(axes[:-2]), axes[-2], axes[-1]
+        return {  # the adapter axis and the rows' choices are replicated
+            "base": tuple(axes),
+            "a": (*stack, None, fan_in, None),
+            "b": (*stack, None, None, fan_out),
+            "scales": (*stack, None),
+            "index": (*stack, None),
+        }
+
     def materialize(self) -> jax.Array:
         raise NotMergeableError(
             "each row uses its own adapter, so there is no single dense "

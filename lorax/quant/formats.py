@@ -209,6 +209,22 @@ class NF4Weight(QuantizedLeaf):
     def n(self) -> int:
         return math.prod(self.layer_shape)
 
+    def field_axes(self, axes):
+        """The flat codes and block scales are cut along their one axis, in the order of
+        the PyTorch layout (output axes first): a contiguous slice of them is whole blocks
+        of whole rows, so every mesh axis that shards the dense weight shards them too."""
+        ns = self.stack_ndim
+        stack, layer = tuple(axes[:ns]), list(axes[ns:])
+        if len(layer) == 2:
+            layer.reverse()
+        flat = tuple(layer)
+        out = {"codes": (*stack, flat), "absmax": (*stack, flat), "offset": stack}
+        if self.absmax2 is not None:
+            out["absmax2"] = (*stack, flat)
+        if self.offset is None:
+            del out["offset"]
+        return out
+
     def block_absmax(self) -> jax.Array:
         """The float32 absmax of every block (decoding the double quantization)."""
         if not self.double_quant:
@@ -262,6 +278,10 @@ class Int8Weight(QuantizedLeaf):
                 break
             n += 1
         return n
+
+    def field_axes(self, axes):
+        scale = tuple(a if s == c else None for a, s, c in zip(axes, self.scale.shape, self.codes.shape, strict=True))
+        return {"codes": tuple(axes), "scale": scale}
 
     def materialize(self) -> jax.Array:
         top = _finite_max(self.compute_dtype)

@@ -1,0 +1,245 @@
+"""Sharded training on 8 simulated CPU devices (conftest sets XLA_FLAGS): partition specs
+derived per leaf kind, train steps on FSDP / TP / FSDP+TP meshes equal to one device, Flax
+boxes, sharding constraints and shard_map on lorax leaves."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import lorax
+from lorax.models import gpt2, llama, partitioning
+from tests.helpers import assert_tree_close, randomize_b
+
+pytestmark = pytest.mark.skipif(
+    len(jax.devices()) < 8, reason="needs 8 devices (XLA_FLAGS host device count)"
+)
+
+MESHES = {"fsdp": "fsdp=8", "tp": "tp=8", "fsdp_tp": "fsdp=4,tp=2"}
+
+
+def _mesh(kind):
+    return partitioning.make_mesh(MESHES[kind])
+
+
+def _gpt2():
+    cfg = gpt2.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2)
+    return gpt2.GPT2(cfg, scan_layers=True)
+
+
+def _llama():
+    cfg = llama.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return llama.Llama(cfg)
+
+
+def _wrapped(model, method):
+    ids = jnp.zeros((1, 8), jnp.int32)
+    params = model.init(jax.random.key(0), ids)["params"]
+    if method == "qlora":
+        params = lorax.quantize(params, "nf4", compute_dtype=jnp.float32)
+    lp = lorax.wrap(params, rank=4, alpha=8, key=jax.random.key(1), dora=method == "dora")
+    return params, randomize_b(lp, jax.random.key(2))
+
+
+def _train(model, lp, ids, mesh=None, rules=None, steps=2):
+    """A few AdamW steps on the adapters; on a mesh, inputs placed with the derived specs
+    and the adapters' out_shardings set to them."""
+    apply = lorax.lora(model.apply)
+
+    def loss_fn(t, f, ids):
+        logits = apply({"params": lorax.combine(t, f)}, ids[:, :-1])
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+        return -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1).mean()
+
+    opt = optax.adamw(1e-2)
+    trainable, frozen = lorax.split(lp)
+    out_shardings = None
+    if mesh is not None:
+        specs = lorax.partition_specs(lp, partitioning.logical_axes(lp), rules=rules, mesh=mesh)
+        trainable, frozen = lorax.split(lorax.shard(lp, specs, mesh=mesh))
+        t_specs, _ = lorax.split(specs)
+        t_shard = jax.tree.map(lambda s: NamedSharding(mesh, s), t_specs)
+        ids = jax.device_put(ids, NamedSharding(mesh, partitioning.batch_spec(mesh)))
+        out_shardings = (t_shard, None, None)
+    state = opt.init(trainable)
+
+    def step(t, f, s, ids):
+        loss, g = jax.value_and_grad(loss_fn)(t, f, ids)
+        upd, s = opt.update(g, s, t)
+        return optax.apply_updates(t, upd), s, loss
+
+    step = jax.jit(step, out_shardings=out_shardings)
+    losses = []
+    for _ in range(steps):
+        trainable, state, loss = step(trainable, frozen, state, ids)
+        losses.append(float(loss))
+    return trainable, losses, (t_specs if mesh is not None else None)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("method", ["lora", "qlora", "dora"])
+@pytest.mark.parametrize("kind", ["fsdp", "tp", "fsdp_tp"])
+def test_sharded_step_equals_one_device(family, method, kind):
+    model = _gpt2() if family == "gpt2" else _llama()
+    _, lp = _wrapped(model, method)
+    ids = jax.random.randint(jax.random.key(3), (8, 9), 0, 64)
+    want, want_losses, _ = _train(model, lp, ids)
+    mesh = _mesh(kind)
+    got, got_losses, specs = _train(model, lp, ids, mesh, partitioning.RULES[kind])
+    np.testing.assert_allclose(got_losses, want_losses, rtol=2e-5)
+    assert_tree_close(got, want, rtol=1e-4, atol=1e-5)
+    # The adapters leave the step with the derived shardings.
+    for x, spec in zip(jax.tree.leaves(got), jax.tree.leaves(specs), strict=True):
+        assert x.sharding.is_equivalent_to(NamedSharding(mesh, spec), x.ndim), (x.shape, spec)
+    if kind != "tp":  # something is sharded over fsdp: the frozen weights are split
+        lp_specs = lorax.partition_specs(
+            lp, partitioning.logical_axes(lp), rules=partitioning.RULES[kind], mesh=mesh
+        )
+        assert any("fsdp" in str(s) for s in jax.tree.leaves(lorax.split(lp_specs)[1]))
+
+
+def test_partition_specs_per_kind():
+    w = jnp.ones((2, 8, 16))  # a scanned kernel: (layers, in, out)
+    spec = P(None, "fsdp", "tp")
+    lp = lorax.wrap({"k": w}, rank=2, stacked=1, dora=True)
+    s = lorax.partition_specs(lp, {"k": spec})["k"]
+    assert (s.base, s.a, s.b, s.magnitude) == (
+        spec,
+        P(None, "fsdp"),
+        P(None, None, "tp"),
+        P(None, "tp"),
+    )
+    ia3 = lorax.partition_specs(lorax.ia3({"k": w[0]}, targets=["k"]), {"k": P("fsdp", "tp")})["k"]
+    assert ia3.vector == P("tp")
+    # NF4: the flat codes cut by every mesh axis of the weight, out axes first.
+    q = lorax.quantize({"k": jnp.ones((2, 64, 64))}, "nf4", stacked=1)
+    mesh = jax.sharding.AbstractMesh((4, 2), ("fsdp", "tp"))
+    s = lorax.partition_specs(q, {"k": spec}, mesh=mesh)["k"]
+    assert s.codes == P(None, ("tp", "fsdp")) and s.absmax == P(None, ("tp", "fsdp"))
+    assert s.absmax2 == P() and s.offset == P()  # one block of scales: replicated
+    placed = lorax.shard(q, {"k": spec}, mesh=partitioning.make_mesh("fsdp=4,tp=2"))
+    assert placed["k"].codes.addressable_shards[0].data.size * 8 == placed["k"].codes.size
+
+
+def test_partition_specs_refuses_bad_specs():
+    lp = lorax.wrap({"k": jnp.ones((8, 16))}, rank=2)
+    with pytest.raises(lorax.LoraxError, match="3 axes"):
+        lorax.partition_specs(lp, {"k": P("a", "b", "c")})
+    with pytest.raises(lorax.LoraxError, match="prefix"):
+        lorax.partition_specs(lp, {"other": P()})
+
+
+def _boxed_model():
+    import flax.linen as nn
+
+    init = nn.initializers.lecun_normal()
+
+    class Mlp(nn.Module):  # MaxText-style: logical names on every kernel
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Dense(32, kernel_init=nn.with_logical_partitioning(init, ("embed", "mlp")))(x)
+            h = nn.with_logical_constraint(nn.gelu(h), ("batch", "mlp"))
+            return nn.Dense(16, kernel_init=nn.with_logical_partitioning(init, ("mlp", "embed")))(
+                h
+            )
+
+    return Mlp()
+
+
+def test_maxtext_style_linen_model_under_a_mesh():
+    import flax.linen as nn
+
+    model = _boxed_model()
+    mesh = partitioning.make_mesh("fsdp=4,tp=2")
+    rules = (("batch", "fsdp"), ("embed", "fsdp"), ("mlp", "tp"))
+    x = jax.random.normal(jax.random.key(0), (8, 16))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = model.init(jax.random.key(1), x)["params"]
+        lp = jax.tree.map(lambda v: v + 0.05, lorax.wrap(boxed, rank=2, key=jax.random.key(2)))
+        # Flax's own spec functions see every field of the leaves.
+        specs = nn.get_partition_spec(lp)
+        assert specs["Dense_0"]["kernel"].b == P(None, "mlp")
+        mesh_specs = nn.logical_to_mesh(specs)
+        assert lorax.partition_specs(lp, boxed)["Dense_1"]["kernel"].a == P("tp")
+        assert mesh_specs["Dense_1"]["kernel"].a == P("tp", None)
+        got = jax.jit(lorax.lora(model.apply, strict=True))({"params": lp}, x)
+        want = jax.jit(model.apply)({"params": lorax.merge(lp)}, x)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        assert lorax.summary(lp).trainable == 2 * (16 + 32) + 2 * (32 + 16)
+        # split / combine / merge keep the boxes
+        t, f = lorax.split(lp)
+        assert isinstance(lorax.combine(t, f)["Dense_0"]["kernel"].a, nn.LogicallyPartitioned)
+        assert isinstance(lorax.merge(lp)["Dense_0"]["kernel"], nn.LogicallyPartitioned)
+        assert lorax.merge(lp)["Dense_0"]["kernel"].names == ("embed", "mlp")
+        q = lorax.quantize(boxed, "nf4", compute_dtype=jnp.float32)
+        qlp = lorax.wrap(q, rank=2, key=jax.random.key(4))
+        assert nn.get_partition_spec(qlp)["Dense_0"]["kernel"].a == P("embed", None)
+        got = jax.jit(lorax.lora(model.apply, strict=True))({"params": qlp}, x)
+        want = jax.jit(model.apply)({"params": lorax.merge(qlp)}, x)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_constraint_on_a_leaf_keeps_the_low_rank_path():
+    mesh = jax.make_mesh((4, 2), ("fsdp", "tp"), axis_types=(AxisType.Auto,) * 2)
+    w = randomize_b(lorax.wrap({"w": jnp.ones((8, 16))}, rank=2, key=jax.random.key(0)), jax.random.key(1))
+    x = jax.random.normal(jax.random.key(2), (8, 8))
+
+    def f(p, x):
+        return x @ jax.lax.with_sharding_constraint(p["w"], P("fsdp", "tp"))
+
+    with jax.set_mesh(mesh):
+        got = jax.jit(lorax.lora(f, strict=True))(w, x)
+        jaxpr = str(jax.make_jaxpr(lorax.lora(f, strict=True))(w, x))
+    np.testing.assert_allclose(got, x @ lorax.merge(w)["w"], rtol=1e-5, atol=1e-5)
+    assert "spec=P('fsdp',)" in jaxpr and "spec=P(None, 'tp')" in jaxpr
+
+
+def test_shard_map_over_a_lora_leaf():
+    mesh = jax.make_mesh((4, 2), ("fsdp", "tp"), axis_types=(AxisType.Auto,) * 2)
+    lp = randomize_b(lorax.wrap({"w": jnp.ones((8, 16)) * 0.1}, rank=2, key=jax.random.key(0)), jax.random.key(1))
+    x = jax.random.normal(jax.random.key(2), (8, 8))
+
+    def row_parallel(x, w):  # x split on its features, w on its rows: psum the partials
+        return jax.lax.psum(x @ w, "tp")
+
+    def f(p, x):
+        return jax.shard_map(
+            row_parallel, mesh=mesh, in_specs=(P("fsdp", "tp"), P("tp", None)), out_specs=P("fsdp")
+        )(x, p["w"])
+
+    got = jax.jit(lorax.lora(f, strict=True))(lp, x)
+    np.testing.assert_allclose(got, x @ lorax.merge(lp)["w"], rtol=1e-5, atol=1e-5)
+    g = jax.grad(lambda t: lorax.lora(f)(lorax.combine(t, lorax.split(lp)[1]), x).sum())(
+        lorax.split(lp)[0]
+    )
+    g_ref = jax.grad(lambda t: (x @ lorax.merge(lorax.combine(t, lorax.split(lp)[1]))["w"]).sum())(
+        lorax.split(lp)[0]
+    )
+    assert_tree_close(g, g_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_explicit_mesh_reshard():
+    mesh = jax.make_mesh((4, 2), ("fsdp", "tp"))  # explicit axes, jax.make_mesh's default
+    lp = randomize_b(lorax.wrap({"w": jnp.ones((8, 16)) * 0.1}, rank=2, key=jax.random.key(0)), jax.random.key(1))
+    x = jax.random.normal(jax.random.key(2), (8, 8))
+    with jax.set_mesh(mesh):
+        placed = lorax.shard(lp, {"w": P("fsdp", "tp")})
+        xs = jax.device_put(x, P("fsdp", None))
+
+        def f(p, x):
+            w = jax.sharding.reshard(p["w"], P(None, "tp"))  # all-gather the FSDP axis
+            return jnp.dot(x, w, out_sharding=P("fsdp", "tp"))
+
+        got = jax.jit(lorax.lora(f, strict=True))(placed, xs)
+    np.testing.assert_allclose(got, x @ lorax.merge(lp)["w"], rtol=1e-5, atol=1e-5)
+    assert got.sharding.spec == P("fsdp", "tp")
