@@ -2,6 +2,8 @@
 derived per leaf kind, train steps on FSDP / TP / FSDP+TP meshes equal to one device, Flax
 boxes, sharding constraints and shard_map on lorax leaves."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,7 +28,7 @@ def _mesh(kind):
 
 
 def _gpt2():
-    cfg = gpt2.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2)
+    cfg = gpt2.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2)
     return gpt2.GPT2(cfg, scan_layers=True)
 
 
@@ -35,7 +37,7 @@ def _llama():
         vocab_size=64,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=1,
         num_attention_heads=4,
         num_key_value_heads=2,
     )
@@ -86,14 +88,20 @@ def _train(model, lp, ids, mesh=None, rules=None, steps=2):
     return trainable, losses, (t_specs if mesh is not None else None)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-@pytest.mark.parametrize("method", ["lora", "qlora", "dora"])
-@pytest.mark.parametrize("kind", ["fsdp", "tp", "fsdp_tp"])
-def test_sharded_step_equals_one_device(family, method, kind):
+@functools.cache
+def _one_device(family, method):
     model = _gpt2() if family == "gpt2" else _llama()
     _, lp = _wrapped(model, method)
     ids = jax.random.randint(jax.random.key(3), (8, 9), 0, 64)
     want, want_losses, _ = _train(model, lp, ids)
+    return model, lp, ids, want, want_losses
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("method", ["lora", "qlora", "dora"])
+@pytest.mark.parametrize("kind", ["fsdp", "tp", "fsdp_tp"])
+def test_sharded_step_equals_one_device(family, method, kind):
+    model, lp, ids, want, want_losses = _one_device(family, method)
     mesh = _mesh(kind)
     got, got_losses, specs = _train(model, lp, ids, mesh, partitioning.RULES[kind])
     np.testing.assert_allclose(got_losses, want_losses, rtol=2e-5)

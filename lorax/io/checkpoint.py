@@ -47,7 +47,10 @@ FORMAT, VERSION = "lorax-adapter", 2
 
 def adapter_state(tree: Any) -> tuple[dict[str, jax.Array], dict[str, Any]]:
     """The arrays a checkpoint holds (``"{path}/{field}"`` -> array) and its metadata."""
+    from lorax.sharding import unbox
+
     arrays, leaves = {}, {}
+    tree = unbox(tree)  # Flax partitioning boxes: their values
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lorax_leaf)[0]:
         if not is_lorax_leaf(leaf) or not leaf.trainable_fields:
             continue  # dense or quantized base weights are not written
@@ -89,9 +92,18 @@ def adapter_state(tree: Any) -> tuple[dict[str, jax.Array], dict[str, Any]]:
             "save); wrap it with lorax.wrap first"
         )
     metadata = {"format": FORMAT, "version": VERSION, "leaves": leaves}
-    if all(getattr(x, "is_fully_addressable", True) for x in arrays.values()):
-        metadata["digest"] = digest(leaves, arrays)
+    metadata["digest"] = digest(leaves, arrays)
     return arrays, metadata
+
+
+def host_value(x: Any) -> np.ndarray:
+    """The whole value of an array on this host; an array sharded over several processes
+    is gathered from all of them (adapters are small), so every process calls this."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
 
 
 def digest(leaves: dict[str, Any], arrays: dict[str, Any]) -> str:
@@ -99,7 +111,7 @@ def digest(leaves: dict[str, Any], arrays: dict[str, Any]) -> str:
     after it was written no longer matches it."""
     h = hashlib.sha256(json.dumps(leaves, sort_keys=True).encode())
     for name in sorted(arrays):
-        value = np.asarray(jax.device_get(arrays[name]))
+        value = host_value(arrays[name])
         h.update(f"{name}|{value.dtype.str}|{value.shape}|".encode())
         h.update(np.ascontiguousarray(value).tobytes())
     return h.hexdigest()
@@ -175,7 +187,7 @@ def save(
 
 def _check_finite(arrays: dict[str, jax.Array]) -> None:
     for name, value in arrays.items():
-        if jnp.issubdtype(value.dtype, jnp.inexact) and not bool(jnp.isfinite(value).all()):
+        if jnp.issubdtype(value.dtype, jnp.inexact) and not np.isfinite(host_value(value)).all():
             raise NonFiniteError(
                 f"lorax.save: '{name}' holds inf or NaN; nothing was written "
                 "(pass check_finite=False to save it anyway)"
@@ -222,16 +234,26 @@ def _save_to_path(path: Path, args: Any, force: bool) -> None:
                     "checkpoint (force=True replaces lorax checkpoints only)"
                 )
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = path.with_name(f"{path.name}.lorax-new-{time.time_ns()}")
+    stamp = time.time_ns()
+    if jax.process_count() > 1:  # every process writes its shards into the same directory
+        from jax.experimental import multihost_utils
+
+        stamp = int(multihost_utils.broadcast_one_to_all(np.int64(stamp)))
+    new = path.with_name(f"{path.name}.lorax-new-{stamp}")
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
         checkpointer.save(new, args=args)
-    if path.is_dir() and any(path.iterdir()):
-        _replace_dir(new, path)
-    else:
-        if path.is_dir():
-            path.rmdir()
-        os.rename(new, path)
-    _remove_leftovers(path)
+    if jax.process_index() == 0:  # one process swaps it in (a shared filesystem)
+        if path.is_dir() and any(path.iterdir()):
+            _replace_dir(new, path)
+        else:
+            if path.is_dir():
+                path.rmdir()
+            os.rename(new, path)
+        _remove_leftovers(path)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"lorax.save {path}")
 
 
 def _replace_dir(new: Path, path: Path) -> None:
@@ -379,10 +401,14 @@ def load(
             f"version {metadata['version']} > {VERSION})"
         )
     entries = _checked_entries(metadata.get("leaves"), where)
+    shardings = _adapter_shardings(base, entries)
     abstract = {
-        f"{path}/{name}": jax.ShapeDtypeStruct(tuple(f["shape"]), np.dtype(f["dtype"]))
+        key: jax.ShapeDtypeStruct(
+            tuple(f["shape"]), np.dtype(f["dtype"]), sharding=shardings.get(key)
+        )
         for path, entry in entries.items()
         for name, f in entry["fields"].items()
+        for key in [f"{path}/{name}"]
     }
     try:
         arrays = restore(ocp.args.Composite(adapter=ocp.args.StandardRestore(abstract)))
@@ -475,6 +501,46 @@ def _checked_entries(entries: Any, where: str) -> dict[str, Any]:
         if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
             raise bad(path, f"gives the base the shape {shape!r}")
     return entries
+
+
+def _adapter_shardings(base: Any, entries: dict[str, Any]) -> dict[str, Any]:
+    """Where each saved array goes: a base weight placed on a mesh (``NamedSharding``) gets
+    its adapter with the specs ``lorax.partition_specs`` derives, whatever mesh it was saved
+    from (orbax reads each process's slices); other bases (one device, or a quantized base
+    whose dense spec is unknown: replicated on its mesh) as before."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from lorax.paths import FlatTree
+    from lorax.sharding import field_specs
+
+    flat = FlatTree.of(base)
+    by_path = dict(zip(flat.paths, flat.leaves, strict=True))
+    out: dict[str, Any] = {}
+    for path, entry in entries.items():
+        leaf = by_path.get(path)
+        arrays = [x for x in jax.tree.leaves(leaf) if isinstance(x, jax.Array)]
+        named = [x.sharding for x in arrays if isinstance(x.sharding, NamedSharding)]
+        if not named:
+            continue
+        mesh = named[0].mesh
+        if is_lorax_leaf(leaf) or not entry.get("has_base", True):
+            spec = named[0].spec if not is_lorax_leaf(leaf) else PartitionSpec()
+            for name in entry["fields"]:
+                fspec = spec if not entry.get("has_base", True) else PartitionSpec()
+                out[f"{path}/{name}"] = NamedSharding(mesh, fspec)
+            continue
+        try:
+            shape = lambda f: jax.ShapeDtypeStruct(tuple(f["shape"]), np.dtype(f["dtype"]))  # noqa: E731
+            fields = {name: shape(f) for name, f in entry["fields"].items()}
+            stand_in = leaf_kind(entry["kind"])(
+                base=jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), **fields, **entry["static"]
+            )
+            specs = field_specs(stand_in, leaf.sharding.spec, mesh=mesh)
+        except Exception:  # noqa: BLE001 - a mismatch is reported by attach, by path
+            continue
+        for name in entry["fields"]:
+            out[f"{path}/{name}"] = NamedSharding(mesh, getattr(specs, name))
+    return out
 
 
 def attach(base: Any, entries: dict[str, Any], arrays: dict[str, Any], where: str) -> Any:
