@@ -17,6 +17,7 @@ computes ``x @ W + s * (x @ A) @ B`` without ever forming ``W + s * A @ B``; see
 
 from importlib import metadata as _metadata
 
+from lorax import sharding as sharding  # registers the sharding primitives' rules
 from lorax.errors import CheckpointError as CheckpointError
 
 # Errors and warnings
@@ -60,7 +61,6 @@ from lorax.quant.formats import Int8Weight as Int8Weight
 from lorax.quant.formats import NF4Weight as NF4Weight
 from lorax.quant.quantizers import dequantize as dequantize
 from lorax.quant.quantizers import quantize as quantize
-from lorax import sharding as sharding  # registers the sharding primitives' rules
 from lorax.report import Summary as Summary
 from lorax.report import summary as summary
 from lorax.sharding import partition_specs as partition_specs

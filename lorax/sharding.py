@@ -159,12 +159,16 @@ def _flax() -> Any:
 
         dense_names: Any = struct.field(pytree_node=False, default=None)
 
-    return meta, nn, {
-        nn.Partitioned: FieldPartitioned,
-        nn.LogicallyPartitioned: FieldLogicallyPartitioned,
-        FieldPartitioned: FieldPartitioned,
-        FieldLogicallyPartitioned: FieldLogicallyPartitioned,
-    }
+    return (
+        meta,
+        nn,
+        {
+            nn.Partitioned: FieldPartitioned,
+            nn.LogicallyPartitioned: FieldLogicallyPartitioned,
+            FieldPartitioned: FieldPartitioned,
+            FieldLogicallyPartitioned: FieldLogicallyPartitioned,
+        },
+    )
 
 
 def is_box(x: Any) -> bool:
@@ -323,9 +327,7 @@ def _is_nnx_state(x: Any) -> bool:
     return isinstance(x, nnx.State)
 
 
-def partition_specs(
-    tree: Any, base_specs: Any, /, *, mesh: Any = None, rules: Any = None
-) -> Any:
+def partition_specs(tree: Any, base_specs: Any, /, *, mesh: Any = None, rules: Any = None) -> Any:
     """``PartitionSpec``s for every array of a wrapped tree, derived from the dense weights'.
 
     The base keeps the dense weight's spec. Adapter factors follow the axes they share with
@@ -398,13 +400,17 @@ def partition_specs(
                 try:
                     return field_specs(x, spec, mesh=mesh)
                 except LoraxValueError as e:
-                    raise LoraxValueError(f"lorax.partition_specs: at '{path_str(key_path)}': {e}") from None
+                    raise LoraxValueError(
+                        f"lorax.partition_specs: at '{path_str(key_path)}': {e}"
+                    ) from None
             if not hasattr(x, "shape"):
                 return x
             try:
                 return _spec(_pad(spec, len(x.shape)), x.shape, sizes)
             except LoraxValueError as e:
-                raise LoraxValueError(f"lorax.partition_specs: at '{path_str(key_path)}': {e}") from None
+                raise LoraxValueError(
+                    f"lorax.partition_specs: at '{path_str(key_path)}': {e}"
+                ) from None
 
         return jax.tree.map(one, sub, is_leaf=is_lorax_leaf)
 

@@ -30,7 +30,9 @@ def main() -> None:
     trained, losses = train(model, lp, ids, mesh, partitioning.RULES["fsdp_tp"])
     a = trained["ScanLayers"]["attn"]["c_attn"]["kernel"].a
     assert not a.is_fully_addressable  # the adapters really span both processes
-    lorax.save(os.path.join(out, "adapter"), lorax.combine(trained, lorax.split(lp)[1]))
+    combined = lorax.combine(trained, lorax.split(lp)[1])
+    lorax.save(os.path.join(out, "adapter"), combined)
+    lorax.export_peft(os.path.join(out, "peft"), combined, model=model)  # written by process 0
     if jax.process_index() == 0:
         with open(os.path.join(out, "losses.json"), "w") as f:
             json.dump(losses, f)

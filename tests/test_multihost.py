@@ -34,7 +34,13 @@ def test_two_processes_train_save_and_reload_elsewhere(tmp_path):
     env.pop("XLA_FLAGS", None)  # the worker sets 4 devices per process
     procs = [
         subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "multihost_worker.py"), str(i), str(port), str(tmp_path)],
+            [
+                sys.executable,
+                str(ROOT / "tests" / "multihost_worker.py"),
+                str(i),
+                str(port),
+                str(tmp_path),
+            ],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -63,6 +69,8 @@ def test_two_processes_train_save_and_reload_elsewhere(tmp_path):
     placed = lorax.shard(base, specs, mesh=mesh, rules=partitioning.RULES["tp"])
     loaded = lorax.load(tmp_path / "adapter", placed)
     assert_tree_close(lorax.split(loaded)[0], want, rtol=1e-4, atol=1e-5)
+    exported = lorax.import_peft(tmp_path / "peft", _base(lp), model=model)
+    assert_tree_close(lorax.split(exported)[0], want, rtol=1e-4, atol=1e-5)
     b = loaded["ScanLayers"]["attn"]["c_attn"]["kernel"].b
     assert b.sharding.spec == jax.sharding.PartitionSpec(None, None, "tp")  # derived, on TP 8
 

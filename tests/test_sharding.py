@@ -157,9 +157,7 @@ def _boxed_model():
         def __call__(self, x):
             h = nn.Dense(32, kernel_init=nn.with_logical_partitioning(init, ("embed", "mlp")))(x)
             h = nn.with_logical_constraint(nn.gelu(h), ("batch", "mlp"))
-            return nn.Dense(16, kernel_init=nn.with_logical_partitioning(init, ("mlp", "embed")))(
-                h
-            )
+            return nn.Dense(16, kernel_init=nn.with_logical_partitioning(init, ("mlp", "embed")))(h)
 
     return Mlp()
 
@@ -199,7 +197,9 @@ def test_maxtext_style_linen_model_under_a_mesh():
 
 def test_constraint_on_a_leaf_keeps_the_low_rank_path():
     mesh = jax.make_mesh((4, 2), ("fsdp", "tp"), axis_types=(AxisType.Auto,) * 2)
-    w = randomize_b(lorax.wrap({"w": jnp.ones((8, 16))}, rank=2, key=jax.random.key(0)), jax.random.key(1))
+    w = randomize_b(
+        lorax.wrap({"w": jnp.ones((8, 16))}, rank=2, key=jax.random.key(0)), jax.random.key(1)
+    )
     x = jax.random.normal(jax.random.key(2), (8, 8))
 
     def f(p, x):
@@ -214,7 +214,9 @@ def test_constraint_on_a_leaf_keeps_the_low_rank_path():
 
 def test_shard_map_over_a_lora_leaf():
     mesh = jax.make_mesh((4, 2), ("fsdp", "tp"), axis_types=(AxisType.Auto,) * 2)
-    lp = randomize_b(lorax.wrap({"w": jnp.ones((8, 16)) * 0.1}, rank=2, key=jax.random.key(0)), jax.random.key(1))
+    lp = randomize_b(
+        lorax.wrap({"w": jnp.ones((8, 16)) * 0.1}, rank=2, key=jax.random.key(0)), jax.random.key(1)
+    )
     x = jax.random.normal(jax.random.key(2), (8, 8))
 
     def row_parallel(x, w):  # x split on its features, w on its rows: psum the partials
@@ -238,7 +240,9 @@ def test_shard_map_over_a_lora_leaf():
 
 def test_explicit_mesh_reshard():
     mesh = jax.make_mesh((4, 2), ("fsdp", "tp"))  # explicit axes, jax.make_mesh's default
-    lp = randomize_b(lorax.wrap({"w": jnp.ones((8, 16)) * 0.1}, rank=2, key=jax.random.key(0)), jax.random.key(1))
+    lp = randomize_b(
+        lorax.wrap({"w": jnp.ones((8, 16)) * 0.1}, rank=2, key=jax.random.key(0)), jax.random.key(1)
+    )
     x = jax.random.normal(jax.random.key(2), (8, 8))
     with jax.set_mesh(mesh):
         placed = lorax.shard(lp, {"w": P("fsdp", "tp")})
@@ -251,3 +255,24 @@ def test_explicit_mesh_reshard():
         got = jax.jit(lorax.lora(f, strict=True))(placed, xs)
     np.testing.assert_allclose(got, x @ lorax.merge(lp)["w"], rtol=1e-5, atol=1e-5)
     assert got.sharding.spec == P("fsdp", "tp")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_from_pretrained_onto_a_mesh(family, tmp_path):
+    module = gpt2 if family == "gpt2" else llama
+    model = _gpt2() if family == "gpt2" else _llama()
+    params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    module.save_pretrained(tmp_path, model, params)
+    mesh = partitioning.make_mesh("fsdp=4,tp=2")
+    _, placed = module.from_pretrained(tmp_path, mesh=mesh, scan_layers=family == "gpt2")
+    _, plain = module.from_pretrained(tmp_path, scan_layers=family == "gpt2")
+    assert_tree_close(placed, plain, rtol=0, atol=0)
+    specs = lorax.partition_specs(
+        plain, partitioning.logical_axes(plain), rules=partitioning.RULES["fsdp_tp"], mesh=mesh
+    )
+    for x, spec in zip(jax.tree.leaves(placed), jax.tree.leaves(specs), strict=True):
+        assert x.sharding.is_equivalent_to(NamedSharding(mesh, spec), x.ndim)
+    assert any(
+        len(x.addressable_shards[0].data.shape) and x.addressable_shards[0].data.size < x.size
+        for x in jax.tree.leaves(placed)
+    )

@@ -523,6 +523,7 @@ def _adapter_shardings(base: Any, entries: dict[str, Any]) -> dict[str, Any]:
         if not named:
             continue
         mesh = named[0].mesh
+        assert leaf is not None  # it holds arrays
         if is_lorax_leaf(leaf) or not entry.get("has_base", True):
             spec = named[0].spec if not is_lorax_leaf(leaf) else PartitionSpec()
             for name in entry["fields"]:

@@ -345,6 +345,10 @@ def export_peft(
       >>> back["proj"]["kernel"].a.shape
       (4, 2)
     """
+    from lorax.io.checkpoint import host_value
+    from lorax.sharding import unbox
+
+    tree = unbox(tree)
     modules = peft_module_map(tree, model, "lorax.export_peft")
     names = modules.modules
     tensors, ranks, alphas, kinds, dropouts = {}, {}, {}, set(), {0.0}
@@ -365,7 +369,7 @@ def export_peft(
                 f"lorax.export_peft: no Hugging Face module is known for "
                 f"'{path}'; pass ... matching the tree, or a mapping"
             )
-        a, b = np.asarray(jax.device_get(leaf.a)), np.asarray(jax.device_get(leaf.b))
+        a, b = host_value(leaf.a), host_value(leaf.b)  # gathered when sharded
         stacked = names[path][0][1] is not None
         if stacked and (a.ndim < 3 or a.shape[0] != len(names[path])):
             raise LoraxValueError(
@@ -383,7 +387,7 @@ def export_peft(
             tensors[f"{PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(la.T)
             tensors[f"{PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(lb.T)
             if isinstance(leaf, DoraWeight):
-                m = np.asarray(jax.device_get(leaf.magnitude))
+                m = host_value(leaf.magnitude)
                 m = m if layer is None else m[layer]
                 tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = np.ascontiguousarray(m)
             ranks[name], alphas[name] = leaf.rank, leaf.scale * leaf.rank
@@ -416,9 +420,14 @@ def export_peft(
         "peft_version": "0.13.0",
     }
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+    if jax.process_index() == 0:  # every process gathered the full arrays; one writes
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"lorax.export_peft {directory}")
     return directory
 
 

@@ -327,6 +327,8 @@ def from_pretrained(
     scan_layers: bool = False,
     remat_policy: str | None = None,
     attention_impl: str | None = None,
+    mesh: Any = None,
+    rules: Any = None,
 ) -> tuple[GPT2, dict]:
     """Loads a Hugging Face GPT-2 checkpoint.
 
@@ -336,6 +338,10 @@ def from_pretrained(
       dtype: compute dtype, and the parameters' dtype unless ``param_dtype`` is given.
       param_dtype: dtype of the loaded parameters.
       scan_layers, remat_policy, attention_impl: see :class:`GPT2`.
+      mesh: a ``jax.sharding.Mesh`` with axes ``fsdp`` / ``tp``: each tensor is placed on it
+        as it is read (by ``lorax.models.partitioning``'s logical axes), so no host holds
+        the whole model; with several processes each keeps only its devices' shards.
+      rules: logical-to-mesh rules (default ``partitioning.RULES["fsdp_tp"]``).
 
     Returns:
       ``(model, params)``, with ``model.apply({"params": params}, input_ids)`` the logits.
@@ -359,6 +365,8 @@ def from_pretrained(
         scan_layers=scan_layers,
         remat_policy=remat_policy,
         attention_impl=attention_impl,
+        mesh=mesh,
+        rules=rules,
     )
 
 

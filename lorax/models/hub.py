@@ -31,6 +31,7 @@ from lorax.errors import (
     LoraxValueError,
 )
 from lorax.leaf import is_lorax_leaf
+from lorax.models import partitioning
 from lorax.paths import path_str
 
 CHECKPOINT_FILES = [
@@ -361,8 +362,12 @@ def params_from_tensors(
     dtype: Any,
     strip_prefix: str = "",
     ignore: str | None = None,
+    place: Any = None,
 ) -> dict:
     """The nested Flax params that ``table`` builds from ``tensors``.
+
+    With ``place(path, host_array) -> array``, each parameter is placed (on a mesh) as soon
+    as its tensors are read, and its host copy dropped: no host holds the whole model.
 
     Args:
       table: the model's rows.
@@ -378,8 +383,28 @@ def params_from_tensors(
         nothing reads (a config that does not match the weights).
       ValueError: a tensor's shape does not match the config.
     """
+    table = list(table)
     available = tensors.names()
     used, missing, values = set(), [], {}
+    needed: dict[str, int] = {}
+    for entry in table:
+        needed[entry.path] = needed.get(entry.path, 0) + 1
+    params: dict = {}
+
+    def finish(path: str, by_layer: dict) -> None:
+        if None in by_layer:
+            array = by_layer[None]
+        else:
+            array = np.stack([by_layer[i] for i in range(len(by_layer))])
+        node = params
+        *parents, leaf = path.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        if place is None:
+            node[leaf] = jnp.asarray(array, dtype=dtype)
+        else:
+            node[leaf] = place(path, np.asarray(array).astype(jnp.dtype(dtype)))
+
     for entry in table:
         name = entry.name
         if name not in available and name.startswith(strip_prefix):
@@ -400,6 +425,8 @@ def params_from_tensors(
                 f"{tuple(layer_shape)}; does config.json match the weights?"
             )
         values.setdefault(entry.path, {})[entry.layer] = array
+        if place is not None and len(values[entry.path]) == needed[entry.path]:
+            finish(entry.path, values.pop(entry.path))
     if missing:
         raise LoraxKeyError(
             f"lorax.models: the checkpoint lacks {len(missing)} tensors this "
@@ -412,17 +439,8 @@ def params_from_tensors(
             f"lorax.models: the checkpoint has {len(unused)} tensors this config "
             f"does not use, e.g. {unused[:5]}; does config.json match the weights?"
         )
-    params: dict = {}
     for path, by_layer in values.items():
-        if None in by_layer:
-            array = by_layer[None]
-        else:
-            array = np.stack([by_layer[i] for i in range(len(by_layer))])
-        node = params
-        *parents, leaf = path.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = jnp.asarray(array, dtype=dtype)
+        finish(path, by_layer)
     return params
 
 
@@ -468,6 +486,8 @@ def load_model(
     param_dtype: Any,
     strip_prefix: str,
     ignore: Any,
+    mesh: Any = None,
+    rules: Any = None,
     **model_options: Any,
 ) -> tuple[Any, dict]:
     """The shared body of the models' ``from_pretrained``: config, model, then params
@@ -496,6 +516,7 @@ def load_model(
             param_dtype or dtype,
             strip_prefix=strip_prefix,
             ignore=ignore(config) if callable(ignore) else ignore,  # type: ignore[arg-type]
+            place=None if mesh is None else partitioning.placer(mesh, rules),
         )
     finally:
         tensors.close()

@@ -471,6 +471,8 @@ def from_pretrained(
     scan_layers: bool = False,
     remat_policy: str | None = None,
     attention_impl: str | None = None,
+    mesh: Any = None,
+    rules: Any = None,
 ) -> tuple[Llama, dict]:
     """Loads a Hugging Face Llama checkpoint, or a Mistral one without a binding sliding
     window (arguments and errors as :func:`lorax.models.gpt2.from_pretrained`)."""
@@ -486,6 +488,8 @@ def from_pretrained(
         scan_layers=scan_layers,
         remat_policy=remat_policy,
         attention_impl=attention_impl,
+        mesh=mesh,
+        rules=rules,
     )
 
 

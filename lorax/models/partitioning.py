@@ -39,7 +39,7 @@ from jax.sharding import PartitionSpec
 from lorax.errors import LoraxValueError
 from lorax.paths import path_str
 
-__all__ = ["RULES", "logical_axes", "make_mesh", "batch_spec"]
+__all__ = ["RULES", "logical_axes", "logical_spec", "placer", "make_mesh", "batch_spec"]
 
 RULES: dict[str, tuple[tuple[str, Any], ...]] = {
     "fsdp": (("batch", "fsdp"), ("embed", "fsdp")),
@@ -90,21 +90,47 @@ def logical_axes(params: Any, /) -> Any:
     """
     from lorax.leaf import is_lorax_leaf
 
-    def names(key_path: Any, x: Any) -> PartitionSpec:
-        path = path_str(key_path)
-        ndim = len(x.shape)
-        for pattern, axes in _TABLE:
-            if re.fullmatch(pattern, path):
-                stack = ndim - len(axes)
-                if stack < 0 or (stack and "ScanLayers" not in path):
-                    break
-                return PartitionSpec(*(("layers",) * stack + axes))
-        raise LoraxValueError(
-            f"lorax.models.partitioning: no logical axes for '{path}' {tuple(x.shape)}: "
-            "not a GPT-2 or Llama parameter"
-        )
+    return jax.tree_util.tree_map_with_path(
+        lambda key_path, x: logical_spec(path_str(key_path), tuple(x.shape)),
+        params,
+        is_leaf=is_lorax_leaf,
+    )
 
-    return jax.tree_util.tree_map_with_path(names, params, is_leaf=is_lorax_leaf)
+
+def logical_spec(path: str, shape: tuple[int, ...]) -> PartitionSpec:
+    """The logical spec of one reference-model parameter, by its '/'-joined path.
+
+    Raises:
+      LoraxValueError: a path the table does not know.
+    """
+    ndim = len(shape)
+    for pattern, axes in _TABLE:
+        if re.fullmatch(pattern, path):
+            stack = ndim - len(axes)
+            if stack < 0 or (stack and "ScanLayers" not in path):
+                break
+            return PartitionSpec(*(("layers",) * stack + axes))
+    raise LoraxValueError(
+        f"lorax.models.partitioning: no logical axes for '{path}' {tuple(shape)}: "
+        "not a GPT-2 or Llama parameter"
+    )
+
+
+def placer(mesh: jax.sharding.Mesh, rules: Any = None) -> Any:
+    """``place(path, host_array) -> jax.Array`` on ``mesh`` with the reference models'
+    logical axes mapped by ``rules`` (default ``RULES["fsdp_tp"]``): what
+    ``from_pretrained(mesh=...)`` calls on each tensor as it is read."""
+    import flax.linen as nn
+
+    from lorax.sharding import shard
+
+    rules = RULES["fsdp_tp"] if rules is None else rules
+
+    def place(path: str, array: np.ndarray) -> jax.Array:
+        spec = nn.logical_to_mesh_axes(tuple(logical_spec(path, array.shape)), rules)
+        return shard(array, PartitionSpec(*spec), mesh=mesh)
+
+    return place
 
 
 def make_mesh(spec: str, /, devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:

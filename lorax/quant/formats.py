@@ -280,7 +280,10 @@ class Int8Weight(QuantizedLeaf):
         return n
 
     def field_axes(self, axes):
-        scale = tuple(a if s == c else None for a, s, c in zip(axes, self.scale.shape, self.codes.shape, strict=True))
+        scale = tuple(
+            a if s == c else None
+            for a, s, c in zip(axes, self.scale.shape, self.codes.shape, strict=True)
+        )
         return {"codes": tuple(axes), "scale": scale}
 
     def materialize(self) -> jax.Array:
