@@ -23,6 +23,7 @@ with :func:`static_field`). What the interpreter (``lorax.transform``) and the t
 ``field_axes(axes)``      given a label per axis of the dense weight (mesh axes, logical
                           names or None), the labels of each array field's axes: how
                           partition specs, Flax boxes and sharding constraints carry over
+``slices_locally(axes)``  whether ``shard_map`` may run on the fields' per-shard slices
 ========================  ===============================================================
 
 The interpreter asks, for an equation that consumes a leaf: the rule registered for the
@@ -163,6 +164,15 @@ class LoraxLeaf:
                     "define field_axes(axes) on the kind to shard it"
                 )
         return out
+
+    def slices_locally(self, axes: tuple[Any, ...]) -> bool:
+        """Whether a ``shard_map`` body may compute with this leaf's per-shard slices, each
+        field sliced by its derived spec along the dense axes that ``axes`` labels (non-None):
+        true when the per-shard results add up as the dense weight's slices would (a kind
+        linear in its weight, as LoRA). DoRA's column norm over a sliced input axis, or a
+        nonlinearity between a bottleneck's projections, are not: those say False and the
+        interpreter densifies (or refuses) instead of computing a wrong result."""
+        return True
 
     def handle_primitive(self, call: PrimitiveCall) -> Any:
         """Computes ``call`` on the dense weight without forming it, or ``NotImplemented``.

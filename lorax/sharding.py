@@ -549,7 +549,12 @@ def _local_shape(shape: tuple, spec: Any, sizes: Mapping[str, int]) -> tuple:
 
 def _per_shard(leaf: LoraxLeaf, spec: Any, sizes: Mapping[str, int], want: tuple) -> Any:
     """The fields' specs inside a ``shard_map`` when slicing each field by its own spec
-    gives a valid leaf of the per-shard shape ``want``; else None."""
+    gives a valid leaf of the per-shard shape ``want`` whose results are the slices of the
+    dense ones (``slices_locally``); else None."""
+    axes = _pad(spec, len(leaf.shape))
+    sliced = tuple(e if _mesh_names(e) else None for e in axes)
+    if not _all_slice(leaf, sliced):
+        return None
     specs = field_specs(leaf, spec, mesh=_Sizes(sizes))
     local = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(_local_shape(x.shape, s, sizes), x.dtype),
@@ -563,6 +568,17 @@ def _per_shard(leaf: LoraxLeaf, spec: Any, sizes: Mapping[str, int], want: tuple
         ok = False
     # Fitting may have replicated an axis the dense spec shards: then the slices disagree.
     return specs if ok else None
+
+
+def _all_slice(leaf: LoraxLeaf, axes: tuple) -> bool:
+    """``slices_locally`` of the leaf and of every leaf nested in it (an NF4 base)."""
+    if not leaf.slices_locally(axes):
+        return False
+    return all(
+        _all_slice(x, axes)
+        for x in (getattr(leaf, n) for n in (*leaf.trainable_fields, *leaf.frozen_fields))
+        if is_lorax_leaf(x)
+    )
 
 
 class _Sizes:

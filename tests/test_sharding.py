@@ -276,3 +276,65 @@ def test_from_pretrained_onto_a_mesh(family, tmp_path):
         len(x.addressable_shards[0].data.shape) and x.addressable_shards[0].data.size < x.size
         for x in jax.tree.leaves(placed)
     )
+
+
+def test_nnx_model_with_sharding_metadata():
+    from flax import nnx
+
+    init = nnx.initializers.lecun_normal()
+
+    class Mlp(nnx.Module):
+        def __init__(self, rngs):
+            self.up = nnx.Linear(
+                16, 32, kernel_init=nnx.with_partitioning(init, ("fsdp", "tp")), rngs=rngs
+            )
+            self.down = nnx.Linear(
+                32, 16, kernel_init=nnx.with_partitioning(init, ("tp", "fsdp")), rngs=rngs
+            )
+
+        def __call__(self, x):
+            return self.down(nnx.relu(self.up(x)))
+
+    mesh = partitioning.make_mesh("fsdp=4,tp=2")
+    with jax.set_mesh(mesh):
+        graphdef, state = nnx.split(Mlp(nnx.Rngs(0)))
+        lp = lorax.wrap(state, rank=2, key=jax.random.key(1))
+        lp = jax.tree.map(lambda v: v + 0.05, lp)  # a non-zero B
+        specs = lorax.partition_specs(lp, state)  # the nnx State's sharding metadata
+        assert specs["down"]["kernel"].value.a == P("tp")
+        placed = lorax.shard(lp, specs, mesh=mesh)
+        assert placed["up"]["kernel"].value.b.sharding.spec == P(None, "tp")
+
+        def apply(s, x):
+            return nnx.merge(graphdef, s)(x)
+
+        x = jax.random.normal(jax.random.key(2), (8, 16))
+        got = jax.jit(lorax.lora(apply, strict=True))(placed, x)
+        want = jax.jit(apply)(lorax.merge(lp), x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["dora", "qlora"])
+def test_shard_map_over_leaves_that_cannot_slice(kind):
+    """DoRA's norm runs over the sliced input axis and NF4 blocks follow the global shape:
+    both enter the shard_map densified (with the warning), and the result is right."""
+    mesh = jax.make_mesh((4, 2), ("fsdp", "tp"), axis_types=(AxisType.Auto,) * 2)
+    w = jax.random.normal(jax.random.key(0), (64, 64)) * 0.1
+    base = (
+        lorax.quantize({"w": w}, "nf4", compute_dtype=jnp.float32) if kind == "qlora" else {"w": w}
+    )
+    lp = lorax.wrap(base, rank=2, key=jax.random.key(1), dora=kind == "dora")
+    lp = jax.tree.map(lambda v: v + 0.05 if v.dtype == jnp.float32 else v, lp)
+    x = jax.random.normal(jax.random.key(2), (8, 64))
+
+    def f(p, x):
+        return jax.shard_map(
+            lambda x, w: jax.lax.psum(x @ w, "tp"),
+            mesh=mesh,
+            in_specs=(P("fsdp", "tp"), P("tp", None)),
+            out_specs=P("fsdp"),
+        )(x, p["w"])
+
+    with pytest.warns(lorax.LoraxDensifyWarning, match="shard_map"):
+        got = jax.jit(lorax.lora(f))(lp, x)
+    np.testing.assert_allclose(got, x @ lorax.merge(lp)["w"], rtol=1e-4, atol=1e-4)

@@ -101,6 +101,10 @@ class DoraWeight(OverBase):
         out["magnitude"] = (*axes[:ns], *axes[ns + ni :])  # one per output feature
         return out
 
+    def slices_locally(self, axes):
+        ns, ni = self.stack_ndim, self.in_ndim
+        return all(a is None for a in axes[ns : ns + ni])  # the norm runs over the inputs
+
     def norm_scale(self) -> jax.Array:
         """``m / ||W + s A B||``, a constant for the backward pass through the norm."""
         return self.magnitude / jax.lax.stop_gradient(_column_norm(self.lora))
