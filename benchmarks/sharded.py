@@ -16,12 +16,13 @@ on two meshes: ``fsdp8`` (``make_mesh("fsdp=8")``, ``RULES["fsdp"]``) and ``fsdp
 ``jax.ShapeDtypeStruct`` carrying the sharding ``lorax.partition_specs`` derives from
 ``partitioning.logical_axes``; the step is lowered and compiled, nothing is allocated.
 
-Activations (``--activations``): ``batch`` (default) constrains each decoder layer's input
-and output and the logits to the batch split (``batch_spec``: rows over ``fsdp``, replicated
-over ``tp``), through a Flax method interceptor, which is what FSDP and Megatron-style TP
-training do. ``auto`` adds no constraint and leaves the activations to XLA's propagation:
-with weights split along ``embed`` it can choose to split the activations along ``embed``
-too and all-reduce every projection's output instead of gathering the weights (see the
+Activations (``--activations``): ``batch`` (default) traces the step under
+``partitioning.sharded(mesh, rules)``, where the reference models constrain each decoder
+layer's hidden states and the logits to the batch split (rows over ``fsdp``, replicated
+over ``tp``), which is what FSDP and Megatron-style TP training do. ``auto`` adds no
+constraint and leaves the activations to XLA's propagation: with weights split along
+``embed`` it can choose to split the activations along ``embed`` too and all-reduce every
+projection's output instead of gathering the weights (see the
 ``all-reduce`` column); both can be given to compare.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/sharded.py
@@ -81,6 +82,7 @@ import re
 import sys
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from pathlib import Path
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -179,33 +181,6 @@ def with_shardings_like(state, params, mesh):
     return jax.tree.map(place, state, is_leaf=lambda x: jax.tree.structure(x) == pdef)
 
 
-def forward(model, mesh, activations: str):
-    """``model.apply``; with ``activations="batch"`` each decoder layer's input and output
-    constrained to the batch split (a Flax method interceptor: the model is unchanged)."""
-    import flax.linen as nn
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from lorax.models import llama, partitioning
-
-    if activations == "auto":
-        return model.apply
-    rows = NamedSharding(mesh, PartitionSpec(*partitioning.batch_spec(mesh), None, None))
-
-    def constrain(next_fun, args, kwargs, context):
-        if isinstance(context.module, llama.LlamaBlock) and context.method_name == "__call__":
-            x = jax.lax.with_sharding_constraint(args[0], rows)
-            out = next_fun(x, *args[1:], **kwargs)
-            return (jax.lax.with_sharding_constraint(out[0], rows), *out[1:])
-        return next_fun(*args, **kwargs)
-
-    def apply(variables, ids):
-        with nn.intercept_methods(constrain):
-            return jax.lax.with_sharding_constraint(model.apply(variables, ids), rows)
-
-    return apply
-
-
 def compile_step(model, method, mesh, rules, wrapped, batch, seq, activations):
     """Lowers and compiles one train step for abstract sharded inputs. Returns the compiled
     step, the sharded trainable and frozen trees (frozen None for dense) and timings."""
@@ -230,9 +205,7 @@ def compile_step(model, method, mesh, rules, wrapped, batch, seq, activations):
     tokens = jax.ShapeDtypeStruct(
         (batch, seq + 1), jnp.int32, sharding=NamedSharding(mesh, partitioning.batch_spec(mesh))
     )
-    apply = forward(model, mesh, activations)
-    if method != "dense":
-        apply = lorax.lora(apply)
+    apply = model.apply if method == "dense" else lorax.lora(model.apply)
 
     def loss_of(t, f, tokens):
         p = t if f is None else lorax.combine(t, f)
@@ -256,8 +229,12 @@ def compile_step(model, method, mesh, rules, wrapped, batch, seq, activations):
         ),
         donate_argnums=(0, 1),
     )
+    # "batch": traced under the rules, so the models keep their hidden states split over
+    # the batch (lorax.models.layers.constrain); "auto": no constraint at all
+    scope = partitioning.sharded(mesh, rules) if activations == "batch" else nullcontext()
     start = time.perf_counter()
-    lowered = step.lower(trainable, opt_state, frozen, tokens)
+    with scope:
+        lowered = step.lower(trainable, opt_state, frozen, tokens)
     lowered_at = time.perf_counter()
     compiled = lowered.compile()
     done = time.perf_counter()

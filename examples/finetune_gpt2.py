@@ -20,6 +20,7 @@ tokenizer.json; ``--data FILE`` fine-tunes on your own text (loss before/after).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -434,6 +435,7 @@ def main(argv=None) -> dict:
     lp = wrap(base)
     print(lorax.summary(lp))
     place = lambda batch: batch  # noqa: E731
+    mesh = specs = None
     if args.mesh:  # the same code, sharded: each weight and adapter placed by its spec
         mesh = partitioning.make_mesh(args.mesh)
         rules = partitioning.RULES["fsdp_tp"]
@@ -459,16 +461,19 @@ def main(argv=None) -> dict:
     print(f"before LoRA: {name} {before:.4f}")
     t0 = time.perf_counter()
     loss = lambda t, x, m: loss_fn(apply, lorax.combine(t, frozen), x, m)  # noqa: E731
-    trainable = train(
-        "lora" + (" (nf4 base)" if args.qlora else ""),
-        loss,
-        trainable,
-        batches(tokens, mask, args.batch, args.seed + 2),
-        args.steps,
-        args.lr,
-        args.batch * args.seq,
-        place,
-    )
+    # on a mesh, traced with the rules: the model keeps its activations split over the batch
+    scope = partitioning.sharded(mesh, "fsdp_tp") if mesh is not None else contextlib.nullcontext()
+    with scope:
+        trainable = train(
+            "lora" + (" (nf4 base)" if args.qlora else ""),
+            loss,
+            trainable,
+            batches(tokens, mask, args.batch, args.seed + 2),
+            args.steps,
+            args.lr,
+            args.batch * args.seq,
+            place,
+        )
     result["lora_seconds"] = time.perf_counter() - t0
     lp = lorax.combine(trainable, frozen)
     _, after = metric(lp)
@@ -487,6 +492,8 @@ def main(argv=None) -> dict:
     _, fresh = gpt2.from_pretrained(args.model or out / "base")
     reloaded = lorax.load(adapter_dir, lorax.quantize(fresh, "nf4") if args.qlora else fresh)
     x = jnp.asarray(eval_rows[0][:8, :-1])
+    if args.mesh:  # the same placement for both, so that both run the same program
+        reloaded, lp = (lorax.shard(t, specs, mesh=mesh) for t in (reloaded, lp))
     same = np.array_equal(
         jax.jit(apply)({"params": reloaded}, x), jax.jit(apply)({"params": lp}, x)
     )

@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FILES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 OPEN = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w+-]*)[^\n`]*$")
 SKIP = re.compile(r"^\s*<!--\s*skip\b:?\s*(?P<why>.*?)\s*-->\s*$", re.S)
-XLA_FLAGS = "--xla_backend_optimization_level=0"
+# 8 simulated devices: the sharding examples build an FSDP 4 x TP 2 mesh
+XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=8"
 
 
 def name(path: Path) -> str:

@@ -27,10 +27,12 @@ from lorax.errors import LoraxValueError
 from lorax.io.peft import PeftModuleMap, register_peft_family
 from lorax.models import hub
 from lorax.models.layers import (
+    HIDDEN,
     KVCache,
     StackOptions,
     attention,
     attention_context,
+    constrain,
     prepend_prompt,
     run_layers,
     updated_cache,
@@ -167,6 +169,7 @@ class GPT2Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, layer_cache, ctx):
+        x = constrain(x, HIDDEN)
         norm = functools.partial(
             nn.LayerNorm, epsilon=self.config.layer_norm_epsilon, dtype=self.dtype
         )
@@ -246,7 +249,9 @@ class GPT2(nn.Module):
             cache,
         )
         x = nn.LayerNorm(epsilon=c.layer_norm_epsilon, dtype=self.dtype, name="ln_f")(x)
+        x = constrain(x, HIDDEN)
         logits = wte.attend(x[:, n_prompt:]).astype(jnp.float32)  # the head is tied
+        logits = constrain(logits, ("batch", None, "vocab"))
         if cache is None:
             return logits
         return logits, updated_cache(cache, ctx, kv, x.shape[1])

@@ -280,3 +280,19 @@ def updated_cache(
     """The cache after a call wrote ``new_tokens`` slots."""
     assert kv is not None and ctx.valid is not None  # a call with a cache returns both
     return KVCache(kv[0], kv[1], ctx.valid, cache.length + new_tokens)
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """``nn.with_logical_constraint`` when logical axis rules are in context (as
+    ``with nn.logical_axis_rules(partitioning.RULES["fsdp"])``), else ``x``: the hidden
+    states stay split over the batch as the rules say, so FSDP gathers each layer's weights
+    instead of splitting the activations along the model width. Without rules (one device,
+    or a mesh used without them) nothing is constrained."""
+    if not nn.get_logical_axis_rules():
+        return x
+    from flax.linen import spmd
+
+    return spmd.with_logical_constraint(x, names)
+
+
+HIDDEN = ("batch", None, None)  # [batch, length, width]: rows split, the rest whole

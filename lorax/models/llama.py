@@ -32,11 +32,13 @@ from lorax.errors import LoraxTypeError, LoraxValueError
 from lorax.io.peft import PeftModuleMap, register_peft_family
 from lorax.models import hub
 from lorax.models.layers import (
+    HIDDEN,
     KVCache,
     StackOptions,
     apply_rope,
     attention,
     attention_context,
+    constrain,
     prepend_prompt,
     rope_frequencies,
     rope_tables,
@@ -304,6 +306,7 @@ class LlamaBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, layer_cache, ctx):
+        x = constrain(x, HIDDEN)
         norm = functools.partial(nn.RMSNorm, epsilon=self.config.rms_norm_eps, dtype=self.dtype)
         h, layer_cache = LlamaAttention(self.config, self.dtype, name="self_attn")(
             norm(name="input_layernorm")(x), layer_cache, ctx
@@ -370,12 +373,13 @@ class Llama(nn.Module):
             ctx,
             cache,
         )
+        x = constrain(x, HIDDEN)
         h = nn.RMSNorm(epsilon=c.rms_norm_eps, dtype=self.dtype, name="norm")(x[:, n_prompt:])
         if c.tie_word_embeddings:
             logits = embed.attend(h)
         else:
             logits = _dense(c.vocab_size, False, c, self.dtype, "lm_head")(h)
-        logits = logits.astype(jnp.float32)
+        logits = constrain(logits.astype(jnp.float32), ("batch", None, "vocab"))
         if cache is None:
             return logits
         return logits, updated_cache(cache, ctx, kv, x.shape[1])

@@ -28,8 +28,9 @@ all-reduce as the base product.
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -39,7 +40,15 @@ from jax.sharding import PartitionSpec
 from lorax.errors import LoraxValueError
 from lorax.paths import path_str
 
-__all__ = ["RULES", "logical_axes", "logical_spec", "placer", "make_mesh", "batch_spec"]
+__all__ = [
+    "RULES",
+    "logical_axes",
+    "logical_spec",
+    "placer",
+    "make_mesh",
+    "batch_spec",
+    "sharded",
+]
 
 RULES: dict[str, tuple[tuple[str, Any], ...]] = {
     "fsdp": (("batch", "fsdp"), ("embed", "fsdp")),
@@ -120,15 +129,12 @@ def placer(mesh: jax.sharding.Mesh, rules: Any = None) -> Any:
     """``place(path, host_array) -> jax.Array`` on ``mesh`` with the reference models'
     logical axes mapped by ``rules`` (default ``RULES["fsdp_tp"]``): what
     ``from_pretrained(mesh=...)`` calls on each tensor as it is read."""
-    import flax.linen as nn
-
     from lorax.sharding import shard
 
     rules = RULES["fsdp_tp"] if rules is None else rules
 
     def place(path: str, array: np.ndarray) -> jax.Array:
-        spec = nn.logical_to_mesh_axes(tuple(logical_spec(path, array.shape)), rules)
-        return shard(array, PartitionSpec(*spec), mesh=mesh)
+        return shard(array, logical_spec(path, array.shape), mesh=mesh, rules=rules)
 
     return place
 
@@ -165,3 +171,23 @@ def make_mesh(spec: str, /, devices: Sequence[Any] | None = None) -> jax.shardin
 def batch_spec(mesh: jax.sharding.Mesh) -> PartitionSpec:
     """The spec of a ``[batch, ...]`` input: rows split over ``fsdp``."""
     return PartitionSpec("fsdp") if "fsdp" in mesh.axis_names else PartitionSpec()
+
+
+@contextlib.contextmanager
+def sharded(mesh: jax.sharding.Mesh, rules: Any = "fsdp_tp") -> Iterator[None]:
+    """Sets ``mesh`` (``jax.set_mesh``) and the logical axis rules (a ``RULES`` key or a
+    rules tuple) for what is traced inside: the reference models then keep their hidden
+    states split over the batch (``layers.constrain``), which is what makes FSDP gather
+    weights rather than split activations along the model width.
+
+    Example:
+      >>> from lorax.models import partitioning
+      >>> mesh = partitioning.make_mesh(f"fsdp={len(jax.devices())}")
+      >>> with partitioning.sharded(mesh, "fsdp"):
+      ...     pass  # jax.jit(step)(...) traced here
+    """
+    import flax.linen as nn
+
+    rules = RULES[rules] if isinstance(rules, str) else rules
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield

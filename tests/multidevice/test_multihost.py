@@ -16,9 +16,9 @@ import pytest
 import lorax
 from lorax.models import partitioning
 from tests.helpers import assert_tree_close
-from tests.multihost_setup import setup, train
+from tests.multidevice.multihost_setup import setup, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:
@@ -36,7 +36,7 @@ def test_two_processes_train_save_and_reload_elsewhere(tmp_path):
         subprocess.Popen(
             [
                 sys.executable,
-                str(ROOT / "tests" / "multihost_worker.py"),
+                str(ROOT / "tests" / "multidevice" / "multihost_worker.py"),
                 str(i),
                 str(port),
                 str(tmp_path),

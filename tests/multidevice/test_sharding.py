@@ -2,6 +2,7 @@
 derived per leaf kind, train steps on FSDP / TP / FSDP+TP meshes equal to one device, Flax
 boxes, sharding constraints and shard_map on lorax leaves."""
 
+import contextlib
 import functools
 
 import jax
@@ -82,9 +83,11 @@ def _train(model, lp, ids, mesh=None, rules=None, steps=2):
 
     step = jax.jit(step, out_shardings=out_shardings)
     losses = []
-    for _ in range(steps):
-        trainable, state, loss = step(trainable, frozen, state, ids)
-        losses.append(float(loss))
+    scope = partitioning.sharded(mesh, rules) if mesh is not None else contextlib.nullcontext()
+    with scope:  # traced with the rules: the models keep activations split over the batch
+        for _ in range(steps):
+            trainable, state, loss = step(trainable, frozen, state, ids)
+            losses.append(float(loss))
     return trainable, losses, (t_specs if mesh is not None else None)
 
 

@@ -1,15 +1,18 @@
-"""One process of tests/test_multihost.py: 2 processes x 4 CPU devices, one 8-device mesh.
+"""One process of test_multihost.py: 2 processes x 4 CPU devices, one 8-device mesh.
 
-Run as ``python tests/multihost_worker.py PROCESS_ID PORT OUT_DIR``: trains a few sharded LoRA
-steps of a small GPT-2 on an FSDP 4 x TP 2 mesh spanning both processes, saves the adapter
-with ``lorax.save`` from every process, and process 0 writes the losses to OUT_DIR.
+Run as ``python tests/multidevice/multihost_worker.py PROCESS_ID PORT OUT_DIR``: trains a
+few sharded LoRA steps of a small GPT-2 on an FSDP 4 x TP 2 mesh spanning both processes,
+saves the adapter with ``lorax.save`` from every process and exports it for peft; process 0
+writes the losses to OUT_DIR.
 """
 
 import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["XLA_FLAGS"] = (
+    "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
+)
 
 import jax  # noqa: E402
 
@@ -23,7 +26,7 @@ def main() -> None:
 
     import lorax
     from lorax.models import partitioning
-    from tests.multihost_setup import setup, train
+    from tests.multidevice.multihost_setup import setup, train
 
     model, lp, ids = setup()
     mesh = partitioning.make_mesh("fsdp=4,tp=2")

@@ -1,5 +1,7 @@
 """The model, data and train step shared by tests/test_multihost.py and its worker."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -45,7 +47,9 @@ def train(model, lp, ids, mesh=None, rules=None, steps=3):
 
     step = jax.jit(step, out_shardings=out_shardings)
     losses = []
-    for _ in range(steps):
-        trainable, state, loss = step(trainable, frozen, state, ids)
-        losses.append(float(lorax.io.checkpoint.host_value(loss)))
+    scope = partitioning.sharded(mesh, rules) if mesh is not None else contextlib.nullcontext()
+    with scope:  # traced with the rules: the models keep activations split over the batch
+        for _ in range(steps):
+            trainable, state, loss = step(trainable, frozen, state, ids)
+            losses.append(float(lorax.io.checkpoint.host_value(loss)))
     return trainable, losses
