@@ -300,3 +300,24 @@ def test_loader_errors(checkpoints, tmp_path, monkeypatch):
     (wrong / "config.json").write_text(json.dumps(config))
     with pytest.raises(KeyError, match="does not use"):
         gpt2.from_pretrained(wrong)
+
+
+def test_from_pretrained_quantizes_tensor_by_tensor(tmp_path):
+    cfg = llama.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = llama.Llama(cfg)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    llama.save_pretrained(tmp_path, model, params)
+    _, got = llama.from_pretrained(tmp_path, quantize="nf4")
+    want = lorax.quantize(llama.from_pretrained(tmp_path)[1], "nf4")
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(lorax.LoraxError, match="quantize='nf8'"):
+        llama.from_pretrained(tmp_path, quantize="nf8")

@@ -334,6 +334,7 @@ def from_pretrained(
     attention_impl: str | None = None,
     mesh: Any = None,
     rules: Any = None,
+    quantize: str | None = None,
 ) -> tuple[GPT2, dict]:
     """Loads a Hugging Face GPT-2 checkpoint.
 
@@ -347,6 +348,9 @@ def from_pretrained(
         as it is read (by ``lorax.models.partitioning``'s logical axes), so no host holds
         the whole model; with several processes each keeps only its devices' shards.
       rules: logical-to-mesh rules (default ``partitioning.RULES["fsdp_tp"]``).
+      quantize: ``"nf4"`` or ``"int8"``: each weight ``lorax.quantize`` targets by default
+        is quantized as soon as it is read (on its mesh shards when ``mesh`` is given),
+        so the dense model is never held at once; None keeps the weights dense.
 
     Returns:
       ``(model, params)``, with ``model.apply({"params": params}, input_ids)`` the logits.
@@ -372,6 +376,7 @@ def from_pretrained(
         attention_impl=attention_impl,
         mesh=mesh,
         rules=rules,
+        quantize=quantize,
     )
 
 

@@ -363,11 +363,14 @@ def params_from_tensors(
     strip_prefix: str = "",
     ignore: str | None = None,
     place: Any = None,
+    convert: Any = None,
 ) -> dict:
     """The nested Flax params that ``table`` builds from ``tensors``.
 
     With ``place(path, host_array) -> array``, each parameter is placed (on a mesh) as soon
     as its tensors are read, and its host copy dropped: no host holds the whole model.
+    ``convert(path, array) -> value`` then replaces it (e.g. quantizes it) right away, so
+    the dense model never exists at once either.
 
     Args:
       table: the model's rows.
@@ -401,9 +404,10 @@ def params_from_tensors(
         for part in parents:
             node = node.setdefault(part, {})
         if place is None:
-            node[leaf] = jnp.asarray(array, dtype=dtype)
+            value = jnp.asarray(array, dtype=dtype)
         else:
-            node[leaf] = place(path, np.asarray(array).astype(jnp.dtype(dtype)))
+            value = place(path, np.asarray(array).astype(jnp.dtype(dtype)))
+        node[leaf] = value if convert is None else convert(path, value)
 
     for entry in table:
         name = entry.name
@@ -425,7 +429,7 @@ def params_from_tensors(
                 f"{tuple(layer_shape)}; does config.json match the weights?"
             )
         values.setdefault(entry.path, {})[entry.layer] = array
-        if place is not None and len(values[entry.path]) == needed[entry.path]:
+        if (place or convert) is not None and len(values[entry.path]) == needed[entry.path]:
             finish(entry.path, values.pop(entry.path))
     if missing:
         raise LoraxKeyError(
@@ -488,6 +492,7 @@ def load_model(
     ignore: Any,
     mesh: Any = None,
     rules: Any = None,
+    quantize: str | None = None,
     **model_options: Any,
 ) -> tuple[Any, dict]:
     """The shared body of the models' ``from_pretrained``: config, model, then params
@@ -517,10 +522,55 @@ def load_model(
             strip_prefix=strip_prefix,
             ignore=ignore(config) if callable(ignore) else ignore,  # type: ignore[arg-type]
             place=None if mesh is None else partitioning.placer(mesh, rules),
+            convert=None if quantize is None else quantizer(quantize, mesh, rules),
         )
     finally:
         tensors.close()
     return model, params
+
+
+def quantizer(method: str, mesh: Any = None, rules: Any = None) -> Any:
+    """``convert(path, array)`` for :func:`params_from_tensors`: the weight as
+    ``lorax.quantize`` would quantize it in the whole tree (its default targets: every
+    weight of rank >= 2 but embedding tables), one tensor at a time. On a mesh the
+    quantization runs where the shards are and its codes leave with the specs
+    ``lorax.partition_specs`` derives (each device quantizes and keeps its share)."""
+    from jax.sharding import NamedSharding
+
+    from lorax.quant.quantizers import quantize
+    from lorax.sharding import partition_specs
+    from lorax.targets import select
+
+    rules = partitioning.RULES["fsdp_tp"] if rules is None else rules
+    if method not in ("nf4", "int8"):
+        raise LoraxValueError(f"lorax.models: quantize={method!r}; expected 'nf4', 'int8' or None")
+
+    def convert(path: str, value: Any) -> Any:
+        try:  # what the default targets would choose in the whole tree
+            if not select(None, [path], [value]):
+                return value
+        except LoraxValueError:  # "matched nothing": an embedding, a norm, a bias
+            return value
+        tree: dict = {}
+        node = tree
+        *parents, leaf = path.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+        run = lambda t: quantize(t, method)  # noqa: E731
+        if mesh is None:
+            out = run(tree)
+        else:
+            spec = partitioning.logical_spec(path, tuple(value.shape))
+            base = jax.tree.map(lambda _: spec, tree)
+            specs = partition_specs(jax.eval_shape(run, tree), base, mesh=mesh, rules=rules)
+            shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+            out = jax.jit(run, out_shardings=shardings)(tree)
+        for part in path.split("/"):
+            out = out[part]
+        return out
+
+    return convert
 
 
 def save_model(directory: str | os.PathLike, model: Any, params: Mapping, table: Any) -> None:

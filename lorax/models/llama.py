@@ -477,6 +477,7 @@ def from_pretrained(
     attention_impl: str | None = None,
     mesh: Any = None,
     rules: Any = None,
+    quantize: str | None = None,
 ) -> tuple[Llama, dict]:
     """Loads a Hugging Face Llama checkpoint, or a Mistral one without a binding sliding
     window (arguments and errors as :func:`lorax.models.gpt2.from_pretrained`)."""
@@ -494,6 +495,7 @@ def from_pretrained(
         attention_impl=attention_impl,
         mesh=mesh,
         rules=rules,
+        quantize=quantize,
     )
 
 

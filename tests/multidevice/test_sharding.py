@@ -341,3 +341,24 @@ def test_shard_map_over_leaves_that_cannot_slice(kind):
     with pytest.warns(lorax.LoraxDensifyWarning, match="shard_map"):
         got = jax.jit(lorax.lora(f))(lp, x)
     np.testing.assert_allclose(got, x @ lorax.merge(lp)["w"], rtol=1e-4, atol=1e-4)
+
+
+def test_from_pretrained_quantizes_onto_the_mesh(tmp_path):
+    model = _llama()
+    params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    llama.save_pretrained(tmp_path, model, params)
+    mesh = partitioning.make_mesh("fsdp=4,tp=2")
+    _, got = llama.from_pretrained(tmp_path, mesh=mesh, quantize="nf4")
+    _, plain = llama.from_pretrained(tmp_path)
+    want = lorax.quantize(plain, "nf4")
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    # the same 4-bit codes, computed on the shards (the block scales' mean may round apart)
+    is_nf4 = lambda x: isinstance(x, lorax.NF4Weight)  # noqa: E731
+    pairs = zip(
+        jax.tree.leaves(got, is_leaf=is_nf4), jax.tree.leaves(want, is_leaf=is_nf4), strict=True
+    )
+    assert all(np.array_equal(a.codes, b.codes) for a, b in pairs if is_nf4(a))
+    assert_tree_close(lorax.merge(got), lorax.merge(want), rtol=1e-6, atol=1e-7)
+    codes = got["layers_0"]["mlp"]["up_proj"]["kernel"].codes
+    assert codes.sharding.spec == P(("tp", "fsdp"))
+    assert codes.addressable_shards[0].data.size * 8 == codes.size
