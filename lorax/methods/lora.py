@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from lorax.leaf import Array, OverBase, materialize, register_leaf, shape_of, static_field, unfit
 
@@ -137,7 +138,13 @@ class LoraWeight(OverBase):
             keep = jax.random.bernoulli(rng, 1.0 - self.dropout, other.shape)
             other = jnp.where(keep, other / (1.0 - self.dropout), 0).astype(other.dtype)
         low = _lowrank_dot(
-            self, other, dimension_numbers, leaf_is_lhs, precision, preferred_element_type
+            self,
+            other,
+            dimension_numbers,
+            leaf_is_lhs,
+            precision,
+            preferred_element_type,
+            out_spec=explicit_spec(base_out),
         )
         return base_out + low.astype(base_out.dtype)
 
@@ -248,6 +255,20 @@ class LoraWeight(OverBase):
         return self.replace(base=base, a=a, b=b)
 
 
+def explicit_spec(x: Array) -> Any:
+    """The ``PartitionSpec`` of ``x`` when it lives on a mesh with explicit axes (its
+    sharding is then part of its type, and products must say theirs), else None."""
+    try:
+        sharding = jax.typeof(x).sharding
+    except Exception:  # noqa: BLE001 - no sharding in the type (older JAX, no mesh)
+        return None
+    mesh = getattr(sharding, "mesh", None)
+    types = getattr(mesh, "axis_types", ())
+    if not any(t == jax.sharding.AxisType.Explicit for t in types):
+        return None
+    return sharding.spec
+
+
 def _lowrank_dot(
     leaf: LoraWeight,
     x: Array,
@@ -255,6 +276,7 @@ def _lowrank_dot(
     leaf_is_lhs: bool,
     precision,
     preferred_element_type,
+    out_spec: Any = None,
 ) -> Array:
     """``dot_general(x, scale * A @ B)`` (or with the operands swapped) as two contractions.
 
@@ -295,12 +317,20 @@ def _lowrank_dot(
     )
     x_spec = "".join(x_labels)
     compute = x.dtype
+    # On an explicit-axes mesh each product names its sharding: the result's is the base
+    # product's; the skinny intermediate takes it on the axes it shares, None on the rank.
+    shardings: tuple[Any, Any] = (None, None)
+    if out_spec is not None:
+        entries = tuple(out_spec) + (None,) * (len(out) - len(tuple(out_spec)))
+        by_label = dict(zip(out, entries, strict=True))
+        shardings = (P(*(by_label.get(label) for label in mid)), out_spec)
     t = jnp.einsum(
         f"{x_spec},{first}->{mid}",
         x,
         factors[first].astype(compute),
         precision=precision,
         preferred_element_type=preferred_element_type,
+        out_sharding=shardings[0],
     )
     if leaf.scale != 1.0:
         t = t * jnp.asarray(leaf.scale, t.dtype)
@@ -311,4 +341,5 @@ def _lowrank_dot(
         factors[second].astype(compute),
         precision=precision,
         preferred_element_type=preferred_element_type,
+        out_sharding=shardings[1],
     )

@@ -362,3 +362,27 @@ def test_from_pretrained_quantizes_onto_the_mesh(tmp_path):
     codes = got["layers_0"]["mlp"]["up_proj"]["kernel"].codes
     assert codes.sharding.spec == P(("tp", "fsdp"))
     assert codes.addressable_shards[0].data.size * 8 == codes.size
+
+
+def test_explicit_mesh_contracting_a_sharded_axis():
+    """An explicit-axes product over an FSDP-sharded input axis names its out_sharding; the
+    low-rank path names its own (the base product's, None on the rank axis)."""
+    mesh = jax.make_mesh((4, 2), ("fsdp", "tp"))
+    lp = lorax.wrap({"w": jnp.ones((8, 16)) * 0.1}, rank=2, key=jax.random.key(0))
+    lp = jax.tree.map(lambda v: v + 0.05, lp)
+    x = jax.random.normal(jax.random.key(2), (8, 8))
+
+    def f(p, x):
+        return jnp.dot(x, p["w"], out_sharding=P(None, "tp"))
+
+    with jax.set_mesh(mesh):
+        placed = lorax.shard(lp, {"w": P("fsdp", "tp")})
+        xs = jax.device_put(x, P(None, "fsdp"))
+        got = jax.jit(lorax.lora(f, strict=True))(placed, xs)
+        t, frozen = lorax.split(placed)
+        g = jax.jit(jax.grad(lambda t: lorax.lora(f)(lorax.combine(t, frozen), xs).sum()))(t)
+    np.testing.assert_allclose(got, x @ lorax.merge(lp)["w"], rtol=1e-5, atol=1e-5)
+    assert got.sharding.spec == P(None, "tp")
+    t0, f0 = lorax.split(lp)
+    g_ref = jax.grad(lambda t: (x @ lorax.merge(lorax.combine(t, f0))["w"]).sum())(t0)
+    assert_tree_close(g, g_ref, rtol=1e-4, atol=1e-5)
