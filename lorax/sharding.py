@@ -102,6 +102,14 @@ def _spec_entry(label: Any, size: int, sizes: Mapping[str, int] | None) -> Any:
 
 
 def _spec(labels: tuple, shape: tuple, sizes: Mapping[str, int] | None) -> PartitionSpec:
+    if sizes is not None:
+        unknown = [n for lab in labels for n in _mesh_names(lab) if n not in sizes]
+        if unknown:
+            raise LoraxValueError(
+                f"lorax: {sorted(set(unknown))} in the spec {labels} are not axes of the mesh "
+                f"(its axes: {sorted(sizes)}); logical names need rules= (or Flax's "
+                "nn.logical_axis_rules in context)"
+            )
     entries = [_spec_entry(lab, int(n), sizes) for lab, n in zip(labels, shape, strict=True)]
     while entries and entries[-1] is None:
         entries.pop()
@@ -392,8 +400,14 @@ def partition_specs(tree: Any, base_specs: Any, /, *, mesh: Any = None, rules: A
                 is_leaf=_is_spec,
             )
         spec = P() if spec is None else spec
-        if not isinstance(spec, PartitionSpec):
+        if isinstance(spec, (tuple, list)):
             spec = P(*spec)
+        if not isinstance(spec, PartitionSpec):
+            raise LoraxTypeError(
+                f"lorax.partition_specs: at '{path_str(key_path)}' the base spec is "
+                f"{type(spec).__name__} {spec!r}; expected a PartitionSpec (or a tuple of "
+                "mesh axis names, one per axis)"
+            )
 
         def one(x: Any) -> Any:
             if is_lorax_leaf(x):
