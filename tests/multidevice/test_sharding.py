@@ -2,13 +2,11 @@
 derived per leaf kind, train steps on FSDP / TP / FSDP+TP meshes equal to one device, Flax
 boxes, sharding constraints and shard_map on lorax leaves."""
 
-import contextlib
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -16,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 import lorax
 from lorax.models import gpt2, llama, partitioning
 from tests.helpers import assert_tree_close, randomize_b
+from tests.multidevice.multihost_setup import train
 
 pytestmark = pytest.mark.skipif(
     len(jax.devices()) < 8, reason="needs 8 devices (XLA_FLAGS host device count)"
@@ -55,40 +54,13 @@ def _wrapped(model, method):
 
 
 def _train(model, lp, ids, mesh=None, rules=None, steps=2):
-    """A few AdamW steps on the adapters; on a mesh, inputs placed with the derived specs
-    and the adapters' out_shardings set to them."""
-    apply = lorax.lora(model.apply)
-
-    def loss_fn(t, f, ids):
-        logits = apply({"params": lorax.combine(t, f)}, ids[:, :-1])
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-        return -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1).mean()
-
-    opt = optax.adamw(1e-2)
-    trainable, frozen = lorax.split(lp)
-    out_shardings = None
-    if mesh is not None:
-        specs = lorax.partition_specs(lp, partitioning.logical_axes(lp), rules=rules, mesh=mesh)
-        trainable, frozen = lorax.split(lorax.shard(lp, specs, mesh=mesh))
-        t_specs, _ = lorax.split(specs)
-        t_shard = jax.tree.map(lambda s: NamedSharding(mesh, s), t_specs)
-        ids = jax.device_put(ids, NamedSharding(mesh, partitioning.batch_spec(mesh)))
-        out_shardings = (t_shard, None, None)
-    state = opt.init(trainable)
-
-    def step(t, f, s, ids):
-        loss, g = jax.value_and_grad(loss_fn)(t, f, ids)
-        upd, s = opt.update(g, s, t)
-        return optax.apply_updates(t, upd), s, loss
-
-    step = jax.jit(step, out_shardings=out_shardings)
-    losses = []
-    scope = partitioning.sharded(mesh, rules) if mesh is not None else contextlib.nullcontext()
-    with scope:  # traced with the rules: the models keep activations split over the batch
-        for _ in range(steps):
-            trainable, state, loss = step(trainable, frozen, state, ids)
-            losses.append(float(loss))
-    return trainable, losses, (t_specs if mesh is not None else None)
+    """``train`` of the multi-host test (AdamW on the adapters, placed with the derived specs
+    on a mesh), and the trainable half's specs."""
+    trainable, losses = train(model, lp, ids, mesh, rules, steps=steps)
+    if mesh is None:
+        return trainable, losses, None
+    specs = lorax.partition_specs(lp, partitioning.logical_axes(lp), rules=rules, mesh=mesh)
+    return trainable, losses, lorax.split(specs)[0]
 
 
 @functools.cache
