@@ -121,7 +121,9 @@ class RuleContext:
             f"lorax: primitive '{prim}' at {self.location} consumes the "
             f"{type(leaf).__name__} at '{name or '<unknown path>'}' and has no lorax rule "
             f"for it, so the dense weight {tuple(leaf.shape)} {leaf.dtype} is formed. "
-            f"Register one with lorax.register_rule('{prim}', rule)"
+            f"If the model means to use this weight so (e.g. elementwise), leave "
+            f"'{name or '<unknown path>'}' out of the targets (lorax.wrap(..., targets=...)); "
+            f"otherwise register a rule with lorax.register_rule('{prim}', rule)"
         )
         if self.strict:
             raise LoraxDensifyError(msg + ".")
