@@ -188,7 +188,10 @@ class LoraWeight(OverBase):
         q_out = tuple(dnums.offset_dims[-nq:])
         if q_out != tuple(range(q_out[0], q_out[0] + nq)):
             return NotImplemented
-        base_out = self.base_apply(lambda w: bind(w, indices))
+        base_out = self.base_apply(
+            lambda w: bind(w, indices),
+            lambda leaf: leaf.gather(indices, params=params, bind=bind),  # NF4: rows only
+        )
         if base_out is NotImplemented:
             return NotImplemented
         a_dnums = dnums._replace(offset_dims=tuple(dnums.offset_dims[:-nq]) + (q_out[0],))

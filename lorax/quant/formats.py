@@ -169,6 +169,29 @@ class QuantizedLeaf(LoraxLeaf):
             return NotImplemented
         return self.replace(cast_to=jnp.dtype(dtype).name)
 
+    def transpose(self, permutation):
+        """A lazy transposed view (a tied embedding used as the output head, ``x @ E.T``):
+        products with it dequantize next to the use, as products with the leaf do."""
+        return Transposed(self, tuple(int(p) for p in permutation))
+
+    def gather(self, indices, *, params, bind):
+        """Row lookups ``table[ids]`` of a 2-D table: only the gathered rows are
+        dequantized (the embedding of a tied or quantized table)."""
+        rows = _row_lookup(self, indices, params)
+        if rows is None:
+            return NotImplemented
+        ids, offset_axis, fill = rows
+        n = self.shape[0]
+        values = self.dequantize_rows(jnp.clip(ids, 0, n - 1))  # (*ids.shape, d)
+        if fill is not None:  # FILL_OR_DROP: rows out of range read as the fill value
+            inside = (ids >= 0) & (ids < n)
+            values = jnp.where(inside[..., None], values, jnp.asarray(fill, values.dtype))
+        return jnp.moveaxis(values, -1, offset_axis)
+
+    def dequantize_rows(self, ids: jax.Array) -> jax.Array:
+        """Rows ``ids`` of the dense 2-D table, with ``materialize``'s arithmetic."""
+        raise NotImplementedError
+
 
 @register_leaf(kind="nf4", aliases=("NF4Weight",))
 class NF4Weight(QuantizedLeaf):
@@ -238,6 +261,18 @@ class NF4Weight(QuantizedLeaf):
         q = jnp.stack([self.codes >> 4, self.codes & 15], axis=-1)
         return q.reshape(q.shape[:-2] + (-1,))[..., : self.n]
 
+    def dequantize_rows(self, ids: jax.Array) -> jax.Array:
+        rows, d = self.layer_shape
+        # element (v, j) of the Flax table is at j * rows + v in the PyTorch order
+        cols = jnp.arange(d, dtype=jnp.int32).reshape((1,) * ids.ndim + (d,))
+        flat = cols * rows + ids[..., None].astype(jnp.int32)
+        byte = self.codes[flat // 2]
+        code = jnp.where(flat % 2 == 0, byte >> 4, byte & 15)
+        top = _finite_max(self.compute_dtype)
+        scale = jnp.clip(self.block_absmax(), -top, top)[flat // self.block_size]
+        values = jnp.asarray(NF4_CODE)[code.astype(jnp.int32)] * scale
+        return values.astype(self.compute_dtype).astype(self.dtype)
+
     def materialize(self) -> jax.Array:
         q = self.unpacked_codes()
         nblocks = self.absmax.shape[-1]
@@ -286,6 +321,15 @@ class Int8Weight(QuantizedLeaf):
         )
         return {"codes": tuple(axes), "scale": scale}
 
+    def dequantize_rows(self, ids: jax.Array) -> jax.Array:
+        top = _finite_max(self.compute_dtype)
+        if self.scale.shape[0] == 1:  # one scale per column (per output channel)
+            scale = self.scale.reshape((1,) * ids.ndim + self.scale.shape[-1:])
+        else:  # one scale per row: a table quantized along the other axis
+            scale = self.scale[ids]
+        values = jnp.clip(self.codes[ids].astype(jnp.float32) * scale, -top, top)
+        return values.astype(self.compute_dtype).astype(self.dtype)
+
     def materialize(self) -> jax.Array:
         top = _finite_max(self.compute_dtype)
         values = jnp.clip(self.codes.astype(jnp.float32) * self.scale, -top, top)
@@ -301,3 +345,72 @@ def _dequantized_apply(leaf: LoraxLeaf, other: jax.Array, leaf_is_lhs: bool, bin
         return bind(w, other) if leaf_is_lhs else bind(other, w)
 
     return jax.checkpoint(product, policy=jax.checkpoint_policies.nothing_saveable)(other, leaf)
+
+
+def _row_lookup(leaf: Any, indices: jax.Array, params: Any) -> tuple[jax.Array, int, Any] | None:
+    """``(row ids, axis of the row's values in the result, fill)`` when a gather takes
+    whole rows of a 2-D (unstacked) table by one index each, the embedding lookup; else
+    None. ``fill`` is the value of out-of-range rows under ``FILL_OR_DROP`` (as Flax's
+    ``nn.Embed`` gathers), None when they are clamped."""
+    dnums, sizes = params["dimension_numbers"], tuple(params["slice_sizes"])
+    if leaf.stack_ndim or len(leaf.shape) != 2 or indices.ndim < 1 or indices.shape[-1] != 1:
+        return None
+    if (
+        tuple(dnums.collapsed_slice_dims) != (0,)
+        or tuple(dnums.start_index_map) != (0,)
+        or tuple(getattr(dnums, "operand_batching_dims", ())) != ()
+        or sizes != (1, leaf.shape[1])
+        or len(dnums.offset_dims) != 1
+    ):
+        return None
+    mode = params.get("mode")
+    fill = None
+    if mode is not None and "FILL" in str(mode).upper():
+        fill = params.get("fill_value")
+        fill = float("nan") if fill is None else fill
+    ids = indices[..., 0]
+    return ids, int(dnums.offset_dims[0]), fill
+
+
+@register_leaf(kind="transposed")
+class Transposed(LoraxLeaf):
+    """A lazy ``jnp.transpose(inner, perm)`` of a frozen quantized leaf, made by the
+    interpreter (never stored): a product with it dequantizes and transposes next to the
+    use, inside the same checkpoint as a product with the leaf itself."""
+
+    inner: Any
+    perm: tuple[int, ...] = static_field(default=())
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.inner.shape[p] for p in self.perm)
+
+    @property
+    def dtype(self) -> Any:
+        return self.inner.dtype
+
+    def materialize(self) -> jax.Array:
+        return jnp.transpose(self.inner.materialize(), self.perm)
+
+    def transpose(self, permutation):
+        perm = tuple(self.perm[int(p)] for p in permutation)
+        return self.inner if perm == tuple(range(len(perm))) else Transposed(self.inner, perm)
+
+    def astype(self, dtype):
+        inner = self.inner.astype(dtype)
+        return NotImplemented if inner is NotImplemented else Transposed(inner, self.perm)
+
+    def dot_general(
+        self,
+        other,
+        *,
+        dimension_numbers,
+        leaf_is_lhs,
+        precision,
+        preferred_element_type,
+        bind,
+        rng=None,
+    ):
+        # the equation's own product with the transposed dequantized weight, dequantized
+        # next to the use as for the leaf itself
+        return _dequantized_apply(self, other, leaf_is_lhs, bind)
