@@ -132,7 +132,7 @@ def field_specs(leaf: LoraxLeaf, spec: Any, *, mesh: Any = None) -> LoraxLeaf:
       >>> leaf = lorax.wrap({"w": jnp.ones((8, 16))}, rank=2)["w"]
       >>> s = lorax.sharding.field_specs(leaf, P("fsdp", "tp"))
       >>> s.base, s.a, s.b
-      (PartitionSpec('fsdp', 'tp'), PartitionSpec('fsdp',), PartitionSpec(None, 'tp'))
+      (P('fsdp', 'tp'), P('fsdp',), P(None, 'tp'))
     """
     sizes = _sizes(mesh)
     return map_fields(leaf, tuple(spec), lambda x, labels: _spec(labels, x.shape, sizes))
@@ -382,7 +382,7 @@ def partition_specs(tree: Any, base_specs: Any, /, *, mesh: Any = None, rules: A
       >>> lp = lorax.wrap({"w": jnp.ones((8, 16)), "b": jnp.zeros(16)}, rank=2)
       >>> specs = lorax.partition_specs(lp, {"w": P("fsdp", "tp"), "b": P("tp")})
       >>> specs["w"].a, specs["w"].b, specs["b"]
-      (PartitionSpec('fsdp',), PartitionSpec(None, 'tp'), PartitionSpec('tp',))
+      (P('fsdp',), P(None, 'tp'), P('tp',))
     """
     if mesh is None:
         abstract = jax.sharding.get_abstract_mesh()
@@ -466,7 +466,7 @@ def shard(tree: Any, specs: Any = None, /, *, mesh: Any = None, rules: Any = Non
       >>> lp = lorax.wrap({"w": jnp.ones((8, 16))}, rank=2)
       >>> placed = lorax.shard(lp, {"w": P("fsdp")}, mesh=mesh)
       >>> placed["w"].a.sharding.spec
-      PartitionSpec('fsdp',)
+      P('fsdp',)
     """
     if mesh is None:
         mesh = _context_mesh()

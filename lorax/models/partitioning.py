@@ -95,7 +95,7 @@ def logical_axes(params: Any, /) -> Any:
       >>> params = jax.eval_shape(model.init, jax.random.key(0),
       ...                         jnp.ones((1, 4), jnp.int32))["params"]
       >>> partitioning.logical_axes(params)["h_0"]["mlp"]["c_fc"]["kernel"]
-      PartitionSpec('embed', 'mlp')
+      P('embed', 'mlp')
     """
     from lorax.leaf import is_lorax_leaf
 
