@@ -21,3 +21,12 @@ def _no_densify(recwarn):
 # own with 8 simulated CPU devices (one device here keeps every other test's numerics as on
 # a plain machine). On a machine with 8 devices it is collected directly as well.
 collect_ignore = [] if len(jax.devices()) >= 8 else ["multidevice"]
+
+
+def pytest_collection_finish(session):
+    """Starts that process as soon as the run knows it will need it: it compiles on one
+    core while this process tests on the other (tests/test_multidevice.py waits for it)."""
+    if any(item.nodeid.startswith("tests/test_multidevice.py") for item in session.items):
+        import test_multidevice
+
+        test_multidevice.start()
