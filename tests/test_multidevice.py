@@ -50,5 +50,6 @@ def test_multidevice_suite_on_8_simulated_devices():
         proc.kill()
     log.seek(0)
     tail = log.read()[-8000:]
+    log.close()
     assert proc.returncode == 0, tail
     assert " passed" in tail and "skipped" not in tail.splitlines()[-1], tail
