@@ -262,7 +262,9 @@ def unbox_leaf(leaf: LoraxLeaf, *, constrain: bool = False) -> tuple[LoraxLeaf, 
         return x
 
     out = _map_data(leaf, visit)
-    return out, (dense_box(found[0]) if found else None)
+    if not found:  # the common case (no Flax boxes): the leaf itself, no copy
+        return leaf, None
+    return out, dense_box(found[0])
 
 
 def _map_data(leaf: LoraxLeaf, fn: Callable[[Any], Any]) -> LoraxLeaf:

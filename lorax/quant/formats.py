@@ -400,17 +400,6 @@ class Transposed(LoraxLeaf):
         inner = self.inner.astype(dtype)
         return NotImplemented if inner is NotImplemented else Transposed(inner, self.perm)
 
-    def dot_general(
-        self,
-        other,
-        *,
-        dimension_numbers,
-        leaf_is_lhs,
-        precision,
-        preferred_element_type,
-        bind,
-        rng=None,
-    ):
-        # the equation's own product with the transposed dequantized weight, dequantized
-        # next to the use as for the leaf itself
-        return _dequantized_apply(self, other, leaf_is_lhs, bind)
+    # the equation's own product with the transposed dequantized weight, dequantized next
+    # to the use as for the quantized leaf itself
+    dot_general = QuantizedLeaf.dot_general
