@@ -21,6 +21,7 @@ from lorax import sharding as sharding  # registers the sharding primitives' rul
 from lorax.errors import CheckpointError as CheckpointError
 
 # Errors and warnings
+from lorax.errors import LoraxAmbiguousTargetWarning as LoraxAmbiguousTargetWarning
 from lorax.errors import LoraxError as LoraxError
 from lorax.errors import LoraxTiedWeightWarning as LoraxTiedWeightWarning
 from lorax.errors import NonFiniteError as NonFiniteError
@@ -78,6 +79,8 @@ from lorax.tree import combine as combine
 from lorax.tree import mask as mask
 from lorax.tree import merge as merge
 from lorax.tree import split as split
+from lorax.usage import Usage as Usage
+from lorax.usage import find_targets as find_targets
 
 __all__ = [
     "wrap",
@@ -87,6 +90,8 @@ __all__ = [
     "quantize",
     "dequantize",
     "LoraSpec",
+    "find_targets",
+    "Usage",
     "lora",
     "split",
     "combine",
@@ -124,6 +129,7 @@ __all__ = [
     "NonFiniteError",
     "NotMergeableError",
     "LoraxTiedWeightWarning",
+    "LoraxAmbiguousTargetWarning",
     "LoraxDensifyError",
     "LoraxDensifyWarning",
 ]

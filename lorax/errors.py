@@ -50,3 +50,8 @@ class NotMergeableError(LoraxValueError):
 
 class LoraxTiedWeightWarning(UserWarning):
     """One array object sits at several paths (tied weights) and each path got an adapter."""
+
+
+class LoraxAmbiguousTargetWarning(UserWarning):
+    """A weight that ``lorax.find_targets`` saw used both as a matmul weight and otherwise,
+    so usage-chosen targets leave it out (the warning names its path and uses)."""

@@ -2,14 +2,17 @@
 
 Targets (see ``lorax.wrap``) select leaves by their '/'-joined key path
 (``params/h_0/attn/c_attn/kernel``): a regex matched in full, a list of names matching any
-path component, a callable ``(path, leaf) -> bool | LoraSpec``, or None for the default
-(every floating weight of rank >= 2 except embedding tables).
+path component, a callable ``(path, leaf) -> bool | LoraSpec``, the ``{path: Usage}`` answer
+of :func:`lorax.find_targets` (matmul and convolution weights, by how the model uses them),
+or None for the default by name (every floating weight with two or more axes longer than 1,
+except embedding tables, biases and norm scales, in the spellings of common libraries).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -18,13 +21,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorax._checks import compile_regex
-from lorax.errors import LoraxTypeError, LoraxValueError
+from lorax.errors import LoraxAmbiguousTargetWarning, LoraxTypeError, LoraxValueError
 from lorax.leaf import is_lorax_leaf
 
-#: Path components that name embedding tables, which the default targets leave alone.
+#: Path components that name embedding tables (or the modules holding them), which the
+#: default targets leave alone: the spellings of flax / transformers-flax (``embedding``,
+#: ``wte``, ``embed_tokens``), gemma (``embedder/input_embedding``), haiku / t5x
+#: (``embeddings``, ``token_embedder``) and the like.
 EMBEDDING_NAMES = re.compile(
-    r"(embedding|embeddings|embed_tokens|wte|wpe|word_embeddings|position_embeddings|"
-    r"token_embedding|tok_embeddings)"
+    r"(embedding|embeddings|embedder|embed_tokens|embed_positions|wte|wpe|"
+    r"word_embeddings|position_embeddings|token_type_embeddings|token_embedding|"
+    r"token_embedder|tok_embeddings|input_embedding|pos_embedding|position_embedding|"
+    r"embedding_table)"
 )
 
 
@@ -46,12 +54,15 @@ class LoraSpec:
     stack_axes: int | None = None
 
 
-Targets = None | str | Sequence[str] | Callable[[str, Any], bool | LoraSpec]
+Targets = None | str | Sequence[str] | Callable[[str, Any], bool | LoraSpec] | Mapping[str, Any]
 
 
 #: Leaf names that are never weights, whatever their rank (a DenseGeneral bias is 2-D, and
-#: so is every bias or norm scale of an nn.scan'd layer stack).
-NON_WEIGHT_NAMES = frozenset({"bias", "scale"})
+#: so is every bias or norm scale of an nn.scan'd layer stack): flax's ``bias`` / ``scale``,
+#: haiku's and gemma's ``b``, and the usual norm parameter spellings.
+NON_WEIGHT_NAMES = frozenset(
+    {"bias", "biases", "b", "scale", "scales", "gamma", "beta", "offset", "layer_norm_scale"}
+)
 
 
 def is_weight_path(path: str) -> bool:
@@ -94,6 +105,7 @@ def select(
             if (
                 is_floating_weight(leaf)
                 and is_weight_path(p)
+                and sum(int(n) > 1 for n in leaf.shape) >= 2  # not a vector in disguise
                 and not any(default_excludes.fullmatch(c) for c in p.split("/"))
             ):
                 chosen[i] = LoraSpec()
@@ -101,7 +113,15 @@ def select(
             raise LoraxValueError(_nothing_matched("the default targets", paths, leaves))
         return chosen
 
+    if isinstance(targets, Mapping):
+        return _by_usage(targets, paths, leaves)
     if isinstance(targets, str):
+        if targets == "all-linear":
+            raise LoraxValueError(
+                "lorax: targets='all-linear' chooses the weights by how the model uses them: "
+                "pass fn= (e.g. model.apply) and args= (an example input) as well, or "
+                "targets=lorax.find_targets(fn, params, *args); targets=None chooses by name"
+            )
         pattern = compile_regex(targets, "lorax: targets")
         decide = lambda p, leaf: bool(pattern.fullmatch(p))  # noqa: E731
         what = f"the regex {targets!r}"
@@ -160,6 +180,74 @@ def select(
         chosen[i] = verdict if isinstance(verdict, LoraSpec) else LoraSpec()
     if not chosen:
         raise LoraxValueError(_nothing_matched(what, paths, leaves))
+    return chosen
+
+
+def from_function(
+    targets: Targets, params: Any, fn: Callable | None, args: Sequence[Any], what: str
+) -> Targets:
+    """``targets`` as given, or, with ``fn``, the usage answer of ``fn(params, *args)``
+    (for ``targets=None`` or ``"all-linear"``)."""
+    if fn is None:
+        if not isinstance(args, (tuple, list)) or args:
+            raise LoraxValueError(f"{what}: args= is the example input of fn=; pass fn too")
+        return targets
+    if targets is not None and not (isinstance(targets, str) and targets == "all-linear"):
+        raise LoraxValueError(
+            f"{what}: fn= chooses the targets by use; pass targets=None or 'all-linear' "
+            "with it, or filter lorax.find_targets(fn, params, *args) and pass that as "
+            "targets"
+        )
+    if not isinstance(args, (tuple, list)):
+        raise LoraxTypeError(
+            f"{what}: args must be a tuple of fn's arguments after params; got "
+            f"{type(args).__name__} (write args=(x,) for one)"
+        )
+    from lorax.usage import find_targets
+
+    return find_targets(fn, params, *args)
+
+
+def _by_usage(
+    usage: Mapping[str, Any], paths: Sequence[str], leaves: Sequence[Any]
+) -> dict[int, LoraSpec]:
+    """The weights a :func:`lorax.find_targets` answer marks adaptable (matmul and conv
+    weights), laid out as their uses showed; ambiguous ones are left out with a warning."""
+    from lorax.usage import Usage
+
+    bad = [p for p, u in usage.items() if not isinstance(u, Usage)]
+    if bad:
+        raise LoraxTypeError(
+            f"lorax: targets given as a mapping must be lorax.find_targets' answer "
+            f"{{path: Usage}}; the entry for {bad[0]!r} is a {type(usage[bad[0]]).__name__}"
+        )
+    index = {p: i for i, p in enumerate(paths)}
+    stray = [p for p in usage if p not in index]
+    if stray:
+        raise LoraxValueError(
+            f"lorax: targets name paths that this tree does not have: {stray[:5]} (was "
+            "lorax.find_targets run on another tree?). Paths here: "
+            f"{list(paths)[:10]}{' ...' if len(paths) > 10 else ''}"
+        )
+    mixed = [f"'{p}' ({', '.join(u.uses)})" for p, u in usage.items() if u.role == "mixed"]
+    if mixed:
+        warnings.warn(
+            "lorax: these weights are matmul weights that the function also uses otherwise, "
+            f"so they are not adapted: {'; '.join(mixed)}. Name them in targets to adapt "
+            "them anyway (their other uses then see the dense weight).",
+            LoraxAmbiguousTargetWarning,
+            stacklevel=4,
+        )
+    chosen = {}
+    for p, u in usage.items():
+        leaf = leaves[index[p]]
+        if u.adaptable and is_floating_weight(leaf):
+            chosen[index[p]] = LoraSpec(in_axes=u.in_axes, stack_axes=u.stack_axes)
+    if not chosen:
+        roles = sorted({u.role for u in usage.values()})
+        raise LoraxValueError(
+            _nothing_matched(f"the usage targets (roles found: {roles})", paths, leaves)
+        )
     return chosen
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -26,7 +26,7 @@ from lorax.leaf import is_lorax_leaf
 from lorax.methods import lora_init
 from lorax.methods.dora import dora_from_lora
 from lorax.methods.lora import LoraWeight
-from lorax.targets import Targets, pattern_matches
+from lorax.targets import Targets, from_function, pattern_matches
 
 _INITS = ("kaiming", "gaussian", "pissa", "olora", "loftq")
 
@@ -48,6 +48,8 @@ def wrap(
     dora: bool = False,
     dropout: float = 0.0,
     method: str | None = None,
+    fn: Callable | None = None,
+    args: Sequence[Any] = (),
 ) -> Any:
     """Returns ``params`` with the targeted weights replaced by :class:`LoraWeight` leaves.
 
@@ -64,8 +66,12 @@ def wrap(
         ``alpha / r`` (``alpha / sqrt(r)`` with ``rslora``). Default: ``rank``, i.e. a
         scale of 1 (rsLoRA: ``sqrt(r)``).
       targets: a regex matched in full against the '/'-joined path, a list of module names
-        (path components), a callable ``(path, leaf) -> bool | LoraSpec``, or None for
-        every floating weight of rank >= 2 except embedding tables.
+        (path components), a callable ``(path, leaf) -> bool | LoraSpec``, the answer of
+        :func:`lorax.find_targets` (its matmul and convolution weights), ``"all-linear"``
+        with ``fn``, or None: with ``fn`` the weights it uses as matmul or convolution
+        weights, else every floating weight of rank >= 2 except embedding tables, biases
+        and norm scales (by name: ``bias``, ``b``, ``scale``, ``embedding``,
+        ``input_embedding``, ``wte``, ...).
       key: PRNG key for the random ``A`` (``jax.random.key(...)`` or a legacy uint32[2]
         key), split per adapted weight. Default ``jax.random.key(0)``: two calls without a
         key give the same factors; pass one per run or per adapter you want to differ.
@@ -89,6 +95,10 @@ def wrap(
       dora: :class:`lorax.DoraWeight` leaves (LoRA plus a magnitude per output feature,
         initialised to the base's norms), as peft's ``use_dora``.
       method: deprecated spelling of ``dora`` (``"lora"`` / ``"dora"``); warns.
+      fn: the model, called as ``fn(params, *args)`` (e.g. ``model.apply`` when ``params``
+        is ``{"params": ...}``): traced once, it chooses the targets by how it uses each
+        weight (:func:`lorax.find_targets`), peft's ``"all-linear"`` decided by use.
+      args: ``fn``'s example arguments after ``params`` (arrays or shape-dtype structs).
 
     Returns:
       A tree of the same structure with :class:`LoraWeight` leaves where targeted.
@@ -163,6 +173,7 @@ def wrap(
             leaf = dora_from_lora(leaf)
         return leaf.replace(dropout=float(dropout)) if dropout else leaf
 
+    targets = from_function(targets, params, fn, args, "lorax.wrap")
     return build(
         params,
         make,

@@ -17,6 +17,7 @@ first. Double quantization stores the block absmaxes as uint8 codes of bitsandby
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -38,7 +39,7 @@ from lorax.quant.formats import (
     _normalize,
     _to_torch_order,
 )
-from lorax.targets import Targets
+from lorax.targets import Targets, from_function
 
 
 def _compute_dtype(value: Any, where: str) -> str:
@@ -169,6 +170,8 @@ def quantize(
     double_quant: bool = True,
     compute_dtype: Any = jnp.bfloat16,
     stacked: Any = None,
+    fn: Callable | None = None,
+    args: Sequence[Any] = (),
 ) -> Any:
     """Replaces the targeted weights of ``params`` by quantized frozen leaves.
 
@@ -178,7 +181,11 @@ def quantize(
       block_size: NF4 values per block (a power of two, 32 ... 4096).
       double_quant: quantize the NF4 block scales too (4.127 instead of 4.5 bits/param).
       targets: as in ``lorax.wrap``; default every floating weight of rank >= 2 except
-        embedding tables.
+        embedding tables, biases and norm scales (by name), or with ``fn`` the weights it
+        uses as matmul or convolution weights.
+      fn, args: the model and an example input, as in ``lorax.wrap``: quantize what
+        ``fn(params, *args)`` uses as a matmul or convolution weight (never a table it
+        gathers rows from or a bias it adds).
       compute_dtype: floating dtype the weights are dequantized to inside the model.
       stacked: leading layer axes, as in ``lorax.wrap`` (each layer is quantized alone).
 
@@ -217,6 +224,7 @@ def quantize(
             return _nf4(leaf, int(block_size), bool(double_quant), dtype, stack)
         return _int8(leaf, dtype, stack, site.in_axes(stack))
 
+    targets = from_function(targets, params, fn, args, "lorax.quantize")
     return build(params, make, targets=targets, what="lorax.quantize")
 
 
