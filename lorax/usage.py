@@ -55,7 +55,9 @@ class Usage:
         trailing) group of its per-layer axes, the size of the group ``lorax.wrap`` folds
         into ``A``; None when the uses do not say (the layout is then inferred).
       stack_axes: leading axes sliced off before every use (``lax.scan`` over a layer stack,
-        ``params[i]`` in a layer loop); None when the uses disagree.
+        ``params[i]`` in a layer loop) or mapped over by it (per-head weights of a batched
+        einsum, per-expert weights of ``ragged_dot``): one pair of LoRA factors per slice;
+        None when the uses disagree.
     """
 
     role: str
@@ -88,7 +90,7 @@ class _Use:
     primitive: str
     kind: str  # linear | conv | gather | elementwise | other
     contracted: frozenset[int] | None = None  # parameter axes a product sums over
-    indexed: frozenset[int] = frozenset()
+    indexed: frozenset[int] = frozenset()  # sliced off before, or batch axes of the product
 
 
 # Consumers that keep every axis where it is (the value is the weight, seen otherwise).
@@ -273,14 +275,15 @@ def _through(eqn: Any, ins: list[list[_View]], uses: dict[int, list[_Use]]) -> l
         return _gather(eqn, ins, uses)
     if name == "dot_general":
         (lc, rc), (lb, rb) = params["dimension_numbers"]
-        for vs, contract in ((ins[0], lc), (ins[1], rc)):
-            _record(uses, vs, lambda v, c=contract: _product(v, name, "linear", c))
+        for vs, contract, batch in ((ins[0], lc, lb), (ins[1], rc, rb)):
+            _record(uses, vs, lambda v, c=contract, b=batch: _product(v, name, "linear", c, b))
         return none
-    if name == "ragged_dot_general":
-        rdn = params.get("ragged_dot_dimension_numbers")
-        (_, rc), _ = rdn.dot_dimension_numbers if rdn is not None else (((), (1,)), ((), ()))
+    if name == "ragged_dot_general":  # rhs: one weight per group (expert), as a layer stack
+        rdn = params["ragged_dot_dimension_numbers"]
+        (_, rc), (_, rb) = rdn.dot_dimension_numbers
+        groups = (*rb, *rdn.rhs_group_dimensions)
         _record(uses, ins[0], lambda v: _Use(name, "other"))
-        _record(uses, ins[1], lambda v: _product(v, name, "linear", rc))
+        _record(uses, ins[1], lambda v: _product(v, name, "linear", rc, groups))
         _record(uses, ins[2], lambda v: _Use(name, "other"))
         return none
     if name == "conv_general_dilated":
@@ -310,11 +313,16 @@ def _through(eqn: Any, ins: list[list[_View]], uses: dict[int, list[_Use]]) -> l
     return none
 
 
-def _product(view: _View, name: str, kind: str, contract: Sequence[int]) -> _Use:
+def _product(
+    view: _View, name: str, kind: str, contract: Sequence[int], batch: Sequence[int] = ()
+) -> _Use:
+    """A product's use of a weight: the weight axes it contracts, and those it slices off
+    before (or maps over as batch axes: per-head or per-expert weights, a layer stack)."""
     axes = [view.axes[int(c)] for c in contract]
     known = frozenset(a for a in axes if a is not None)
     known = known if len(known) == len(axes) else None
-    return _Use(name, kind, known, view.indexed)
+    mapped = frozenset(a for a in (view.axes[int(b)] for b in batch) if a is not None)
+    return _Use(name, kind, known, view.indexed | mapped)
 
 
 def _reshaped(view: _View, old: Sequence[int], new: Sequence[int]) -> _View:
