@@ -20,6 +20,9 @@ with :func:`static_field`). What the interpreter (``lorax.transform``) and the t
 ``misfit()``              why the trainable arrays do not fit the frozen ones, or None
 ``handle_primitive(c)``   the one hook: compute primitive call ``c`` without the dense
                           weight, or return ``NotImplemented``
+``ragged_dot_general``    a method it dispatches to, as ``dot_general``: the grouped
+                          (mixture-of-experts) product ``ragged_dot(x, W, group_sizes)``
+                          with the leaf as the expert weight ``W``, or ``NotImplemented``
 ``field_axes(axes)``      given a label per axis of the dense weight (mesh axes, logical
                           names or None), the labels of each array field's axes: how
                           partition specs, Flax boxes and sharding constraints carry over
@@ -28,9 +31,10 @@ with :func:`static_field`). What the interpreter (``lorax.transform``) and the t
 
 The interpreter asks, for an equation that consumes a leaf: the rule registered for the
 primitive (``lorax.register_rule``), then each leaf's ``handle_primitive``, then it densifies.
-The base class's ``handle_primitive`` dispatches six primitives to methods a kind may
+The base class's ``handle_primitive`` dispatches seven primitives to methods a kind may
 override (``dot_general``, ``conv_general_dilated``, ``gather``, ``astype``, ``transpose``,
-``reshape``); a kind that needs another primitive overrides ``handle_primitive`` itself.
+``reshape``, ``ragged_dot_general``); a kind that needs another primitive overrides
+``handle_primitive`` itself.
 Leaves know nothing of the interpreter: a :class:`PrimitiveCall` carries the operands, the
 params and a ``bind`` callback that applies the original primitive to plain arrays.
 """
@@ -183,7 +187,7 @@ class LoraxLeaf:
         method = _METHODS.get(call.name)
         return NotImplemented if method is None else method(self, call)
 
-    # The six methods handle_primitive dispatches to; NotImplemented means "densify".
+    # The methods handle_primitive dispatches to; NotImplemented means "densify".
     def dot_general(
         self,
         other: Array,
@@ -220,6 +224,21 @@ class LoraxLeaf:
     def reshape(self, new_sizes: Sequence[int]) -> LoraxLeaf:
         return NotImplemented
 
+    def ragged_dot_general(
+        self,
+        lhs: Array,
+        group_sizes: Array,
+        *,
+        params: Mapping[str, Any],
+        bind: Bind,
+        rng: Any = None,
+    ) -> Array:
+        """``ragged_dot_general(lhs, self, group_sizes)``: the grouped matmul of a
+        mixture-of-experts layer, the leaf being the expert weight (the rhs). ``params`` are
+        the equation's (``ragged_dot_dimension_numbers``, ``precision``, ...), ``bind``
+        applies it to plain ``(lhs, rhs, group_sizes)`` and ``rng`` is the dropout key."""
+        return NotImplemented
+
 
 def _dot_general(leaf: LoraxLeaf, call: PrimitiveCall) -> Any:
     other = call.invals[1 - call.position]
@@ -254,6 +273,15 @@ def _gather(leaf: LoraxLeaf, call: PrimitiveCall) -> Any:
     return leaf.gather(call.invals[1], params=call.params, bind=call.bind_one)
 
 
+def _ragged_dot(leaf: LoraxLeaf, call: PrimitiveCall) -> Any:
+    lhs, group_sizes = call.invals[0], call.invals[2]
+    if call.position != 1 or is_lorax_leaf(lhs):  # the leaf must be the grouped weight
+        return NotImplemented
+    return leaf.ragged_dot_general(
+        lhs, group_sizes, params=call.params, bind=call.bind_one, rng=call.key()
+    )
+
+
 def _reshape(leaf: LoraxLeaf, call: PrimitiveCall) -> Any:
     if call.params.get("dimensions") is not None or len(call.invals) != 1:
         return NotImplemented
@@ -267,6 +295,7 @@ _METHODS: dict[str, Callable[[LoraxLeaf, PrimitiveCall], Any]] = {
     "convert_element_type": lambda leaf, call: leaf.astype(call.params["new_dtype"]),
     "transpose": lambda leaf, call: leaf.transpose(call.params["permutation"]),
     "reshape": _reshape,
+    "ragged_dot_general": _ragged_dot,
     "copy": lambda leaf, call: leaf,  # a copy of an immutable leaf is the leaf
     "copy_p": lambda leaf, call: leaf,
 }

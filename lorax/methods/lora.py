@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from lorax.leaf import Array, OverBase, materialize, register_leaf, shape_of, static_field, unfit
+from lorax.methods import lora_ragged
 
 _LETTERS = [c for c in string.ascii_letters if c != "r"]
 
@@ -147,6 +148,13 @@ class LoraWeight(OverBase):
             out_spec=explicit_spec(base_out),
         )
         return base_out + low.astype(base_out.dtype)
+
+    def ragged_dot_general(self, lhs, group_sizes, *, params, bind, rng=None):
+        """Grouped (mixture-of-experts) products ``ragged_dot(x, W, group_sizes)`` with the
+        expert weight unmerged; see ``lorax/methods/lora_ragged.py``."""
+        return lora_ragged.ragged_dot_general(
+            self, lhs, group_sizes, params=params, bind=bind, rng=rng
+        )
 
     def conv_general_dilated(
         self, lhs, *, dimension_numbers, feature_group_count, batch_group_count, bind

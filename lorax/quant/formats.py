@@ -164,6 +164,11 @@ class QuantizedLeaf(LoraxLeaf):
     ):
         return _dequantized_apply(self, other, leaf_is_lhs, bind)
 
+    def ragged_dot_general(self, lhs, group_sizes, *, params, bind, rng=None):
+        """Grouped (mixture-of-experts) products ``ragged_dot(x, W, group_sizes)`` with a
+        quantized expert weight: dequantized next to the use, as for ``dot_general``."""
+        return _dequantized_ragged(self, lhs, group_sizes, bind)
+
     def astype(self, dtype):
         if not jnp.issubdtype(dtype, jnp.floating):
             return NotImplemented
@@ -347,6 +352,18 @@ def _dequantized_apply(leaf: LoraxLeaf, other: jax.Array, leaf_is_lhs: bool, bin
     return jax.checkpoint(product, policy=jax.checkpoint_policies.nothing_saveable)(other, leaf)
 
 
+def _dequantized_ragged(leaf: LoraxLeaf, lhs: jax.Array, group_sizes: jax.Array, bind) -> jax.Array:
+    """``_dequantized_apply`` for ``ragged_dot_general``: the expert weights of every group
+    are dequantized inside the checkpoint, in the dtype the equation was traced with."""
+
+    def product(lhs, group_sizes, leaf):
+        return bind(lhs, leaf.materialize(), group_sizes)
+
+    return jax.checkpoint(product, policy=jax.checkpoint_policies.nothing_saveable)(
+        lhs, group_sizes, leaf
+    )
+
+
 def _row_lookup(leaf: Any, indices: jax.Array, params: Any) -> tuple[jax.Array, int, Any] | None:
     """``(row ids, axis of the row's values in the result, fill)`` when a gather takes
     whole rows of a 2-D (unstacked) table by one index each, the embedding lookup; else
@@ -403,3 +420,4 @@ class Transposed(LoraxLeaf):
     # the equation's own product with the transposed dequantized weight, dequantized next
     # to the use as for the quantized leaf itself
     dot_general = QuantizedLeaf.dot_general
+    ragged_dot_general = QuantizedLeaf.ragged_dot_general
