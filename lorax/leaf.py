@@ -27,6 +27,9 @@ with :func:`static_field`). What the interpreter (``lorax.transform``) and the t
                           names or None), the labels of each array field's axes: how
                           partition specs, Flax boxes and sharding constraints carry over
 ``slices_locally(axes)``  whether ``shard_map`` may run on the fields' per-shard slices
+``slice`` ... ``split``   the structural methods it dispatches to (``slice``,
+                          ``dynamic_slice``, ``squeeze``, ``expand_dims``, ``concatenate``,
+                          ``split``): the part as a leaf (or an array), or ``NotImplemented``
 ========================  ===============================================================
 
 The interpreter asks, for an equation that consumes a leaf: the rule registered for the
@@ -37,6 +40,14 @@ override (``dot_general``, ``conv_general_dilated``, ``gather``, ``astype``, ``t
 ``handle_primitive`` itself.
 Leaves know nothing of the interpreter: a :class:`PrimitiveCall` carries the operands, the
 params and a ``bind`` callback that applies the original primitive to plain arrays.
+
+Indexing and assembling weights (``w[k]``, ``params[i]`` over a stack, ``jnp.split``,
+``jnp.concatenate``) reach the structural methods, each returning the part as a leaf, an
+array, or ``NotImplemented``: ``slice``, ``dynamic_slice`` (a traced index), ``squeeze``,
+``expand_dims`` (a ``broadcast_in_dim`` that only adds size-1 axes), ``split`` (by default
+one ``slice`` per part) and ``concatenate`` (``stack`` too, as ``expand_dims`` of every
+operand and a ``concatenate``). ``concatenate`` gets all operands, arrays and leaves of any
+kind, and is asked of each lazy operand in turn until one answers.
 """
 
 from __future__ import annotations
@@ -224,6 +235,50 @@ class LoraxLeaf:
     def reshape(self, new_sizes: Sequence[int]) -> LoraxLeaf:
         return NotImplemented
 
+    # Structural methods: each returns the part of the dense weight it stands for, as a
+    # leaf (or an array, e.g. a few dequantized rows), or NotImplemented ("densify").
+    def slice(
+        self,
+        start_indices: Sequence[int],
+        limit_indices: Sequence[int],
+        strides: Sequence[int] | None,
+    ) -> Any:
+        """``lax.slice`` (``w[k]`` is a size-1 slice, then a ``squeeze``)."""
+        return NotImplemented
+
+    def dynamic_slice(self, start_indices: Sequence[Any], slice_sizes: Sequence[int]) -> Any:
+        """``lax.dynamic_slice`` at traced (or constant) ``start_indices``, one scalar per
+        axis, clamped as the primitive clamps them (``params[i]`` with a traced ``i``)."""
+        return NotImplemented
+
+    def squeeze(self, dimensions: Sequence[int]) -> Any:
+        """``lax.squeeze``: drops the size-1 axes ``dimensions``."""
+        return NotImplemented
+
+    def expand_dims(self, dimensions: Sequence[int]) -> Any:
+        """New size-1 axes at ``dimensions``, positions in the result (``w[None]``)."""
+        return NotImplemented
+
+    def concatenate(self, operands: Sequence[Any], dimension: int) -> Any:
+        """``lax.concatenate`` of ``operands`` (arrays and leaves, ``self`` among them)
+        along ``dimension``. Each lazy operand is asked in turn, so a kind answers for
+        the operands it understands and returns ``NotImplemented`` for the rest."""
+        return NotImplemented
+
+    def split(self, sizes: Sequence[int], axis: int) -> Any:
+        """``lax.split`` into parts of ``sizes`` along ``axis``: a list, by default one
+        :meth:`slice` per part (``NotImplemented`` if any part is)."""
+        parts, start = [], 0
+        for size in sizes:
+            begin, end = [0] * self.ndim, list(self.shape)
+            begin[axis], end[axis] = start, start + int(size)
+            part = self.slice(tuple(begin), tuple(end), None)
+            if part is NotImplemented:
+                return NotImplemented
+            parts.append(part)
+            start += int(size)
+        return parts
+
     def ragged_dot_general(
         self,
         lhs: Array,
@@ -288,6 +343,48 @@ def _reshape(leaf: LoraxLeaf, call: PrimitiveCall) -> Any:
     return leaf.reshape(call.params["new_sizes"])
 
 
+def _dynamic_slice(leaf: LoraxLeaf, call: PrimitiveCall) -> Any:
+    starts = call.invals[1:]
+    if call.position != 0 or len(starts) != leaf.ndim or any(map(is_lorax_leaf, starts)):
+        return NotImplemented  # the leaf must be the operand (and no dynamic sizes)
+    return leaf.dynamic_slice(starts, call.params["slice_sizes"])
+
+
+def _broadcast_in_dim(leaf: LoraxLeaf, call: PrimitiveCall) -> Any:
+    """``w[None]`` / ``jnp.expand_dims``: a ``broadcast_in_dim`` that only adds size-1 axes
+    is ``expand_dims``; a real broadcast has no factored form."""
+    shape, dims = tuple(call.params["shape"]), tuple(call.params["broadcast_dimensions"])
+    if len(call.invals) != 1 or call.params.get("sharding") is not None:
+        return NotImplemented
+    new = tuple(p for p in range(len(shape)) if p not in dims)
+    if (
+        list(dims) != sorted(dims)
+        or any(shape[p] != s for p, s in zip(dims, leaf.shape, strict=True))
+        or any(shape[p] != 1 for p in new)
+    ):
+        return NotImplemented
+    return leaf.expand_dims(new) if new else leaf
+
+
+def _stack(leaf: LoraxLeaf, call: PrimitiveCall) -> Any:
+    """``jnp.stack``: a size-1 axis added to every operand, then ``concatenate``."""
+    axis = int(call.params["axis"])
+    parts = []
+    for x in call.invals:
+        part = x.expand_dims((axis,)) if is_lorax_leaf(x) else jnp.expand_dims(x, axis)
+        if part is NotImplemented:
+            return NotImplemented
+        parts.append(part)
+    head = parts[call.position]
+    return head.concatenate(parts, axis) if is_lorax_leaf(head) else NotImplemented
+
+
+def _split(leaf: LoraxLeaf, call: PrimitiveCall) -> Any:
+    if call.position != 0 or len(call.invals) != 1:
+        return NotImplemented
+    return leaf.split([int(s) for s in call.params["sizes"]], int(call.params["axis"]))
+
+
 _METHODS: dict[str, Callable[[LoraxLeaf, PrimitiveCall], Any]] = {
     "dot_general": _dot_general,
     "conv_general_dilated": _conv,
@@ -295,6 +392,15 @@ _METHODS: dict[str, Callable[[LoraxLeaf, PrimitiveCall], Any]] = {
     "convert_element_type": lambda leaf, call: leaf.astype(call.params["new_dtype"]),
     "transpose": lambda leaf, call: leaf.transpose(call.params["permutation"]),
     "reshape": _reshape,
+    "slice": lambda leaf, call: leaf.slice(
+        call.params["start_indices"], call.params["limit_indices"], call.params.get("strides")
+    ),
+    "dynamic_slice": _dynamic_slice,
+    "squeeze": lambda leaf, call: leaf.squeeze(call.params["dimensions"]),
+    "broadcast_in_dim": _broadcast_in_dim,
+    "concatenate": lambda leaf, call: leaf.concatenate(call.invals, call.params["dimension"]),
+    "stack": _stack,
+    "split": _split,
     "ragged_dot_general": _ragged_dot,
     "copy": lambda leaf, call: leaf,  # a copy of an immutable leaf is the leaf
     "copy_p": lambda leaf, call: leaf,
@@ -315,6 +421,55 @@ def input_product(
         and not rb
         and sorted(int(c) for c in rc) == list(range(in_ndim))
     )
+
+
+def layer_gather(
+    shape: Sequence[int], stack_ndim: int, indices: Array, params: Mapping[str, Any]
+) -> Callable[[Array, Any], Array] | None:
+    """For a gather that picks whole layers of a stack (``jnp.take(params, i, axis=0)``,
+    ``params[ids]``): ``take(x, fill)``, the same gather on any field ``x`` that leads with
+    the same ``stack_ndim`` axes (its other axes taken whole, last in the result as in the
+    weight's), ``fill`` the value of out-of-range layers under ``FILL_OR_DROP``. None when
+    the gather touches other axes or reorders them."""
+    dnums, sizes = params["dimension_numbers"], tuple(int(s) for s in params["slice_sizes"])
+    touched = (
+        set(dnums.collapsed_slice_dims)
+        | set(dnums.start_index_map)
+        | set(getattr(dnums, "operand_batching_dims", ()))
+    )
+    n_tail = len(shape) - stack_ndim
+    offset = tuple(int(o) for o in dnums.offset_dims)
+    out_nd = indices.ndim - 1 + len(offset)
+    if (
+        not touched <= set(range(stack_ndim))
+        or sizes[stack_ndim:] != tuple(shape[stack_ndim:])
+        or offset[len(offset) - n_tail :] != tuple(range(out_nd - n_tail, out_nd))
+    ):
+        return None
+    lead = offset[: len(offset) - n_tail]  # where the stack axes not indexed go
+
+    def take(x: Array, fill: Any) -> Array:
+        tail = x.ndim - stack_ndim
+        return jax.lax.gather(
+            x,
+            indices,
+            dnums._replace(
+                offset_dims=lead + tuple(range(out_nd - n_tail, out_nd - n_tail + tail))
+            ),
+            sizes[:stack_ndim] + tuple(x.shape[stack_ndim:]),
+            indices_are_sorted=params.get("indices_are_sorted", False),
+            unique_indices=params.get("unique_indices", False),
+            mode=params.get("mode"),
+            fill_value=fill,
+        )
+
+    return take
+
+
+def fills(params: Mapping[str, Any]) -> bool:
+    """Whether a gather's out-of-range indices read a fill value (``FILL_OR_DROP``)."""
+    mode = params.get("mode")
+    return mode is not None and "FILL" in str(mode).upper()
 
 
 class OverBase(LoraxLeaf):

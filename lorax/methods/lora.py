@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from lorax.leaf import Array, OverBase, materialize, register_leaf, shape_of, static_field, unfit
-from lorax.methods import lora_ragged
+from lorax.methods import lora_ragged, lora_slicing
 
 _LETTERS = [c for c in string.ascii_letters if c != "r"]
 
@@ -181,7 +181,10 @@ class LoraWeight(OverBase):
         return base_out + low.astype(base_out.dtype)
 
     def gather(self, indices, *, params, bind):
-        """Row lookups (embeddings): gather rows of the base and of A, then apply B."""
+        """Row lookups (embeddings): gather rows of the base and of A, then apply B; for a
+        stacked leaf, whole layers picked from the stack (``lora_slicing.gather_stack``)."""
+        if self.stack_ndim:
+            return lora_slicing.gather_stack(self, indices, params=params, bind=bind)
         dnums, slice_sizes = params["dimension_numbers"], tuple(params["slice_sizes"])
         nd, ns, ni = len(self.shape), self.stack_ndim, self.in_ndim
         out_axes = range(ns + ni, nd)
@@ -264,6 +267,26 @@ class LoraWeight(OverBase):
         a = jnp.reshape(self.a, new_sizes[:j] + (self.rank,))
         b = jnp.reshape(self.b, new_sizes[:ns] + (self.rank,) + new_sizes[j:])
         return self.replace(base=base, a=a, b=b)
+
+    # ----- structural ops: parts and assemblies of LoRA weights stay LoRA weights, see
+    # lorax/methods/lora_slicing.py for how each axis group maps onto A and B -------------
+    def slice(self, start_indices, limit_indices, strides):
+        """``w[k]``, ``w[:, 2:5]``: A, B and the base sliced along the axes they hold."""
+        return lora_slicing.slice_lora(self, start_indices, limit_indices, strides)
+
+    def dynamic_slice(self, start_indices, slice_sizes):
+        """``params[i]`` with a traced ``i``: the same, at traced starts."""
+        return lora_slicing.dynamic_slice_lora(self, start_indices, slice_sizes)
+
+    def squeeze(self, dimensions):
+        return lora_slicing.squeeze_lora(self, dimensions)
+
+    def expand_dims(self, dimensions):
+        return lora_slicing.expand_dims_lora(self, dimensions)
+
+    def concatenate(self, operands, dimension):
+        """One LoRA leaf of summed rank for ``jnp.concatenate([wq, wk, wv], -1)``."""
+        return lora_slicing.concatenate_lora(self, operands, dimension)
 
 
 def explicit_spec(x: Array) -> Any:

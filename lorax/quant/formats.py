@@ -139,6 +139,14 @@ def _from_torch_order(flat: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return flat.reshape(lead + shape)
 
 
+def _slicing() -> Any:
+    """``lorax.quant.slicing``, the structural ops of these kinds (it builds on this module,
+    so it is imported on first use)."""
+    from lorax.quant import slicing
+
+    return slicing
+
+
 class QuantizedLeaf(LoraxLeaf):
     """Shared behaviour of frozen quantized weights: dequantized to the static
     ``compute_dtype``, then to ``cast_to`` when the model cast the weight (as a cast of the
@@ -181,7 +189,10 @@ class QuantizedLeaf(LoraxLeaf):
 
     def gather(self, indices, *, params, bind):
         """Row lookups ``table[ids]`` of a 2-D table: only the gathered rows are
-        dequantized (the embedding of a tied or quantized table)."""
+        dequantized (the embedding of a tied or quantized table). Layers picked from a
+        stack (``params[ids]``) stay quantized."""
+        if self.stack_ndim:
+            return _slicing().gather_layers(self, indices, params)
         rows = _row_lookup(self, indices, params)
         if rows is None:
             return NotImplemented
@@ -294,6 +305,23 @@ class NF4Weight(QuantizedLeaf):
         values = values[..., : self.n].astype(self.compute_dtype)
         return _from_torch_order(values, self.layer_shape).astype(self.dtype)
 
+    # ----- structural ops (lorax/quant/slicing.py): whole layers of a stack and block
+    # aligned runs of the flat order stay NF4; any other part is decoded alone -------------
+    def slice(self, start_indices, limit_indices, strides):
+        return _slicing().nf4_slice(self, start_indices, limit_indices, strides)
+
+    def dynamic_slice(self, start_indices, slice_sizes):
+        return _slicing().nf4_dynamic_slice(self, start_indices, slice_sizes)
+
+    def squeeze(self, dimensions):
+        return _slicing().nf4_squeeze(self, dimensions)
+
+    def expand_dims(self, dimensions):
+        return _slicing().nf4_expand_dims(self, dimensions)
+
+    def concatenate(self, operands, dimension):
+        return _slicing().nf4_concatenate(operands, dimension)
+
 
 @register_leaf(kind="int8", aliases=("Int8Weight",))
 class Int8Weight(QuantizedLeaf):
@@ -339,6 +367,23 @@ class Int8Weight(QuantizedLeaf):
         top = _finite_max(self.compute_dtype)
         values = jnp.clip(self.codes.astype(jnp.float32) * self.scale, -top, top)
         return values.astype(self.compute_dtype).astype(self.dtype)
+
+    # ----- structural ops (lorax/quant/slicing.py): the codes and, where it is as long as
+    # an axis, the scale take the op; a part stays int8 ----------------------------------
+    def slice(self, start_indices, limit_indices, strides):
+        return _slicing().int8_slice(self, start_indices, limit_indices, strides)
+
+    def dynamic_slice(self, start_indices, slice_sizes):
+        return _slicing().int8_dynamic_slice(self, start_indices, slice_sizes)
+
+    def squeeze(self, dimensions):
+        return _slicing().int8_squeeze(self, dimensions)
+
+    def expand_dims(self, dimensions):
+        return _slicing().int8_expand_dims(self, dimensions)
+
+    def concatenate(self, operands, dimension):
+        return _slicing().int8_concatenate(operands, dimension)
 
 
 def _dequantized_apply(leaf: LoraxLeaf, other: jax.Array, leaf_is_lhs: bool, bind) -> jax.Array:
@@ -416,6 +461,16 @@ class Transposed(LoraxLeaf):
     def astype(self, dtype):
         inner = self.inner.astype(dtype)
         return NotImplemented if inner is NotImplemented else Transposed(inner, self.perm)
+
+    # parts of the view: the inner leaf's part, viewed transposed again (lorax/quant/slicing)
+    def slice(self, start_indices, limit_indices, strides):
+        return _slicing().transposed_slice(self, start_indices, limit_indices, strides)
+
+    def dynamic_slice(self, start_indices, slice_sizes):
+        return _slicing().transposed_dynamic_slice(self, start_indices, slice_sizes)
+
+    def squeeze(self, dimensions):
+        return _slicing().transposed_squeeze(self, dimensions)
 
     # the equation's own product with the transposed dequantized weight, dequantized next
     # to the use as for the quantized leaf itself
