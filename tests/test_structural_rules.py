@@ -250,6 +250,37 @@ def test_quantized_parts_stay_quantized():
     assert "3x32x32" not in hlo
 
 
+def test_double_quantized_parts():
+    """With double quantization a run keeps the second-level codes when it starts on one of
+    their blocks, and decodes its block scales exactly otherwise; stacks are cut as is."""
+    w = np.asarray(np.random.default_rng(1).normal(size=(2, 32, 48)), np.float32)
+
+    @jax.jit
+    def parts(w):
+        q = lorax.quant.quantize_nf4(w, compute_dtype=jnp.float32, stack=1)
+        pieces = [
+            q.slice((0, 0, 0), (2, 32, 16), None),  # starts on a second-level block
+            q.slice((1, 0, 16), (2, 32, 48), None),  # starts inside one
+            q.dynamic_slice([jnp.int32(1), 0, 0], (1, 32, 48)).squeeze((0,)),
+            q.concatenate([q, q], 0),
+            q.concatenate([q, q], 2),
+        ]
+        dense = q.materialize()
+        want = [
+            dense[:, :, :16],
+            dense[1:, :, 16:],
+            dense[1],
+            jnp.concatenate([dense, dense], 0),
+            jnp.concatenate([dense, dense], 2),
+        ]
+        return pieces, [p.materialize() for p in pieces], want
+
+    pieces, got, want = parts(w)
+    assert all(isinstance(p, lorax.NF4Weight) for p in pieces)
+    assert [p.double_quant for p in pieces] == [True, False, True, True, False]
+    assert_tree_close(got, want, 1e-6, 1e-6)
+
+
 # ----- what still densifies -------------------------------------------------------------------
 
 
