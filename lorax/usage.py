@@ -160,7 +160,7 @@ def find_targets(fn: Callable, params: Any, /, *args: Any, **kwargs: Any) -> dic
 
     Example:
       >>> import jax, jax.numpy as jnp, lorax
-      >>> p = {"ffw": {"w": jnp.ones((8, 16)), "b": jnp.zeros((1, 16))},
+      >>> p = {"ffw": {"w": jnp.ones((8, 16)), "b": jnp.zeros((1, 1, 16))},
       ...      "input_embedding": jnp.ones((10, 8))}
       >>> def fn(p, ids):
       ...     h = p["input_embedding"][ids]

@@ -24,9 +24,14 @@ collect_ignore = [] if len(jax.devices()) >= 8 else ["multidevice"]
 
 
 def pytest_collection_finish(session):
-    """Starts that process as soon as the run knows it will need it: it compiles on one
-    core while this process tests on the other (tests/test_multidevice.py waits for it)."""
+    """Starts that process, and the one that runs the documentation's code, as soon as the
+    run knows it will need them: they compile beside this process's tests
+    (tests/test_multidevice.py and tests/test_docs.py wait for them)."""
     if any(item.nodeid.startswith("tests/test_multidevice.py") for item in session.items):
         import test_multidevice
 
         test_multidevice.start()
+    if any("test_docs.py::test_python_blocks_run" in item.nodeid for item in session.items):
+        import test_docs
+
+        test_docs.start()

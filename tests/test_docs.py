@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -116,25 +117,50 @@ def run_files(paths: list[Path], workdir: Path) -> dict[str, dict]:
     return results
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    work = tmp_path_factory.mktemp("docs")
+_RUN: dict = {}
+
+
+def start() -> None:
+    """Starts the child process in the background (once); conftest calls this when
+    collection is done, so the pages run beside the other tests (the child compiles on one
+    core, mostly while the main process waits on the other)."""
+    if _RUN:
+        return
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="lorax-docs-"))
     env = {
         **os.environ,
         "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {XLA_FLAGS}".strip(),
         "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
     }
     files = [str(p) for p in FILES if blocks(p)]
-    done = subprocess.run(
+    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - read by the fixture, later
+    _RUN.update(work=work, log=log)
+    _RUN["proc"] = subprocess.Popen(
         [sys.executable, __file__, str(work), *files],
         env=env,
         cwd=work,
-        capture_output=True,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=600,
     )
-    assert done.returncode == 0, done.stderr[-6000:]
+
+
+@pytest.fixture(scope="module")
+def results():
+    start()  # already running when conftest started it
+    proc, log, work = _RUN["proc"], _RUN["log"], _RUN["work"]
+    try:
+        proc.wait(timeout=900)
+    finally:
+        proc.kill()
+    log.seek(0)
+    tail = log.read()[-6000:]
+    log.close()
+    assert proc.returncode == 0, tail
     found = json.loads((work / "results.json").read_text())
+    shutil.rmtree(work, ignore_errors=True)
     with_time = sorted(found.items(), key=lambda kv: -kv[1]["seconds"])
     print("\n" + "\n".join(f"  {r['seconds']:6.1f}s  {f}" for f, r in with_time))
     for _f, r in with_time:
