@@ -119,3 +119,29 @@ def test_no_weight_shaped_array_is_formed():
     ]
     assert not bad, bad
     assert formed, "the check saw no base weights at all"
+
+
+def test_low_rank_products_run_on_the_flattened_tokens():
+    """The skinny products see x as (tokens, in), not (batch, seq, in): their gradients then
+    contract one axis, where two made XLA's CPU backend copy activation-sized operands
+    (benchmarks/NOTES.md, attempts 4 and 5). The base product keeps the model's shape."""
+    lp = lorax.wrap({"w": jnp.ones((16, 32))}, rank=4, key=jax.random.key(0))
+    x = jnp.ones((2, 5, 16))
+    f = lorax.lora(lambda p, x: x @ p["w"])
+    for jaxpr in (jax.make_jaxpr(f)(lp, x), jax.make_jaxpr(jax.grad(lambda p: f(p, x).sum()))(lp)):
+        dots = [e for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+        shapes = {tuple(v.aval.shape) for e in dots for v in e.invars}
+        assert (2, 5, 16) in shapes  # the base product, as the model wrote it
+        assert any(s in shapes for s in ((10, 16), (10, 4))), shapes  # x @ A on 10 tokens
+        assert (2, 5, 4) not in shapes  # no low-rank intermediate per (batch, seq)
+
+
+def _eqns(jaxpr):
+    for e in jaxpr.eqns:
+        yield e
+        for p in e.params.values():  # inner jaxprs: jit, custom_vjp, remat bodies
+            inner = getattr(p, "jaxpr", None)
+            if inner is not None and hasattr(inner, "eqns"):
+                yield from _eqns(inner)
+            elif hasattr(p, "eqns"):
+                yield from _eqns(p)

@@ -303,6 +303,22 @@ def explicit_spec(x: Array) -> Any:
     return sharding.spec
 
 
+def _merge_free_axes(x: Array, xc, xb, out_spec: Any) -> Any:
+    """``x`` with its free (not contracted, not batch) axes merged into one, when there are
+    two or more, in order and side by side (``(batch, seq, in)``: a free reshape), with the
+    dimension numbers renumbered; None otherwise, or when the product names its sharding
+    (merging sharded axes is not free)."""
+    used = {int(i) for i in (*xc, *xb)}
+    free = [i for i in range(x.ndim) if i not in used]
+    if out_spec is not None or len(free) < 2 or free != list(range(free[0], free[-1] + 1)):
+        return None
+    first, n = free[0], len(free)
+    sizes = tuple(x.shape[i] for i in free)
+    x2 = x.reshape(x.shape[:first] + (_prod(sizes),) + x.shape[free[-1] + 1 :])
+    renumber = lambda dims: tuple(int(i) - (n - 1) if int(i) > first else int(i) for i in dims)  # noqa: E731
+    return x2, renumber(xc), renumber(xb), first, sizes
+
+
 def _lowrank_dot(
     leaf: LoraWeight,
     x: Array,
@@ -320,6 +336,16 @@ def _lowrank_dot(
     """
     (lc, rc), (lb, rb) = dimension_numbers
     xc, wc, xb, wb = (rc, lc, rb, lb) if leaf_is_lhs else (lc, rc, lb, rb)
+    merged = _merge_free_axes(x, xc, xb, out_spec)
+    if merged is not None:
+        # x's free axes (batch, sequence) as one: each skinny product is then one plain
+        # GEMM, and its gradients contract one axis, where two made XLA's CPU backend
+        # transpose activation-sized operands (benchmarks/NOTES.md, attempt 4).
+        x2, xc2, xb2, first, sizes = merged
+        dnums = ((lc, xc2), (lb, xb2)) if leaf_is_lhs else ((xc2, rc), (xb2, rb))
+        out = _lowrank_dot(leaf, x2, dnums, leaf_is_lhs, precision, preferred_element_type)
+        at = len(xb) + (out.ndim - len(xb) - 1 if leaf_is_lhs else 0)  # the merged axis
+        return out.reshape(out.shape[:at] + sizes + out.shape[at + 1 :])
     w_labels, a_spec, b_spec, _ = leaf._labels()
     fresh = iter(_LETTERS[len(w_labels) :])
     x_labels = [next(fresh) for _ in range(x.ndim)]
