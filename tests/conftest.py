@@ -1,3 +1,5 @@
+import os
+
 import jax
 import pytest
 
@@ -21,16 +23,36 @@ def _no_densify(recwarn):
 # own with 8 simulated CPU devices (one device here keeps every other test's numerics as on
 # a plain machine). On a machine with 8 devices it is collected directly as well.
 collect_ignore = [] if len(jax.devices()) >= 8 else ["multidevice"]
+# tests/background runs in a process of its own too (tests/test_background.py), beside the
+# rest; the child sets LORAX_TESTS_IN_BACKGROUND and collects it.
+if not os.environ.get("LORAX_TESTS_IN_BACKGROUND"):
+    collect_ignore.append("background")
+
+
+_WAITING = ("test_multidevice.py::", "test_background.py::", "test_docs.py::test_python_blocks_run")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The tests that wait on a background process run last, when it has had the time of
+    the whole suite to finish."""
+    items.sort(key=lambda item: any(w in item.nodeid for w in _WAITING))
 
 
 def pytest_collection_finish(session):
-    """Starts that process, and the one that runs the documentation's code, as soon as the
-    run knows it will need them: they compile beside this process's tests
-    (tests/test_multidevice.py and tests/test_docs.py wait for them)."""
+    """Starts that process, tests/background's and the one that runs the documentation's
+    code as soon as the run knows it will need them: they compile beside this process's
+    tests (tests/test_multidevice.py, tests/test_background.py and tests/test_docs.py wait
+    for them)."""
+    if session.config.option.collectonly:
+        return
     if any(item.nodeid.startswith("tests/test_multidevice.py") for item in session.items):
         import test_multidevice
 
         test_multidevice.start()
+    if any("test_background.py::" in item.nodeid for item in session.items):
+        import test_background
+
+        test_background.start()
     if any("test_docs.py::test_python_blocks_run" in item.nodeid for item in session.items):
         import test_docs
 

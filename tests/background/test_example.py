@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "finetune_gpt2.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "finetune_gpt2.py"
 
 
 @pytest.fixture(scope="module")

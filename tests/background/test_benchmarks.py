@@ -14,7 +14,7 @@ import pytest
 import lorax
 from lorax.quant import NF4Weight
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def load(name):
