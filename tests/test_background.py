@@ -4,42 +4,28 @@ process of its own that starts when collection ends, so that they run beside the
 the suite on the core it leaves idle; this test waits for it and reports its log."""
 
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from background_process import Background
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV_FLAG = "LORAX_TESTS_IN_BACKGROUND"  # set in the child: conftest collects the folder there
 
-_RUN: dict = {}
+_RUN = Background()
 
 
 def start() -> None:
     """Starts the child (once); conftest calls this when collection is done."""
-    if _RUN:
-        return
-    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - read by the test, later
-    _RUN["log"] = log
-    _RUN["proc"] = subprocess.Popen(
+    _RUN.start(
         [sys.executable, "-m", "pytest", "-q", str(ROOT / "tests" / "background")],
         cwd=ROOT,
         env={**os.environ, ENV_FLAG: "1"},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
     )
 
 
 def test_background_suite():
     start()  # already running when conftest started it
-    proc, log = _RUN["proc"], _RUN["log"]
-    try:
-        proc.wait(timeout=1500)
-    finally:
-        proc.kill()
-    log.seek(0)
-    tail = log.read()[-8000:]
-    log.close()
-    assert proc.returncode == 0, tail
+    returncode, tail = _RUN.wait(timeout=1500)
+    assert returncode == 0, tail
     assert " passed" in tail and " failed" not in tail, tail

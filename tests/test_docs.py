@@ -17,11 +17,11 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from background_process import Background
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -117,48 +117,35 @@ def run_files(paths: list[Path], workdir: Path) -> dict[str, dict]:
     return results
 
 
-_RUN: dict = {}
+_RUN = Background()
+_WORK: list[Path] = []
 
 
 def start() -> None:
     """Starts the child process in the background (once); conftest calls this when
     collection is done, so the pages run beside the other tests (the child compiles on one
     core, mostly while the main process waits on the other)."""
-    if _RUN:
+    if _RUN.started:
         return
     import tempfile
 
     work = Path(tempfile.mkdtemp(prefix="lorax-docs-"))
+    _WORK.append(work)
     env = {
         **os.environ,
         "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {XLA_FLAGS}".strip(),
         "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
     }
     files = [str(p) for p in FILES if blocks(p)]
-    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - read by the fixture, later
-    _RUN.update(work=work, log=log)
-    _RUN["proc"] = subprocess.Popen(
-        [sys.executable, __file__, str(work), *files],
-        env=env,
-        cwd=work,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    _RUN.start([sys.executable, __file__, str(work), *files], env=env, cwd=work)
 
 
 @pytest.fixture(scope="module")
 def results():
     start()  # already running when conftest started it
-    proc, log, work = _RUN["proc"], _RUN["log"], _RUN["work"]
-    try:
-        proc.wait(timeout=900)
-    finally:
-        proc.kill()
-    log.seek(0)
-    tail = log.read()[-6000:]
-    log.close()
-    assert proc.returncode == 0, tail
+    returncode, tail = _RUN.wait(timeout=900)
+    assert returncode == 0, tail
+    work = _WORK[0]
     found = json.loads((work / "results.json").read_text())
     shutil.rmtree(work, ignore_errors=True)
     with_time = sorted(found.items(), key=lambda kv: -kv[1]["seconds"])
