@@ -316,7 +316,7 @@ def _merge_free_axes(x: Array, xc, xb, out_spec: Any) -> Any:
     sizes = tuple(x.shape[i] for i in free)
     x2 = x.reshape(x.shape[:first] + (_prod(sizes),) + x.shape[free[-1] + 1 :])
     renumber = lambda dims: tuple(int(i) - (n - 1) if int(i) > first else int(i) for i in dims)  # noqa: E731
-    return x2, renumber(xc), renumber(xb), first, sizes
+    return x2, renumber(xc), renumber(xb), sizes
 
 
 def _lowrank_dot(
@@ -341,7 +341,7 @@ def _lowrank_dot(
         # x's free axes (batch, sequence) as one: each skinny product is then one plain
         # GEMM, and its gradients contract one axis, where two made XLA's CPU backend
         # transpose activation-sized operands (benchmarks/NOTES.md, attempt 4).
-        x2, xc2, xb2, first, sizes = merged
+        x2, xc2, xb2, sizes = merged
         dnums = ((lc, xc2), (lb, xb2)) if leaf_is_lhs else ((xc2, rc), (xb2, rb))
         out = _lowrank_dot(leaf, x2, dnums, leaf_is_lhs, precision, preferred_element_type)
         at = len(xb) + (out.ndim - len(xb) - 1 if leaf_is_lhs else 0)  # the merged axis
