@@ -57,6 +57,7 @@ from lorax.methods.weighted import add_weighted as add_weighted
 
 # Building wrapped trees
 from lorax.methods.wrap import wrap as wrap
+from lorax.optim import loraplus as loraplus
 from lorax.optim import optimizer as optimizer
 from lorax.quant.formats import Int8Weight as Int8Weight
 from lorax.quant.formats import NF4Weight as NF4Weight
@@ -100,6 +101,7 @@ __all__ = [
     "partition_specs",
     "shard",
     "optimizer",
+    "loraplus",
     "summary",
     "Summary",
     "stack",
