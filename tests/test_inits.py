@@ -56,6 +56,25 @@ def test_loftq_reduces_the_quantization_error():
     assert isinstance(leaf.base, lorax.NF4Weight)
 
 
+def test_loftq_iterations_from_wrap_alternate_as_the_algorithm_says():
+    """Iteration k quantizes W - s A B of iteration k-1, then refits A B to W minus the
+    dequantized base by a top-r SVD (float64 numpy here)."""
+    w, rank = W[0], 4
+    leaf = lorax.wrap({"w": w}, rank=rank, init="loftq", loftq_iterations=3)["w"]
+    a = b = None
+    for _ in range(3):
+        residual = w if a is None else w - jnp.asarray(a @ b, jnp.float32)
+        q = lorax.merge(lorax.quantize({"w": residual}, "nf4"))["w"]
+        u, s, vt = np.linalg.svd(np.asarray(w, np.float64) - np.asarray(q, np.float64))
+        a, b = u[:, :rank] * s[:rank], vt[:rank]
+    np.testing.assert_allclose(leaf.base.materialize(), q, atol=1e-6)
+    np.testing.assert_allclose(_low(leaf), a @ b, atol=2e-4)
+    with pytest.raises(ValueError, match="loftq_iterations"):
+        lorax.wrap({"w": w}, rank=rank, init="pissa", loftq_iterations=2)
+    with pytest.raises(ValueError, match="loftq_iterations"):
+        lorax.wrap({"w": w}, rank=rank, init="loftq", loftq_iterations=0)
+
+
 def test_residual_inits_start_unchanged_and_need_a_dense_base():
     x = jax.random.normal(jax.random.key(1), (5, 32))
     f = lambda p, x: x @ p["w"]  # noqa: E731

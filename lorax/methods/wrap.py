@@ -50,6 +50,7 @@ def wrap(
     method: str | None = None,
     fn: Callable | None = None,
     args: Sequence[Any] = (),
+    loftq_iterations: int = 1,
 ) -> Any:
     """Returns ``params`` with the targeted weights replaced by :class:`LoraWeight` leaves.
 
@@ -99,6 +100,9 @@ def wrap(
         is ``{"params": ...}``): traced once, it chooses the targets by how it uses each
         weight (:func:`lorax.find_targets`), peft's ``"all-linear"`` decided by use.
       args: ``fn``'s example arguments after ``params`` (arrays or shape-dtype structs).
+      loftq_iterations: with ``init="loftq"``, how many times LoftQ alternates quantizing
+        the residual ``W - s A B`` and refitting ``A B`` to the quantization error (peft's
+        ``LoftQConfig(loftq_iter=...)``; 1 by default, as peft).
 
     Returns:
       A tree of the same structure with :class:`LoraWeight` leaves where targeted.
@@ -122,6 +126,12 @@ def wrap(
     """
     if init not in _INITS:
         raise LoraxValueError(f"lorax.wrap: init must be one of {_INITS}; got {init!r}")
+    loftq_iterations = positive_int(loftq_iterations, "lorax.wrap: loftq_iterations")
+    if loftq_iterations != 1 and init != "loftq":
+        raise LoraxValueError(
+            f"lorax.wrap: loftq_iterations={loftq_iterations} applies to init='loftq' only; "
+            f"got init={init!r}"
+        )
     if isinstance(dropout, (bool, np.bool_)) or not isinstance(dropout, numbers.Real):
         raise LoraxTypeError(f"lorax.wrap: dropout must be a number in [0, 1); got {dropout!r}")
     if not 0.0 <= dropout < 1.0:
@@ -166,6 +176,7 @@ def wrap(
             rslora=rslora,
             dtype=dtype,
             init=init,
+            loftq_iterations=loftq_iterations,
             in_axes=spec.in_axes,
             stack_axes=stack_axes_for(stacked, spec.stack_axes, path),
         )
@@ -275,6 +286,7 @@ def make_lora_leaf(
     rslora: bool = False,
     dtype: Any = None,
     init: str = "kaiming",
+    loftq_iterations: int = 1,
     in_axes: int | None = None,
     stack_axes: int | None = None,
 ) -> LoraWeight:
@@ -313,7 +325,9 @@ def make_lora_leaf(
             )
         # An SVD / QR of inf or NaN gives NaN factors, or never returns on some backends.
         require_finite(base, f"lorax.wrap: init={init!r} for '{path}'")
-        make = {"pissa": lora_init.pissa, "olora": lora_init.olora, "loftq": lora_init.loftq}[init]
+        if init == "loftq":
+            return lora_init.loftq(base, rank, scale, ns, ni, dtype, loftq_iterations)
+        make = {"pissa": lora_init.pissa, "olora": lora_init.olora}[init]
         return make(base, rank, scale, ns, ni, dtype)
     a_shape = stack + ins + (rank,)
     if init == "kaiming":
