@@ -39,6 +39,13 @@ from lorax.leaf import PrimitiveCall as PrimitiveCall
 from lorax.leaf import is_lorax_leaf as is_lorax_leaf
 from lorax.leaf import register_leaf as register_leaf
 from lorax.leaf import static_field as static_field
+from lorax.methods.adalora import AdaLoraState as AdaLoraState
+from lorax.methods.adalora import AdaLoraWeight as AdaLoraWeight
+from lorax.methods.adalora import adalora as adalora
+from lorax.methods.adalora import budget_at as budget_at
+from lorax.methods.adalora import mask_to_budget as mask_to_budget
+from lorax.methods.adalora import orthogonal_regularizer as orthogonal_regularizer
+from lorax.methods.adalora import update_importance as update_importance
 from lorax.methods.adapters import AdapterWeight as AdapterWeight
 from lorax.methods.adapters import adapters as adapters
 from lorax.methods.dora import DoraWeight as DoraWeight
@@ -87,6 +94,12 @@ __all__ = [
     "wrap",
     "ia3",
     "adapters",
+    "adalora",
+    "AdaLoraState",
+    "update_importance",
+    "budget_at",
+    "mask_to_budget",
+    "orthogonal_regularizer",
     "unfreeze",
     "quantize",
     "dequantize",
@@ -112,6 +125,7 @@ __all__ = [
     "import_peft",
     "LoraWeight",
     "DoraWeight",
+    "AdaLoraWeight",
     "IA3Weight",
     "AdapterWeight",
     "Unfrozen",

@@ -19,6 +19,7 @@ class ModuleRow:
     trainable: int
     total: int
     bytes: int
+    rank: int | None = None  # ranks an adaptive-rank leaf (AdaLoRA) keeps, else None
 
     @property
     def bits_per_param(self) -> float:
@@ -31,7 +32,9 @@ class Summary:
     """Rows per module (the path without its last component) and the totals.
 
     ``total`` counts the parameters of the model the tree computes (a LoRA leaf counts its
-    base's dense size plus its factors); ``bytes`` counts the arrays actually held.
+    base's dense size plus its factors); ``bytes`` counts the arrays actually held. A row's
+    ``rank`` is the rank its AdaLoRA leaves keep (summed over stacked layers), else None;
+    the table shows a ``rank`` column when a row has one.
     """
 
     rows: tuple[ModuleRow, ...]
@@ -45,15 +48,17 @@ class Summary:
 
     def table(self) -> str:
         width = max([len("module")] + [len(r.module) for r in self.rows])
+        ranked = any(r.rank is not None for r in self.rows)
         head = (
             f"{'module':<{width}}  {'trainable':>12}  {'total':>14}  {'bytes':>14}  "
-            f"{'bits/param':>10}"
+            f"{'bits/param':>10}" + (f"  {'rank':>6}" if ranked else "")
         )
         lines = [head, "-" * len(head)]
         for r in self.rows:
+            rank = "" if not ranked else f"  {'' if r.rank is None else r.rank:>6}"
             lines.append(
                 f"{r.module:<{width}}  {r.trainable:>12,}  {r.total:>14,}  "
-                f"{r.bytes:>14,}  {r.bits_per_param:>10.3f}"
+                f"{r.bytes:>14,}  {r.bits_per_param:>10.3f}{rank}"
             )
         lines.append("-" * len(head))
         bits = 8 * self.bytes / self.total if self.total else 0.0
@@ -115,6 +120,7 @@ def summary(params: Any, /) -> Summary:
     params = unbox(params)  # Flax partitioning boxes: count what they hold
     trainable_tree, _ = split(params)
     rows: dict[str, list[int]] = {}
+    ranks: dict[str, int] = {}
     flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lorax_leaf)[0]
     t_flat = jax.tree_util.tree_flatten_with_path(
         trainable_tree, is_leaf=lambda x: x is None or is_lorax_leaf(x)
@@ -125,11 +131,14 @@ def summary(params: Any, /) -> Summary:
         trainable = 0
         if t_leaf is not None:
             trainable = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(t_leaf))
+        kept = getattr(leaf, "kept_rank", None) if is_lorax_leaf(leaf) else None
+        if kept is not None:
+            ranks[module] = ranks.get(module, 0) + kept
         acc = rows.setdefault(module, [0, 0, 0])
         acc[0] += trainable
         acc[1] += total
         acc[2] += held
-    out = tuple(ModuleRow(m, *v) for m, v in rows.items())
+    out = tuple(ModuleRow(m, *v, rank=ranks.get(m)) for m, v in rows.items())
     return Summary(
         out, sum(r.trainable for r in out), sum(r.total for r in out), sum(r.bytes for r in out)
     )

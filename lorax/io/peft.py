@@ -317,6 +317,10 @@ def export_peft(
 ) -> Path:
     """Writes the LoRA leaves of ``tree`` as a Hugging Face PEFT adapter directory.
 
+    A tree of :class:`lorax.AdaLoraWeight` leaves is written as peft's AdaLoRA adapter
+    (``peft_type`` ``ADALORA``: the masked triplets cut out, a ``rank_pattern`` of those
+    kept; see ``lorax/io/peft_adalora.py``).
+
     Args:
       directory: where adapter_config.json and adapter_model.safetensors go.
       tree: a wrapped tree (from ``lorax.wrap`` or ``lorax.combine``).
@@ -351,6 +355,12 @@ def export_peft(
     tree = unbox(tree)
     modules = peft_module_map(tree, model, "lorax.export_peft")
     names = modules.modules
+    if any(
+        getattr(x, "kind", None) == "adalora" for x in jax.tree.leaves(tree, is_leaf=is_lorax_leaf)
+    ):
+        from lorax.io.peft_adalora import export_adalora  # peft_type ADALORA
+
+        return export_adalora(Path(directory), tree, modules, base_model_name)
     tensors, ranks, alphas, kinds, dropouts = {}, {}, {}, set(), {0.0}
     flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lorax_leaf)[0]
     for key_path, leaf in flat:
@@ -538,7 +548,9 @@ def import_peft(
       dtype: dtype of the factors; default: as stored.
 
     Returns:
-      ``params`` with :class:`lorax.LoraWeight` leaves where the adapter has factors.
+      ``params`` with :class:`lorax.LoraWeight` leaves where the adapter has factors
+      (:class:`lorax.AdaLoraWeight` leaves for a ``peft_type`` ``ADALORA`` adapter, the
+      triplets its ``rank_pattern`` prunes present as zeros with mask 0).
 
     Raises:
       ValueError: not a LoRA adapter, an option lorax does not reproduce (bias training,
@@ -576,15 +588,23 @@ def import_peft(
         if not (directory / file).is_file():
             raise LoraxFileNotFoundError(f"lorax.import_peft: no {file} in '{directory}'")
     config = _read_config(directory / CONFIG_FILE)
-    if config.get("peft_type") != "LORA":
+    if config.get("peft_type") not in ("LORA", "ADALORA"):
         raise LoraxValueError(
-            f"lorax.import_peft: peft_type {config.get('peft_type')!r} is not LORA"
+            f"lorax.import_peft: peft_type {config.get('peft_type')!r} is not LORA or ADALORA"
         )
     for option, ok in [("bias", "none"), ("modules_to_save", None)]:
         if config.get(option, ok) not in (ok, [] if ok is None else ok):
             raise LoraxValueError(
                 f"lorax.import_peft: {option}={config[option]!r} is not supported yet"
             )
+    if config["peft_type"] == "ADALORA":
+        from lorax.io.peft_adalora import import_adalora
+
+        tensors = {
+            k[len(PREFIX) :] if k.startswith(PREFIX) else k: v
+            for k, v in _read_tensors(directory / WEIGHTS_FILE).items()
+        }
+        return import_adalora(directory, params, names, config, tensors, dtype)
     _check_config(config, directory / CONFIG_FILE)
     tensors = {
         k[len(PREFIX) :] if k.startswith(PREFIX) else k: v
