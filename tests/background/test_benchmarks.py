@@ -21,6 +21,7 @@ def load(name):
     if str(BENCH) not in sys.path:  # train_step imports profile_summary as a sibling
         sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None, name
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -212,3 +213,89 @@ def test_multi_adapter_benchmark_runs_every_mode(tmp_path):
     assert [r["adapters"] for r in results] == [1, 1, 3]
     assert all(r["prefill_tok_s"] > 0 and r["generate_tok_s"] > 0 for r in results)
     assert (tmp_path / "multi_adapter.jsonl").read_text().count("\n") == 3
+
+
+@pytest.fixture(scope="module")
+def peers():
+    return load("peers")
+
+
+def _numpy_decoder_loss(params, tokens, shape) -> float:
+    """The loss of lowrank_cost's decoder with hand LoRA, in float64 numpy on the merged
+    weights ``W + s A B``: the reference the benchmark's three methods must reproduce."""
+    p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+    s = shape.alpha / shape.rank
+
+    def dense(m, x):
+        w = m["kernel"] + s * m["lora_a"] @ m["lora_b"] if "lora_a" in m else m["kernel"]
+        return x @ w
+
+    def norm(m, x):
+        mu = x.mean(-1, keepdims=True)
+        var = ((x - mu) ** 2).mean(-1, keepdims=True)
+        return (x - mu) / np.sqrt(var + 1e-6) * m["scale"] + m["bias"]
+
+    def gelu(x):  # flax's default, the tanh approximation
+        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+    inputs, labels = np.asarray(tokens[:, :-1]), np.asarray(tokens[:, 1:])
+    b, n = inputs.shape
+    h, dh = shape.heads, shape.d // shape.heads
+    x = p["embed"]["embedding"][inputs] + p["pos"][:n]
+    for i in range(shape.layers):
+        blk = p[f"block_{i}"]
+        a = norm(blk["ln1"], x)
+        q, k, v = (dense(blk["attn"][c], a).reshape(b, n, h, dh) for c in "qkv")
+        scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(dh)
+        scores = np.where(np.tril(np.ones((n, n), bool)), scores, -np.inf)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        x = x + dense(blk["attn"]["o"], np.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, n, -1))
+        x = x + dense(blk["fc2"], gelu(dense(blk["fc1"], norm(blk["ln2"], x))))
+    logits = dense(p["head"], norm(p["ln_f"], x))
+    logits = logits - logits.max(-1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    return float(-np.take_along_axis(logp, labels[..., None], -1).mean())
+
+
+def test_peers_names_the_bench_extra_when_qwix_is_missing(peers, monkeypatch):
+    import tomllib
+
+    extras = tomllib.loads((BENCH.parent / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert any(d.startswith("qwix") for d in extras["bench"])
+    assert not any(d.startswith("qwix") for d in extras["test"])
+    monkeypatch.setitem(sys.modules, "qwix", None)  # what importing it gives: nothing
+    with pytest.raises(SystemExit, match=r"pip install -e '\.\[bench\]'"):
+        peers.main(["--smoke"])
+
+
+def test_peers_smoke_three_methods_train_the_same_lora(peers, tmp_path):
+    pytest.importorskip(
+        "qwix",
+        reason="qwix is not installed: it is in the 'bench' extra, not 'test' "
+        "(python -m pip install -e '.[bench]' to run the peers benchmark)",
+    )
+    out = tmp_path / "peers.jsonl"
+    # lowrank_cost's decoder broadcasts its position table and causal mask over the batch
+    shape = peers.SMOKE
+    with jax.numpy_rank_promotion("allow"):
+        rows = peers.main(["--smoke", "--out", str(out)])
+        params, tokens = peers.init(shape)
+    reference = _numpy_decoder_loss(params, tokens, shape)
+    assert [r["method"] for r in rows] == ["hand", "lorax", "qwix"]
+    # r x (in + out) for q, k, v, o (d -> d), fc1 (d -> ff) and fc2 (ff -> d), per layer
+    trainable = shape.layers * shape.rank * (4 * 2 * shape.d + 2 * (shape.d + shape.ff))
+    hand = rows[0]
+    for row in rows:
+        assert row["trainable"] == trainable, row["method"]
+        assert row["loss_step0"] == pytest.approx(reference, rel=1e-5), row["method"]
+        assert row["ref_loss"] == pytest.approx(reference, rel=1e-5)
+        assert row["grad_rel_err"] <= 1e-4 and row["grad_rel_err_hand"] <= 1e-4, row
+        assert row["ok"] and row["temp_bytes"] > 0 and row["ms"] > 0
+        # no dense weight gradient: a full dW per projection would add over 10% here
+        assert 0.9 < row["flops"] / hand["flops"] < 1.1, row["method"]
+    assert out.read_text().count("\n") == 3
+    table = peers.table(rows).splitlines()
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["hand", "lorax", "qwix"]
