@@ -17,6 +17,7 @@ computes ``x @ W + s * (x @ A) @ B`` without ever forming ``W + s * A @ B``; see
 
 from importlib import metadata as _metadata
 
+from lorax import analysis as analysis  # how low-rank an update is (spectra, reports)
 from lorax import sharding as sharding  # registers the sharding primitives' rules
 from lorax.errors import CheckpointError as CheckpointError
 
