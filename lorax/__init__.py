@@ -59,6 +59,8 @@ from lorax.methods.multi import MultiLoraWeight as MultiLoraWeight
 
 # Many adapters
 from lorax.methods.multi import stack as stack
+from lorax.methods.tokens import TrainableTokensWeight as TrainableTokensWeight
+from lorax.methods.tokens import trainable_tokens as trainable_tokens
 from lorax.methods.unfrozen import Unfrozen as Unfrozen
 from lorax.methods.unfrozen import unfreeze as unfreeze
 from lorax.methods.weighted import add_weighted as add_weighted
@@ -102,6 +104,8 @@ __all__ = [
     "mask_to_budget",
     "orthogonal_regularizer",
     "unfreeze",
+    "trainable_tokens",
+    "TrainableTokensWeight",
     "quantize",
     "dequantize",
     "LoraSpec",

@@ -466,6 +466,31 @@ def layer_gather(
     return take
 
 
+def row_lookup(leaf: Any, indices: jax.Array, params: Any) -> tuple[jax.Array, int, Any] | None:
+    """``(row ids, axis of the row's values in the result, fill)`` when a gather takes
+    whole rows of a 2-D (unstacked) table by one index each, the embedding lookup; else
+    None. ``fill`` is the value of out-of-range rows under ``FILL_OR_DROP`` (as Flax's
+    ``nn.Embed`` gathers), None when they are clamped."""
+    dnums, sizes = params["dimension_numbers"], tuple(params["slice_sizes"])
+    if leaf.stack_ndim or len(leaf.shape) != 2 or indices.ndim < 1 or indices.shape[-1] != 1:
+        return None
+    if (
+        tuple(dnums.collapsed_slice_dims) != (0,)
+        or tuple(dnums.start_index_map) != (0,)
+        or tuple(getattr(dnums, "operand_batching_dims", ())) != ()
+        or sizes != (1, leaf.shape[1])
+        or len(dnums.offset_dims) != 1
+    ):
+        return None
+    mode = params.get("mode")
+    fill = None
+    if mode is not None and "FILL" in str(mode).upper():
+        fill = params.get("fill_value")
+        fill = float("nan") if fill is None else fill
+    ids = indices[..., 0]
+    return ids, int(dnums.offset_dims[0]), fill
+
+
 def fills(params: Mapping[str, Any]) -> bool:
     """Whether a gather's out-of-range indices read a fill value (``FILL_OR_DROP``)."""
     mode = params.get("mode")

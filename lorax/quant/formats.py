@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorax.leaf import LoraxLeaf, register_leaf, static_field
+from lorax.leaf import LoraxLeaf, register_leaf, row_lookup, static_field
 
 #: The NF4 levels, indexed by code (float32; hard-coded as bitsandbytes does).
 NF4_CODE = np.array(
@@ -193,7 +193,7 @@ class QuantizedLeaf(LoraxLeaf):
         stack (``params[ids]``) stay quantized."""
         if self.stack_ndim:
             return _slicing().gather_layers(self, indices, params)
-        rows = _row_lookup(self, indices, params)
+        rows = row_lookup(self, indices, params)
         if rows is None:
             return NotImplemented
         ids, offset_axis, fill = rows
@@ -407,31 +407,6 @@ def _dequantized_ragged(leaf: LoraxLeaf, lhs: jax.Array, group_sizes: jax.Array,
     return jax.checkpoint(product, policy=jax.checkpoint_policies.nothing_saveable)(
         lhs, group_sizes, leaf
     )
-
-
-def _row_lookup(leaf: Any, indices: jax.Array, params: Any) -> tuple[jax.Array, int, Any] | None:
-    """``(row ids, axis of the row's values in the result, fill)`` when a gather takes
-    whole rows of a 2-D (unstacked) table by one index each, the embedding lookup; else
-    None. ``fill`` is the value of out-of-range rows under ``FILL_OR_DROP`` (as Flax's
-    ``nn.Embed`` gathers), None when they are clamped."""
-    dnums, sizes = params["dimension_numbers"], tuple(params["slice_sizes"])
-    if leaf.stack_ndim or len(leaf.shape) != 2 or indices.ndim < 1 or indices.shape[-1] != 1:
-        return None
-    if (
-        tuple(dnums.collapsed_slice_dims) != (0,)
-        or tuple(dnums.start_index_map) != (0,)
-        or tuple(getattr(dnums, "operand_batching_dims", ())) != ()
-        or sizes != (1, leaf.shape[1])
-        or len(dnums.offset_dims) != 1
-    ):
-        return None
-    mode = params.get("mode")
-    fill = None
-    if mode is not None and "FILL" in str(mode).upper():
-        fill = params.get("fill_value")
-        fill = float("nan") if fill is None else fill
-    ids = indices[..., 0]
-    return ids, int(dnums.offset_dims[0]), fill
 
 
 @register_leaf(kind="transposed")
