@@ -83,9 +83,7 @@ class TrainableTokensWeight(OverBase):
         ids = self.ids
         frozen = self.base_apply(
             lambda table: table[ids],
-            lambda leaf: (
-                leaf.dequantize_rows(ids) if hasattr(leaf, "dequantize_rows") else NotImplemented
-            ),
+            lambda leaf: getattr(leaf, "dequantize_rows", lambda _: NotImplemented)(ids),
         )
         onehot = jax.nn.one_hot(ids, self.shape[0], dtype=self.delta.dtype).T  # (V, k)
         return LoraWeight(self.base, onehot, self.delta - frozen.astype(self.delta.dtype))
