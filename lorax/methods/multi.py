@@ -109,7 +109,8 @@ def stack(trees: Sequence[Any], index: Any, /) -> Any:
 
     Args:
       trees: wrapped trees (``lorax.wrap`` / ``import_peft`` / ``load``) over the same base,
-        with LoRA leaves on the same 2-D (per layer) kernels.
+        with LoRA leaves on the same 2-D (per layer) kernels (a DoRA, IA3 or other
+        trainable leaf is refused with a ``TypeError`` naming its path).
       index: ``[batch]`` ints, the adapter (position in ``trees``) of each row.
 
     Returns:
@@ -155,6 +156,14 @@ def stack(trees: Sequence[Any], index: Any, /) -> Any:
         if not any(is_lorax_leaf(leaf) and leaf.trainable_fields for leaf in leaves):
             out.append(leaves[0])  # the shared base
             continue
+        for i, leaf in enumerate(leaves):
+            if is_lorax_leaf(leaf) and leaf.trainable_fields and type(leaf) is not LoraWeight:
+                raise LoraxTypeError(
+                    f"lorax.stack: '{path}' is a {leaf.kind} leaf in tree {i}; only LoRA "
+                    "leaves are served side by side (a DoRA leaf rescales each output by "
+                    "its own magnitude and norm, which the stacked rows do not compute); "
+                    "lorax.merge such trees and serve them one at a time"
+                )
         if not all(type(leaf) is LoraWeight for leaf in leaves):
             raise LoraxValueError(
                 f"lorax.stack: '{path}' is a LoRA leaf in some trees only (or another kind)"
