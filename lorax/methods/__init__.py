@@ -3,5 +3,6 @@
 ``lora`` (the LoRA leaf), ``wrap`` (``lorax.wrap``: LoRA, rsLoRA and DoRA leaves),
 ``lora_init`` (PiSSA / OLoRA / LoftQ initialisations), ``dora``, ``ia3``, ``adapters``
 (bottleneck adapters), ``unfrozen`` (BitFit, modules to save), ``multi`` (many adapters
-served at once) and ``weighted`` (adapter merging).
+served at once), ``weighted`` (adapter merging) and ``merging`` (its TIES / DARE task
+arithmetic).
 """
