@@ -45,6 +45,12 @@ from lorax.paths import path_str
 FORMAT, VERSION = "lorax-adapter", 2
 
 
+def saved_fields(cls: type) -> tuple[str, ...]:
+    """The fields a checkpoint holds for a leaf kind: its trainable arrays and any frozen
+    state of its own (AdaLoRA's rank mask), everything but the base it goes on."""
+    return (*cls.trainable_fields, *(n for n in cls.frozen_fields if n != "base"))
+
+
 def adapter_state(tree: Any) -> tuple[dict[str, jax.Array], dict[str, Any]]:
     """The arrays a checkpoint holds (``"{path}/{field}"`` -> array) and its metadata."""
     from lorax.sharding import unbox
@@ -61,22 +67,15 @@ def adapter_state(tree: Any) -> tuple[dict[str, jax.Array], dict[str, Any]]:
                 "lorax.split?); save the combined tree "
                 "(lorax.combine(trainable, frozen))"
             )
-        frozen = list(leaf.frozen_fields)
-        if frozen not in (["base"], []):
-            raise LoraxValueError(
-                f"lorax.save: '{path}' ({leaf.kind}) has frozen fields "
-                f"{frozen}; a checkpoint can rebuild leaves whose only frozen "
-                "field is 'base'"
-            )
         static = {name: getattr(leaf, name) for name in leaf.static_fields}
         entry = {
             "kind": leaf.kind,
             "static": static,
-            "has_base": bool(frozen),
+            "has_base": "base" in leaf.frozen_fields,
             "base_shape": list(leaf.shape),
             "fields": {},
         }
-        for name in leaf.trainable_fields:
+        for name in saved_fields(type(leaf)):
             value = getattr(leaf, name)
             if value is None:
                 raise LoraxValueError(
@@ -460,12 +459,11 @@ def _checked_entries(entries: Any, where: str) -> dict[str, Any]:
                 f"not know (known: {known})",
             ) from None
         fields, static = entry["fields"], entry["static"]
-        if not isinstance(fields, dict) or set(fields) != set(cls.trainable_fields):
+        if not isinstance(fields, dict) or set(fields) != set(saved_fields(cls)):
             listed = sorted(fields) if isinstance(fields, dict) else fields
             raise bad(
                 path,
-                f"lists the fields {listed!r}; a {cls.__name__} trains "
-                f"{sorted(cls.trainable_fields)}",
+                f"lists the fields {listed!r}; a {cls.__name__} saves {sorted(saved_fields(cls))}",
             )
         for name, f in fields.items():
             shape, dtype = (f.get("shape"), f.get("dtype")) if isinstance(f, dict) else (0, None)
