@@ -31,6 +31,8 @@ from lorax.io.checkpoint import load as load
 
 # Files
 from lorax.io.checkpoint import save as save
+from lorax.io.named import load_adapters as load_adapters
+from lorax.io.named import save_adapters as save_adapters
 from lorax.io.peft import export_peft as export_peft
 from lorax.io.peft import import_peft as import_peft
 
@@ -59,6 +61,7 @@ from lorax.methods.multi import MultiLoraWeight as MultiLoraWeight
 
 # Many adapters
 from lorax.methods.multi import stack as stack
+from lorax.methods.named import Adapters as Adapters
 from lorax.methods.tokens import TrainableTokensWeight as TrainableTokensWeight
 from lorax.methods.tokens import trainable_tokens as trainable_tokens
 from lorax.methods.unfrozen import Unfrozen as Unfrozen
@@ -123,9 +126,12 @@ __all__ = [
     "summary",
     "Summary",
     "stack",
+    "Adapters",
     "add_weighted",
     "save",
     "load",
+    "save_adapters",
+    "load_adapters",
     "export_peft",
     "import_peft",
     "LoraWeight",
