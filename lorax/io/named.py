@@ -139,7 +139,12 @@ def load_adapters(dir: str | os.PathLike, base: Any, /) -> Adapters:
         valid; errors of ``lorax.load`` name the adapter.
 
     Example:
-      See :func:`save_adapters`.
+      >>> import jax.numpy as jnp, lorax, tempfile
+      >>> params = {"w": jnp.ones((8, 4))}
+      >>> path = tempfile.mkdtemp() + "/adapters"
+      >>> lorax.save_adapters(path, lorax.Adapters.create(lorax.wrap(params, rank=2)))
+      >>> lorax.load_adapters(path, params).names
+      ('default',)
     """
     path = Path(dir).absolute()
     _restore_interrupted(path)

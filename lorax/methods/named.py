@@ -194,7 +194,13 @@ class Adapters:
 
     @property
     def names(self) -> tuple[str, ...]:
-        """The adapters' names, in the order they were added."""
+        """The adapters' names, in the order they were added.
+
+        Example:
+          >>> import jax.numpy as jnp, lorax
+          >>> lorax.Adapters.create(lorax.wrap({"w": jnp.ones((8, 4))}, rank=2)).names
+          ('default',)
+        """
         return tuple(self.adapters)
 
     def _get(self, name: Any, where: str) -> Any:
@@ -266,6 +272,12 @@ class Adapters:
         """A copy with ``name`` active (peft's ``set_adapter``; also re-enables after
         :meth:`disable`).
 
+        Args:
+          name: an adapter's name.
+
+        Returns:
+          The new :class:`Adapters`.
+
         Raises:
           LoraxValueError: no adapter of that name (the message lists them).
 
@@ -283,6 +295,9 @@ class Adapters:
         """A copy with no adapter active: :meth:`tree` is the base alone (peft's
         ``disable_adapter``); :meth:`select` enables one again.
 
+        Returns:
+          The new :class:`Adapters`, with ``active`` None.
+
         Example:
           >>> import jax.numpy as jnp, lorax
           >>> params = {"w": jnp.ones((8, 4))}
@@ -294,6 +309,12 @@ class Adapters:
 
     def delete(self, name: str, /) -> Adapters:
         """A copy without adapter ``name`` (peft's ``delete_adapter``).
+
+        Args:
+          name: an adapter's name, not the active one.
+
+        Returns:
+          The new :class:`Adapters`.
 
         Raises:
           LoraxValueError: no adapter of that name, or it is the active one (select another,
@@ -319,6 +340,10 @@ class Adapters:
     def tree(self) -> Any:
         """The wrapped tree of the active adapter; the base parameters when disabled.
 
+        Returns:
+          The tree ``lorax.wrap`` gave for that adapter (its leaves on the shared base
+          arrays), for ``lorax.lora(apply)``; disabled, :attr:`base` itself.
+
         Example:
           >>> import jax.numpy as jnp, lorax
           >>> ads = lorax.Adapters.create(lorax.wrap({"w": jnp.ones((8, 4))}, rank=2))
@@ -334,7 +359,9 @@ class Adapters:
 
         The frozen half holds the shared base arrays: a function jitted over both halves
         reuses its compiled program for every adapter of the same shapes and settings.
-        Disabled, ``trainable`` is all None and ``frozen`` the base.
+        Returns:
+          ``(trainable, frozen)``; disabled, ``trainable`` is all None and ``frozen`` the
+          base.
 
         Example:
           >>> import jax, jax.numpy as jnp, lorax
@@ -347,6 +374,9 @@ class Adapters:
 
     def trainable(self) -> Any:
         """The active adapter's trainable half (the first of :meth:`split`).
+
+        Returns:
+          The trainable tree (None where nothing is trained; all None when disabled).
 
         Example:
           >>> import jax, jax.numpy as jnp, lorax
