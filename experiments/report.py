@@ -58,8 +58,10 @@ def quality_cells(group: list[dict]) -> list[str]:
     ]
 
 
-def rank_table(runs: Sequence[dict]) -> str:
+def rank_table(runs: Sequence[dict], before: dict | None = None) -> str:
     rows = []
+    if before:  # the base itself, before adaptation
+        rows.append(["base, not adapted", "0", "0.00%", *quality_cells([before])])
     for name, group in by_variant(runs).items():
         rows.append(
             [
@@ -270,7 +272,8 @@ def write(out: Path, results: dict[str, Any], meta: dict[str, Any]) -> None:
             f"(held-out task A accuracy of the base {meta['base']['task_a_accuracy']:.1%})."
         )
     if "rank" in results:
-        parts += ["", "## 1. Rank", "", rank_table(results["rank"]["runs"])]
+        before = meta["base"].get("before")
+        parts += ["", "## 1. Rank", "", rank_table(results["rank"]["runs"], before)]
     if "memory" in results:
         parts += ["", "## 2. Memory vs quality", "", memory_table(results["memory"]["runs"])]
     if "targets" in results:
