@@ -1,2 +1,3 @@
-"""Reading and writing adapters: lorax's own checkpoints (``checkpoint``) and the Hugging
-Face PEFT directory format (``peft``)."""
+"""Reading and writing adapters: lorax's own checkpoints (``checkpoint``), named adapters
+(``named``: ``lorax.save_adapters`` / ``lorax.load_adapters``) and the Hugging Face PEFT
+directory format (``peft``)."""

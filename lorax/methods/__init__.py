@@ -3,6 +3,6 @@
 ``lora`` (the LoRA leaf), ``wrap`` (``lorax.wrap``: LoRA, rsLoRA and DoRA leaves),
 ``lora_init`` (PiSSA / OLoRA / LoftQ initialisations), ``dora``, ``ia3``, ``adapters``
 (bottleneck adapters), ``unfrozen`` (BitFit, modules to save), ``multi`` (many adapters
-served at once), ``weighted`` (adapter merging) and ``merging`` (its TIES / DARE task
-arithmetic).
+served at once), ``weighted`` (adapter merging), ``merging`` (its TIES / DARE task
+arithmetic) and ``named`` (``lorax.Adapters``: named adapters over one base).
 """
