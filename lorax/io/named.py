@@ -21,7 +21,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lorax.errors import CheckpointError, LoraxError, LoraxFileNotFoundError, LoraxTypeError
+import jax
+
+from lorax.errors import (
+    CheckpointError,
+    LoraxError,
+    LoraxFileNotFoundError,
+    LoraxTypeError,
+    LoraxValueError,
+)
 from lorax.io import checkpoint
 from lorax.methods.named import Adapters, _attach
 
@@ -52,6 +60,7 @@ def save_adapters(dir: str | os.PathLike, adapters: Adapters, /, *, force: bool 
         adapters.
       LoraxTypeError: ``adapters`` is not a :class:`lorax.Adapters`.
       NonFiniteError: an adapter holds inf or NaN (nothing is written).
+      LoraxValueError: called in a job of several processes (not supported yet).
 
     Example:
       >>> import jax.numpy as jnp, lorax, tempfile
@@ -68,6 +77,11 @@ def save_adapters(dir: str | os.PathLike, adapters: Adapters, /, *, force: bool 
         raise LoraxTypeError(
             f"lorax.save_adapters: expected a lorax.Adapters; got {type(adapters).__name__} "
             "(lorax.save writes one wrapped tree)"
+        )
+    if jax.process_count() > 1:  # the renames and the manifest are not coordinated yet
+        raise LoraxValueError(
+            "lorax.save_adapters: runs in one process only; with several, save each adapter "
+            "with lorax.save(path, adapters.select(name).tree())"
         )
     path = Path(dir).absolute()
     _restore_interrupted(path)
