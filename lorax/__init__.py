@@ -61,7 +61,7 @@ from lorax.methods.multi import MultiLoraWeight as MultiLoraWeight
 
 # Many adapters
 from lorax.methods.multi import stack as stack
-from lorax.methods.named import Adapters as Adapters
+from lorax.methods.named import AdapterSet as AdapterSet
 from lorax.methods.tokens import TrainableTokensWeight as TrainableTokensWeight
 from lorax.methods.tokens import trainable_tokens as trainable_tokens
 from lorax.methods.unfrozen import Unfrozen as Unfrozen
@@ -126,7 +126,7 @@ __all__ = [
     "summary",
     "Summary",
     "stack",
-    "Adapters",
+    "AdapterSet",
     "add_weighted",
     "save",
     "load",

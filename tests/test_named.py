@@ -1,4 +1,4 @@
-"""Named adapters (lorax.Adapters): outputs against numpy float64 on the merged weights,
+"""Named adapters (lorax.AdapterSet): outputs against numpy float64 on the merged weights,
 the base when disabled, errors, compile counts under jit, save / load round trips."""
 
 import jax
@@ -57,7 +57,7 @@ A, B, C = trained(1, 2), trained(2, 2), trained(3, 3, alpha=6.0)
 
 
 def build():
-    return lorax.Adapters.create(A, name="a").add("b", B).add("c", C)
+    return lorax.AdapterSet.create(A, name="a").add("b", B).add("c", C)
 
 
 def test_each_selected_adapter_computes_its_own_tree():
@@ -95,7 +95,7 @@ def test_disable_is_the_base_and_select_enables_again():
 
 
 def test_operations_return_new_objects():
-    ads = lorax.Adapters.create(A, name="a")
+    ads = lorax.AdapterSet.create(A, name="a")
     more = ads.add("b", B)
     assert ads.names == ("a",) and more.names == ("a", "b")
     assert more.select("b").active == "b" and more.active == "a"
@@ -104,7 +104,7 @@ def test_operations_return_new_objects():
 
 def test_add_a_trainable_half_takes_the_frozen_half():
     trainable, _ = lorax.split(B)
-    ads = lorax.Adapters.create(A, name="a").add("b", trainable).select("b")
+    ads = lorax.AdapterSet.create(A, name="a").add("b", trainable).select("b")
     np.testing.assert_allclose(reference(ads.tree()), reference(B))
     assert ads.tree()["l2"]["kernel"].base is PARAMS["l2"]["kernel"]
 
@@ -113,12 +113,12 @@ def test_unfrozen_and_quantized_bases():
     # a weight trained in full (modules to save) has no base: its own value is used
     head = lorax.unfreeze(trained(4, 2), targets=["bias"])
     head = head | {"l2": head["l2"] | {"bias": lorax.Unfrozen(PARAMS["l2"]["bias"] + 1.0)}}
-    ads = lorax.Adapters.create(A, name="a").add("head", head).select("head")
+    ads = lorax.AdapterSet.create(A, name="a").add("head", head).select("head")
     np.testing.assert_allclose(reference(ads.tree()), reference(head))
     np.testing.assert_allclose(reference(ads.disable().tree()), reference(PARAMS))
     # QLoRA: the base stays quantized; disable gives the NF4 tree itself
     qp = lorax.quantize(PARAMS, "nf4")
-    q = lorax.Adapters.create(lorax.wrap(qp, rank=2, key=jax.random.key(0)), name="q")
+    q = lorax.AdapterSet.create(lorax.wrap(qp, rank=2, key=jax.random.key(0)), name="q")
     q = q.add("r", lorax.wrap(qp, rank=2, key=jax.random.key(1)))
     off = q.disable().tree()
     assert all(
@@ -131,7 +131,7 @@ def test_unfrozen_and_quantized_bases():
 
 
 def test_add_refuses_another_base_naming_the_path():
-    ads = lorax.Adapters.create(A, name="a")
+    ads = lorax.AdapterSet.create(A, name="a")
     other_shape = PARAMS | {"l2": PARAMS["l2"] | {"bias": jnp.zeros(5)}}
     with pytest.raises(lorax.LoraxError, match=r"adapter 'x'.*l2/bias.*\[5\].*\[4\]"):
         ads.add("x", lorax.wrap(other_shape, rank=2, targets=["l1"]))
@@ -166,9 +166,9 @@ def test_errors_name_the_adapter():
     with pytest.raises(TypeError, match=r"non-empty str; got 3"):
         ads.add(3, B)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"non-empty str; got ''"):
-        lorax.Adapters.create(A, name="")
+        lorax.AdapterSet.create(A, name="")
     with pytest.raises(ValueError, match=r"adapter 'h'.*half of lorax.split"):
-        lorax.Adapters.create(lorax.split(A)[0], name="h")
+        lorax.AdapterSet.create(lorax.split(A)[0], name="h")
     rank3, _ = lorax.split(C)  # a half of another rank does not fit adapter a's frozen half
     with pytest.raises(ValueError, match=r"adapter 'x'.*frozen half of adapter 'a'"):
         ads.add("x", rank3)
@@ -234,7 +234,7 @@ def _leaves_equal(x, y):
 
 def test_save_load_round_trip(tmp_path):
     head = lorax.unfreeze(trained(4, 2, dora=True), targets=["bias"])
-    ads = lorax.Adapters.create(A, name="a").add("dora + head", head)
+    ads = lorax.AdapterSet.create(A, name="a").add("dora + head", head)
     ads = ads.add("a/b ü", trained(6, 1)).select("a/b ü")
     path = tmp_path / "ads"
     lorax.save_adapters(path, ads)
@@ -282,7 +282,7 @@ TREES = {"x": A, "y": B, "z": C}
 def test_operations_follow_peft_semantics(ops):
     """Against a plain model of peft's bookkeeping: an ordered dict of names and an active
     name; refused operations leave everything as it was."""
-    ads, names, active = lorax.Adapters.create(A, name="x"), ["x"], "x"
+    ads, names, active = lorax.AdapterSet.create(A, name="x"), ["x"], "x"
     for op, name in ops:
         ok = {
             "add": name not in names,

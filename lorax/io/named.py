@@ -1,4 +1,4 @@
-"""Checkpoints of named adapters (:class:`lorax.Adapters`): one ``lorax.save`` per adapter
+"""Checkpoints of named adapters (:class:`lorax.AdapterSet`): one ``lorax.save`` per adapter
 in a subdirectory, and a JSON manifest of the names, their order and the active one.
 
 Layout of ``dir``::
@@ -31,7 +31,7 @@ from lorax.errors import (
     LoraxValueError,
 )
 from lorax.io import checkpoint
-from lorax.methods.named import Adapters, _attach
+from lorax.methods.named import AdapterSet, _attach
 
 FORMAT, VERSION, MANIFEST = "lorax-adapters", 1, "adapters.json"
 
@@ -45,27 +45,27 @@ def is_adapters_dir(path: str | os.PathLike) -> bool:
     return isinstance(manifest, dict) and manifest.get("format") == FORMAT
 
 
-def save_adapters(dir: str | os.PathLike, adapters: Adapters, /, *, force: bool = False) -> None:
+def save_adapters(dir: str | os.PathLike, adapters: AdapterSet, /, *, force: bool = False) -> None:
     """Saves every adapter of ``adapters`` (never the base), with their names, their order
     and the active one.
 
     Args:
       dir: the directory to write.
-      adapters: a :class:`lorax.Adapters`.
+      adapters: a :class:`lorax.AdapterSet`.
       force: replace an existing checkpoint of named adapters at ``dir``; a file, or a
         directory holding anything else, is never replaced.
 
     Raises:
       CheckpointError: ``dir`` exists (without ``force``) or is not a checkpoint of named
         adapters.
-      LoraxTypeError: ``adapters`` is not a :class:`lorax.Adapters`.
+      LoraxTypeError: ``adapters`` is not a :class:`lorax.AdapterSet`.
       NonFiniteError: an adapter holds inf or NaN (nothing is written).
       LoraxValueError: called in a job of several processes (not supported yet).
 
     Example:
       >>> import jax.numpy as jnp, lorax, tempfile
       >>> params = {"w": jnp.ones((8, 4))}
-      >>> ads = lorax.Adapters.create(lorax.wrap(params, rank=2), name="a")
+      >>> ads = lorax.AdapterSet.create(lorax.wrap(params, rank=2), name="a")
       >>> ads = ads.add("b", lorax.wrap(params, rank=3)).select("b")
       >>> path = tempfile.mkdtemp() + "/adapters"
       >>> lorax.save_adapters(path, ads)
@@ -73,9 +73,9 @@ def save_adapters(dir: str | os.PathLike, adapters: Adapters, /, *, force: bool 
       >>> back.names, back.active, back.tree()["w"].rank
       (('a', 'b'), 'b', 3)
     """
-    if not isinstance(adapters, Adapters):
+    if not isinstance(adapters, AdapterSet):
         raise LoraxTypeError(
-            f"lorax.save_adapters: expected a lorax.Adapters; got {type(adapters).__name__} "
+            f"lorax.save_adapters: expected a lorax.AdapterSet; got {type(adapters).__name__} "
             "(lorax.save writes one wrapped tree)"
         )
     if jax.process_count() > 1:  # the renames and the manifest are not coordinated yet
@@ -135,7 +135,7 @@ def _restore_interrupted(path: Path) -> None:
             return
 
 
-def load_adapters(dir: str | os.PathLike, base: Any, /) -> Adapters:
+def load_adapters(dir: str | os.PathLike, base: Any, /) -> AdapterSet:
     """Reads what :func:`save_adapters` wrote, onto ``base``.
 
     Args:
@@ -144,7 +144,7 @@ def load_adapters(dir: str | os.PathLike, base: Any, /) -> Adapters:
         structure and shapes as when saved.
 
     Returns:
-      The :class:`lorax.Adapters`: the same names in the same order, the same one active
+      The :class:`lorax.AdapterSet`: the same names in the same order, the same one active
       (or disabled).
 
     Raises:
@@ -156,7 +156,7 @@ def load_adapters(dir: str | os.PathLike, base: Any, /) -> Adapters:
       >>> import jax.numpy as jnp, lorax, tempfile
       >>> params = {"w": jnp.ones((8, 4))}
       >>> path = tempfile.mkdtemp() + "/adapters"
-      >>> lorax.save_adapters(path, lorax.Adapters.create(lorax.wrap(params, rank=2)))
+      >>> lorax.save_adapters(path, lorax.AdapterSet.create(lorax.wrap(params, rank=2)))
       >>> lorax.load_adapters(path, params).names
       ('default',)
     """
@@ -197,9 +197,9 @@ def load_adapters(dir: str | os.PathLike, base: Any, /) -> Adapters:
         except LoraxError as err:
             raise type(err)(f"lorax.load_adapters: adapter '{e['name']}': {err}") from None
         if adapters is None:
-            adapters = Adapters.create(tree, name=e["name"])
+            adapters = AdapterSet.create(tree, name=e["name"])
         else:
             adapters = adapters.add(e["name"], tree)
     if adapters is None:  # saved with no adapters: the base alone
-        return Adapters(base=base, adapters={}, active=None)
+        return AdapterSet(base=base, adapters={}, active=None)
     return adapters.select(active) if active is not None else adapters.disable()

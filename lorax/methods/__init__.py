@@ -4,5 +4,5 @@
 ``lora_init`` (PiSSA / OLoRA / LoftQ initialisations), ``dora``, ``ia3``, ``adapters``
 (bottleneck adapters), ``unfrozen`` (BitFit, modules to save), ``multi`` (many adapters
 served at once), ``weighted`` (adapter merging), ``merging`` (its TIES / DARE task
-arithmetic) and ``named`` (``lorax.Adapters``: named adapters over one base).
+arithmetic) and ``named`` (``lorax.AdapterSet``: named adapters over one base).
 """

@@ -1,12 +1,12 @@
 """Named adapters over one base, as peft's ``add_adapter`` / ``set_adapter`` /
 ``disable_adapter`` / ``delete_adapter``, as one immutable pytree.
 
-A wrapped tree is a base plus adapter arrays. :class:`Adapters` keeps the base once
+A wrapped tree is a base plus adapter arrays. :class:`AdapterSet` keeps the base once
 (``base``: the base parameters, what ``lorax.wrap`` was given) and, per name, the adapter
 leaves of one wrapped tree with their base left out (``adapters``), plus the ``active`` name
 (static; None when disabled). Every operation returns a new object and copies no array::
 
-    ads = lorax.Adapters.create(lorax.wrap(params, rank=8), name="a")
+    ads = lorax.AdapterSet.create(lorax.wrap(params, rank=8), name="a")
     ads = ads.add("b", other_wrapped_tree).select("b")
     y = apply({"params": ads.tree()}, x)          # the wrapped tree of "b"
     y0 = model.apply({"params": ads.disable().tree()}, x)   # the base alone
@@ -133,7 +133,7 @@ def _check_name(name: Any, where: str) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class Adapters:
+class AdapterSet:
     """Named adapters over one base: peft's ``add_adapter`` / ``set_adapter`` /
     ``disable_adapter`` / ``delete_adapter`` as an immutable pytree.
 
@@ -149,7 +149,7 @@ class Adapters:
     Example:
       >>> import jax, jax.numpy as jnp, lorax
       >>> params = {"w": jnp.ones((8, 4))}
-      >>> ads = lorax.Adapters.create(lorax.wrap(params, rank=2), name="a")
+      >>> ads = lorax.AdapterSet.create(lorax.wrap(params, rank=2), name="a")
       >>> ads = ads.add("b", lorax.wrap(params, rank=3)).select("b")
       >>> ads.names, ads.active, ads.tree()["w"].rank
       (('a', 'b'), 'b', 3)
@@ -162,7 +162,7 @@ class Adapters:
     active: str | None = None
 
     @classmethod
-    def create(cls, tree: Any, /, *, name: str = "default") -> Adapters:
+    def create(cls, tree: Any, /, *, name: str = "default") -> AdapterSet:
         """The adapters of one wrapped tree, under ``name``, selected.
 
         Args:
@@ -171,7 +171,7 @@ class Adapters:
           name: the adapter's name.
 
         Returns:
-          An :class:`Adapters` holding that one adapter, active.
+          An :class:`AdapterSet` holding that one adapter, active.
 
         Raises:
           LoraxValueError: the tree has no adapter leaves, or is one half of a split.
@@ -179,17 +179,17 @@ class Adapters:
 
         Example:
           >>> import jax.numpy as jnp, lorax
-          >>> ads = lorax.Adapters.create(lorax.wrap({"w": jnp.ones((8, 4))}, rank=2))
+          >>> ads = lorax.AdapterSet.create(lorax.wrap({"w": jnp.ones((8, 4))}, rank=2))
           >>> ads.names, ads.active
           (('default',), 'default')
         """
-        name = _check_name(name, "lorax.Adapters.create")
+        name = _check_name(name, "lorax.AdapterSet.create")
         if _is_half(tree):
             raise LoraxValueError(
-                f"lorax.Adapters.create: adapter '{name}' is one half of lorax.split (leaves "
+                f"lorax.AdapterSet.create: adapter '{name}' is one half of lorax.split (leaves "
                 "without their base); pass the wrapped tree (lorax.combine(trainable, frozen))"
             )
-        base, own, _ = _parts(tree, f"lorax.Adapters.create (adapter '{name}')")
+        base, own, _ = _parts(tree, f"lorax.AdapterSet.create (adapter '{name}')")
         return cls(base=base, adapters={name: own}, active=name)
 
     @property
@@ -198,7 +198,7 @@ class Adapters:
 
         Example:
           >>> import jax.numpy as jnp, lorax
-          >>> lorax.Adapters.create(lorax.wrap({"w": jnp.ones((8, 4))}, rank=2)).names
+          >>> lorax.AdapterSet.create(lorax.wrap({"w": jnp.ones((8, 4))}, rank=2)).names
           ('default',)
         """
         return tuple(self.adapters)
@@ -211,7 +211,7 @@ class Adapters:
             )
         return self.adapters[name]
 
-    def add(self, name: str, tree: Any, /) -> Adapters:
+    def add(self, name: str, tree: Any, /) -> AdapterSet:
         """A copy with one more adapter (the active one stays active), as peft's
         ``add_adapter``.
 
@@ -222,7 +222,7 @@ class Adapters:
             first, when disabled).
 
         Returns:
-          The new :class:`Adapters`.
+          The new :class:`AdapterSet`.
 
         Raises:
           LoraxValueError: the name is taken; the tree has no adapter leaves; its base
@@ -233,16 +233,16 @@ class Adapters:
         Example:
           >>> import jax.numpy as jnp, lorax
           >>> params = {"w": jnp.ones((8, 4))}
-          >>> ads = lorax.Adapters.create(lorax.wrap(params, rank=2), name="a")
+          >>> ads = lorax.AdapterSet.create(lorax.wrap(params, rank=2), name="a")
           >>> trainable, _ = lorax.split(lorax.wrap(params, rank=2))
           >>> ads.add("b", trainable).names
           ('a', 'b')
         """
-        where = f"lorax.Adapters.add (adapter '{name}')"
-        name = _check_name(name, "lorax.Adapters.add")
+        where = f"lorax.AdapterSet.add (adapter '{name}')"
+        name = _check_name(name, "lorax.AdapterSet.add")
         if name in self.adapters:
             raise LoraxValueError(
-                f"lorax.Adapters.add: an adapter named '{name}' exists already "
+                f"lorax.AdapterSet.add: an adapter named '{name}' exists already "
                 f"(adapters: {list(self.adapters)}); delete it first or pick another name"
             )
         if _is_half(tree):
@@ -268,7 +268,7 @@ class Adapters:
             raise LoraxValueError(f"{where}: not over the same base: {problem}")
         return dataclasses.replace(self, adapters={**self.adapters, name: own})
 
-    def select(self, name: str, /) -> Adapters:
+    def select(self, name: str, /) -> AdapterSet:
         """A copy with ``name`` active (peft's ``set_adapter``; also re-enables after
         :meth:`disable`).
 
@@ -276,7 +276,7 @@ class Adapters:
           name: an adapter's name.
 
         Returns:
-          The new :class:`Adapters`.
+          The new :class:`AdapterSet`.
 
         Raises:
           LoraxValueError: no adapter of that name (the message lists them).
@@ -284,37 +284,37 @@ class Adapters:
         Example:
           >>> import jax.numpy as jnp, lorax
           >>> params = {"w": jnp.ones((8, 4))}
-          >>> ads = lorax.Adapters.create(lorax.wrap(params, rank=2), name="a")
+          >>> ads = lorax.AdapterSet.create(lorax.wrap(params, rank=2), name="a")
           >>> ads.add("b", lorax.wrap(params, rank=2)).select("b").active
           'b'
         """
-        self._get(name, "lorax.Adapters.select")
+        self._get(name, "lorax.AdapterSet.select")
         return dataclasses.replace(self, active=name)
 
-    def disable(self) -> Adapters:
+    def disable(self) -> AdapterSet:
         """A copy with no adapter active: :meth:`tree` is the base alone (peft's
         ``disable_adapter``); :meth:`select` enables one again.
 
         Returns:
-          The new :class:`Adapters`, with ``active`` None.
+          The new :class:`AdapterSet`, with ``active`` None.
 
         Example:
           >>> import jax.numpy as jnp, lorax
           >>> params = {"w": jnp.ones((8, 4))}
-          >>> off = lorax.Adapters.create(lorax.wrap(params, rank=2)).disable()
+          >>> off = lorax.AdapterSet.create(lorax.wrap(params, rank=2)).disable()
           >>> off.active is None, off.tree()["w"] is params["w"]
           (True, True)
         """
         return dataclasses.replace(self, active=None)
 
-    def delete(self, name: str, /) -> Adapters:
+    def delete(self, name: str, /) -> AdapterSet:
         """A copy without adapter ``name`` (peft's ``delete_adapter``).
 
         Args:
           name: an adapter's name, not the active one.
 
         Returns:
-          The new :class:`Adapters`.
+          The new :class:`AdapterSet`.
 
         Raises:
           LoraxValueError: no adapter of that name, or it is the active one (select another,
@@ -323,14 +323,14 @@ class Adapters:
         Example:
           >>> import jax.numpy as jnp, lorax
           >>> params = {"w": jnp.ones((8, 4))}
-          >>> ads = lorax.Adapters.create(lorax.wrap(params, rank=2), name="a")
+          >>> ads = lorax.AdapterSet.create(lorax.wrap(params, rank=2), name="a")
           >>> ads.add("b", lorax.wrap(params, rank=2)).delete("b").names
           ('a',)
         """
-        self._get(name, "lorax.Adapters.delete")
+        self._get(name, "lorax.AdapterSet.delete")
         if name == self.active:
             raise LoraxValueError(
-                f"lorax.Adapters.delete: adapter '{name}' is the active one; select another "
+                f"lorax.AdapterSet.delete: adapter '{name}' is the active one; select another "
                 "(.select(name)) or disable adapters (.disable()) before deleting it"
             )
         return dataclasses.replace(
@@ -346,13 +346,13 @@ class Adapters:
 
         Example:
           >>> import jax.numpy as jnp, lorax
-          >>> ads = lorax.Adapters.create(lorax.wrap({"w": jnp.ones((8, 4))}, rank=2))
+          >>> ads = lorax.AdapterSet.create(lorax.wrap({"w": jnp.ones((8, 4))}, rank=2))
           >>> type(ads.tree()["w"]).__name__
           'LoraWeight'
         """
         if self.active is None:
             return self.base
-        return _attach(self.base, self._get(self.active, "lorax.Adapters.tree"))
+        return _attach(self.base, self._get(self.active, "lorax.AdapterSet.tree"))
 
     def split(self) -> tuple[Any, Any]:
         """``lorax.split`` of :meth:`tree`: the active adapter's ``(trainable, frozen)``.
@@ -365,7 +365,7 @@ class Adapters:
 
         Example:
           >>> import jax, jax.numpy as jnp, lorax
-          >>> ads = lorax.Adapters.create(lorax.wrap({"w": jnp.ones((8, 4))}, rank=2))
+          >>> ads = lorax.AdapterSet.create(lorax.wrap({"w": jnp.ones((8, 4))}, rank=2))
           >>> trainable, frozen = ads.split()
           >>> [x.shape for x in jax.tree.leaves(trainable)]
           [(8, 2), (2, 4)]
@@ -380,7 +380,7 @@ class Adapters:
 
         Example:
           >>> import jax, jax.numpy as jnp, lorax
-          >>> ads = lorax.Adapters.create(lorax.wrap({"w": jnp.ones((8, 4))}, rank=2))
+          >>> ads = lorax.AdapterSet.create(lorax.wrap({"w": jnp.ones((8, 4))}, rank=2))
           >>> len(jax.tree.leaves(ads.trainable()))
           2
         """
@@ -404,7 +404,7 @@ class Adapters:
         Example:
           >>> import jax.numpy as jnp, lorax
           >>> params = {"w": jnp.ones((8, 4))}
-          >>> ads = lorax.Adapters.create(lorax.wrap(params, rank=2), name="a")
+          >>> ads = lorax.AdapterSet.create(lorax.wrap(params, rank=2), name="a")
           >>> ads = ads.add("b", lorax.wrap(params, rank=3))
           >>> ads.stack(["b", "a", "b"])["w"].index.tolist()
           [1, 0, 1]
@@ -412,19 +412,21 @@ class Adapters:
         chosen = list(self.adapters) if names is None else list(names)
         if isinstance(names, str) or not chosen:
             raise LoraxValueError(
-                f"lorax.Adapters.stack: names must be a non-empty list of adapter names; "
+                f"lorax.AdapterSet.stack: names must be a non-empty list of adapter names; "
                 f"got {names!r}"
             )
-        trees = [_attach(self.base, self._get(n, "lorax.Adapters.stack")) for n in chosen]
+        trees = [_attach(self.base, self._get(n, "lorax.AdapterSet.stack")) for n in chosen]
         if isinstance(index, (list, tuple)) and any(isinstance(i, str) for i in index):
             for i in index:
                 if i not in chosen:
                     raise LoraxValueError(
-                        f"lorax.Adapters.stack: index names adapter {i!r}, which is not "
+                        f"lorax.AdapterSet.stack: index names adapter {i!r}, which is not "
                         f"among {chosen}"
                     )
             index = [chosen.index(i) for i in index]
         return stack_trees(trees, index)
 
 
-jax.tree_util.register_dataclass(Adapters, data_fields=["base", "adapters"], meta_fields=["active"])
+jax.tree_util.register_dataclass(
+    AdapterSet, data_fields=["base", "adapters"], meta_fields=["active"]
+)
