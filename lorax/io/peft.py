@@ -46,9 +46,12 @@ from lorax.errors import (
     LoraxValueError,
     NonFiniteError,
 )
+from lorax.io.peft_saved import check_options, export_saved, import_saved, split_saved
 from lorax.leaf import is_lorax_leaf
 from lorax.methods.dora import DoraWeight
+from lorax.methods.ia3 import IA3Weight
 from lorax.methods.lora import LoraWeight
+from lorax.methods.unfrozen import Unfrozen
 from lorax.paths import path_str
 from lorax.tree import attach
 
@@ -74,6 +77,11 @@ class PeftModuleMap:
       fan_in_fan_out: written to adapter_config.json: the base module stores its weight
         ``[in, out]`` (GPT-2's ``Conv1D``), not ``[out, in]`` as ``torch.nn.Linear``.
       task_type: PEFT's ``task_type`` (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ... or None).
+      tensors: ``{flax_path: tensor}`` for any parameter (biases, norms, heads): its full
+        Hugging Face tensor name (``"transformer.ln_f.weight"``), or for a stacked one the
+        list ``[(name, layer), ...]``; normalized as ``modules``. What peft's
+        ``modules_to_save`` and trained biases (:class:`lorax.Unfrozen` leaves) are named;
+        a ``/kernel`` tensor is stored transposed unless ``fan_in_fan_out``. Default: none.
 
     Raises:
       LoraxTypeError: a field of the wrong type (a module name that is not a string, a layer
@@ -95,6 +103,7 @@ class PeftModuleMap:
     modules: Mapping[str, Any]
     fan_in_fan_out: bool = False
     task_type: str | None = "CAUSAL_LM"
+    tensors: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         where = "lorax.io.peft.PeftModuleMap"
@@ -116,6 +125,13 @@ class PeftModuleMap:
             )
         modules = {path: _entries(where, path, value) for path, value in self.modules.items()}
         object.__setattr__(self, "modules", types.MappingProxyType(modules))
+        if not isinstance(self.tensors, Mapping):
+            raise LoraxTypeError(
+                f"{where}: tensors must be a mapping {{flax_path: tensor name or "
+                f"[(tensor name, layer), ...]}}; got {type(self.tensors).__name__}"
+            )
+        tensors = {path: _entries(where, path, value) for path, value in self.tensors.items()}
+        object.__setattr__(self, "tensors", types.MappingProxyType(tensors))
 
 
 def _entries(where: str, path: Any, value: Any) -> tuple[tuple[str, int | None], ...]:
@@ -319,7 +335,14 @@ def export_peft(
 
     A tree of :class:`lorax.AdaLoraWeight` leaves is written as peft's AdaLoRA adapter
     (``peft_type`` ``ADALORA``: the masked triplets cut out, a ``rank_pattern`` of those
-    kept; see ``lorax/io/peft_adalora.py``).
+    kept; see ``lorax/io/peft_adalora.py``), one of :class:`lorax.IA3Weight` leaves as
+    peft's IA3 adapter (``peft_type`` ``IA3``, input-scaled leaves as
+    ``feedforward_modules``; see ``lorax/io/peft_ia3.py``). :class:`lorax.Unfrozen` leaves
+    (``lorax.unfreeze``) beside them are written as peft writes fully trained tensors (see
+    ``lorax/io/peft_saved.py``): the bias of a LoRA-adapted module as a trained bias
+    (``bias="lora_only"``), the lone bias of another module too (``bias="all"``), and any
+    other module with an Unfrozen tensor as a ``modules_to_save`` entry, every tensor of it
+    written. They need the model map's ``tensors`` (the reference models give them).
 
     Args:
       directory: where adapter_config.json and adapter_model.safetensors go.
@@ -335,6 +358,9 @@ def export_peft(
 
     Raises:
       LoraxValueError: a leaf that PEFT's LoRA cannot express (not a 2-D kernel per layer),
+        an Unfrozen tensor peft cannot hold (a weight of an adapted module, a bias of an
+        IA3- or AdaLoRA-adapted one, a path the map names no tensor for), an output-scaled
+        IA3 leaf on a module with a bias (peft scales the bias too),
         a path the module map does not know, a stacked path whose map lists another number of
         layers than its factors hold, or a family name that is not registered.
       LoraxTypeError: a ``model`` that is neither of the kinds above.
@@ -361,16 +387,21 @@ def export_peft(
         from lorax.io.peft_adalora import export_adalora  # peft_type ADALORA
 
         return export_adalora(Path(directory), tree, modules, base_model_name)
+    if any(isinstance(x, IA3Weight) for x in jax.tree.leaves(tree, is_leaf=is_lorax_leaf)):
+        from lorax.io.peft_ia3 import export_ia3  # peft_type IA3
+
+        return export_ia3(Path(directory), tree, modules, base_model_name)
     tensors, ranks, alphas, kinds, dropouts = {}, {}, {}, set(), {0.0}
     flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lorax_leaf)[0]
     for key_path, leaf in flat:
-        if not is_lorax_leaf(leaf):
-            continue
+        if not is_lorax_leaf(leaf) or isinstance(leaf, Unfrozen):
+            continue  # Unfrozen: modules_to_save or a trained bias, below
         path = path_str(key_path)
         if type(leaf) not in (LoraWeight, DoraWeight):
             raise LoraxValueError(
                 f"lorax.export_peft: '{path}' is a {type(leaf).__name__}; only "
-                "LoRA and DoRA leaves are exported"
+                "LoRA, DoRA, AdaLoRA and IA3 leaves (and Unfrozen ones beside them) are "
+                "exported"
             )
         kinds.add(type(leaf))
         dropouts.add(leaf.dropout)
@@ -408,6 +439,10 @@ def export_peft(
             "lorax.export_peft: PEFT's use_dora applies to every module; the "
             "tree mixes LoRA and DoRA leaves"
         )
+    extra, saved, bias = export_saved(
+        tree, modules, set(ranks), what="lorax.export_peft", bias_option=True
+    )
+    tensors.update(extra)
     r = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank
     alpha = max(set(alphas.values()), key=list(alphas.values()).count)
     config = {
@@ -417,7 +452,7 @@ def export_peft(
         "lora_alpha": alpha,
         "target_modules": sorted(ranks),
         "lora_dropout": max(dropouts),
-        "bias": "none",
+        "bias": bias,
         "fan_in_fan_out": modules.fan_in_fan_out,
         "use_rslora": False,  # lora_alpha = scale * r reproduces any scaling
         "use_dora": DoraWeight in kinds,
@@ -425,7 +460,7 @@ def export_peft(
         "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
         "base_model_name_or_path": base_model_name,
         "init_lora_weights": True,
-        "modules_to_save": None,
+        "modules_to_save": saved,
         "inference_mode": True,
         "peft_version": "0.13.0",
     }
@@ -538,7 +573,11 @@ def _read_tensors(file: Path) -> dict[str, np.ndarray]:
 def import_peft(
     directory: str | os.PathLike, params: Any, /, *, model: Any = "gpt2", dtype: Any = None
 ) -> Any:
-    """Puts the LoRA adapter in a Hugging Face PEFT directory onto ``params``.
+    """Puts the LoRA (AdaLoRA, IA3) adapter in a Hugging Face PEFT directory onto ``params``.
+
+    Full tensors in the file, peft's ``modules_to_save`` copies and the biases of
+    ``bias="all"`` / ``"lora_only"``, become :class:`lorax.Unfrozen` leaves (a stacked path
+    whose file holds only some layers keeps the base's values in the others).
 
     Args:
       directory: holds adapter_config.json and adapter_model.safetensors; or a Hub
@@ -550,11 +589,15 @@ def import_peft(
     Returns:
       ``params`` with :class:`lorax.LoraWeight` leaves where the adapter has factors
       (:class:`lorax.AdaLoraWeight` leaves for a ``peft_type`` ``ADALORA`` adapter, the
-      triplets its ``rank_pattern`` prunes present as zeros with mask 0).
+      triplets its ``rank_pattern`` prunes present as zeros with mask 0;
+      :class:`lorax.IA3Weight` leaves for ``IA3``), and :class:`lorax.Unfrozen` leaves for
+      the full tensors.
 
     Raises:
-      ValueError: not a LoRA adapter, an option lorax does not reproduce (bias training,
-        modules_to_save), an ``r`` / ``rank_pattern`` that disagrees with the factors' rank
+      ValueError: not a LoRA, AdaLoRA or IA3 adapter, an option lorax does not reproduce
+        (``lora_bias``, a ``bias`` not ``none`` / ``all`` / ``lora_only``, IA3 scaling the
+        output of a module with a bias), a full tensor for a parameter the adapter also
+        adapts, an ``r`` / ``rank_pattern`` that disagrees with the factors' rank
         or an ``r``, ``lora_alpha`` or ``lora_dropout`` out of range, factors whose shapes do
         not fit the base (naming both), non-finite factors, or tensors that no parameter takes
         (nothing is dropped silently). :class:`lorax.CheckpointError` (a ValueError) names a
@@ -569,7 +612,8 @@ def import_peft(
     Example:
       :func:`export_peft`'s example exports an adapter and imports it back.
     """
-    names = peft_module_map(params, model, "lorax.import_peft").modules
+    pmap = peft_module_map(params, model, "lorax.import_peft")
+    names = pmap.modules
     directory = Path(directory)
     if not directory.is_dir() and not directory.exists():  # a Hub name: download or cache
         try:
@@ -588,28 +632,39 @@ def import_peft(
         if not (directory / file).is_file():
             raise LoraxFileNotFoundError(f"lorax.import_peft: no {file} in '{directory}'")
     config = _read_config(directory / CONFIG_FILE)
-    if config.get("peft_type") not in ("LORA", "ADALORA"):
+    if config.get("peft_type") not in ("LORA", "ADALORA", "IA3"):
         raise LoraxValueError(
-            f"lorax.import_peft: peft_type {config.get('peft_type')!r} is not LORA or ADALORA"
+            f"lorax.import_peft: peft_type {config.get('peft_type')!r} is not LORA, ADALORA or IA3"
         )
-    for option, ok in [("bias", "none"), ("modules_to_save", None)]:
-        if config.get(option, ok) not in (ok, [] if ok is None else ok):
-            raise LoraxValueError(
-                f"lorax.import_peft: {option}={config[option]!r} is not supported yet"
-            )
-    if config["peft_type"] == "ADALORA":
-        from lorax.io.peft_adalora import import_adalora
-
-        tensors = {
+    check_options(config, directory / CONFIG_FILE)
+    tensors, full = split_saved(
+        {
             k[len(PREFIX) :] if k.startswith(PREFIX) else k: v
             for k, v in _read_tensors(directory / WEIGHTS_FILE).items()
         }
-        return import_adalora(directory, params, names, config, tensors, dtype)
+    )  # full: modules_to_save copies and trained biases, Unfrozen leaves
+
+    def with_saved(tree: Any) -> Any:
+        if not full:
+            return tree
+        return import_saved(tree, full, pmap, file=directory / WEIGHTS_FILE, dtype=dtype)
+
+    if config["peft_type"] == "ADALORA":
+        from lorax.io.peft_adalora import import_adalora
+
+        return with_saved(import_adalora(directory, params, names, config, tensors, dtype))
+    if config["peft_type"] == "IA3":
+        from lorax.io.peft_ia3 import import_ia3
+
+        tree, used_ia3 = import_ia3(directory, params, names, config, tensors, dtype)
+        unused = sorted(set(tensors) - used_ia3)
+        if unused:
+            raise LoraxValueError(
+                f"lorax.import_peft: {len(unused)} adapter tensors fit no parameter "
+                f"of this model, e.g. {unused[:4]}"
+            )
+        return with_saved(tree)
     _check_config(config, directory / CONFIG_FILE)
-    tensors = {
-        k[len(PREFIX) :] if k.startswith(PREFIX) else k: v
-        for k, v in _read_tensors(directory / WEIGHTS_FILE).items()
-    }
     tensors = {
         re.sub(r"\.lora_([AB])\.[^.]+\.weight$", r".lora_\1.weight", k): v
         for k, v in tensors.items()
@@ -715,4 +770,4 @@ def import_peft(
             f"lorax.import_peft: {len(unused)} adapter tensors fit no parameter "
             f"of this model, e.g. {unused[:4]}"
         )
-    return out
+    return with_saved(out)

@@ -213,8 +213,9 @@ class GPT2(nn.Module):
         """This model's PEFT module map, for ``lorax.export_peft(..., model=model)``: the
         modules of its config's layers (scanned or not as the model is); ``params`` is not
         read."""
+        rows = hf_table(self.config, self.scan_layers)
         return PeftModuleMap(
-            modules=hub.peft_modules(hf_table(self.config, self.scan_layers)), fan_in_fan_out=True
+            modules=hub.peft_modules(rows), fan_in_fan_out=True, tensors=hub.peft_tensors(rows)
         )
 
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
@@ -318,7 +319,11 @@ def peft_modules(params: Any) -> PeftModuleMap:
       ((('transformer.h.1.mlp.c_fc', None),), True)
     """
     n_layer, scanned = hub.layer_count(params, hub.param_paths(params), "h")
-    return PeftModuleMap(modules=hub.peft_modules(_blocks(n_layer, scanned)), fan_in_fan_out=True)
+    top = [e for e in hf_table(GPT2Config(n_layer=1)) if not e.path.startswith("h_")]
+    rows = top + _blocks(n_layer, scanned)
+    return PeftModuleMap(
+        modules=hub.peft_modules(rows), fan_in_fan_out=True, tensors=hub.peft_tensors(rows)
+    )
 
 
 register_peft_family("gpt2", peft_modules)

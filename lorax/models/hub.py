@@ -127,6 +127,21 @@ def peft_modules(table: Iterable[Entry]) -> dict[str, list[tuple[str, int | None
     return out
 
 
+def peft_tensors(table: Iterable[Entry]) -> dict[str, list[tuple[str, int | None]]]:
+    """Every path of a model's table with its Hugging Face tensor name(s): the ``tensors`` of
+    a ``PeftModuleMap`` (what peft's ``modules_to_save`` and trained biases are named).
+
+    Example:
+      >>> from lorax.models import hub
+      >>> hub.peft_tensors([hub.Entry("q/bias", "model.q.bias")])
+      {'q/bias': [('model.q.bias', None)]}
+    """
+    out: dict[str, list[tuple[str, int | None]]] = {}
+    for entry in table:
+        out.setdefault(entry.path, []).append((entry.name, entry.layer))
+    return out
+
+
 def param_paths(params: Any) -> list[str]:
     """The '/'-joined path of every leaf of ``params`` (a lorax leaf is one leaf)."""
     flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lorax_leaf)[0]

@@ -337,8 +337,9 @@ class Llama(nn.Module):
     def peft_modules(self, params: Any = None) -> PeftModuleMap:
         """This model's PEFT module map (as :meth:`lorax.models.gpt2.GPT2.peft_modules`;
         ``fan_in_fan_out`` false)."""
+        rows = hf_table(self.config, self.scan_layers)
         return PeftModuleMap(
-            modules=hub.peft_modules(hf_table(self.config, self.scan_layers)), fan_in_fan_out=False
+            modules=hub.peft_modules(rows), fan_in_fan_out=False, tensors=hub.peft_tensors(rows)
         )
 
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
@@ -458,10 +459,17 @@ def peft_modules(params: Any) -> PeftModuleMap:
     """
     paths = hub.param_paths(params)
     n_layers, scanned = hub.layer_count(params, paths, "layers")
-    rows = hub.stack_rows(_LAYER_ROWS, n_layers, scanned, "layers", "model.layers")
-    if any(p.startswith("lm_head/") for p in paths):
-        rows.append(_LM_HEAD)
-    return PeftModuleMap(modules=hub.peft_modules(rows), fan_in_fan_out=False)
+    config = LlamaConfig(  # only what the table reads: which rows exist
+        num_hidden_layers=1,
+        tie_word_embeddings=not any(p.startswith("lm_head/") for p in paths),
+        attention_bias=any(p.endswith("self_attn/q_proj/bias") for p in paths),
+        mlp_bias=any(p.endswith("mlp/gate_proj/bias") for p in paths),
+    )
+    top = [e for e in hf_table(config) if not e.path.startswith("layers_")]
+    rows = top + hub.stack_rows(_block_rows(config), n_layers, scanned, "layers", "model.layers")
+    return PeftModuleMap(
+        modules=hub.peft_modules(rows), fan_in_fan_out=False, tensors=hub.peft_tensors(rows)
+    )
 
 
 register_peft_family("llama", peft_modules)
