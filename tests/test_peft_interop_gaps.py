@@ -8,6 +8,8 @@ import json
 import jax
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
 import lorax
@@ -222,3 +224,49 @@ def test_unrepresentable_combinations_are_errors(bases, tmp_path):
     save_file(tensors, str(tmp_path / "c" / WEIGHTS_FILE))
     with pytest.raises(LoraxValueError, match=r"h_0/attn/c_attn/kernel.*both adapted"):
         lorax.import_peft(tmp_path / "c", params)
+
+
+UNFREEZE = {  # what lorax.unfreeze may choose beside LoRA on c_attn
+    "c_attn bias (lora_only)": r".*attn/c_attn/bias",
+    "c_fc bias (all)": r".*mlp/c_fc/bias",
+    "ln_1 bias (all)": r".*ln_1/bias",
+    "ln_2 scale (modules_to_save)": r".*ln_2/scale",
+    "ln_f (modules_to_save)": r"ln_f/.*",
+    "wpe (modules_to_save)": r"wpe/embedding",
+}
+
+
+@settings(
+    max_examples=12,
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    chosen=st.sets(st.sampled_from(sorted(UNFREEZE)), min_size=1),
+    scan=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_unfrozen_round_trip_property(bases, tmp_path_factory, chosen, scan, seed):
+    """Any mix of trained biases and saved modules, exported and imported back: the same
+    merged weights, every Unfrozen path Unfrozen again, and the bias option peft needs."""
+    _, params = bases["gpt2"][scan]
+    lp = lorax.wrap(params, rank=2, targets=["c_attn"], key=jax.random.key(seed))
+    tree = lorax.unfreeze(lp, targets="|".join(f"({UNFREEZE[c]})" for c in sorted(chosen)))
+    tree = _perturb_lorax(tree, seed)
+    out = tmp_path_factory.mktemp("rt")
+    lorax.export_peft(out, tree, model="gpt2")
+    config = json.loads((out / CONFIG_FILE).read_text())
+    kinds = " ".join(chosen)
+    want_bias = "all" if "(all)" in kinds else "lora_only" if "lora_only" in kinds else "none"
+    assert config["bias"] == want_bias
+    assert bool(config["modules_to_save"]) == ("modules_to_save" in kinds)
+    back = lorax.import_peft(out, params, model="gpt2")
+    flat = dict(jax.tree_util.tree_flatten_with_path(tree, is_leaf=lorax.is_lorax_leaf)[0])
+    again = dict(jax.tree_util.tree_flatten_with_path(back, is_leaf=lorax.is_lorax_leaf)[0])
+    for key, leaf in flat.items():
+        if isinstance(leaf, lorax.Unfrozen):
+            assert isinstance(again[key], lorax.Unfrozen)
+    merged, merged_back = lorax.merge(tree), lorax.merge(back)
+    for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(merged_back), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
