@@ -155,6 +155,36 @@ def test_moe_stays_lazy(params):
     assert sum(e.primitive.name == "ragged_dot_general" for e in jaxpr.jaxpr.eqns) == 7
 
 
+def _gather_routed(params, x, expert):
+    """Each token's expert weight gathered (``w[ids]``) and applied by a batched einsum, the
+    other common way to write a top-1 MoE (no sorting, no ragged_dot)."""
+    w = params["w_gate"][expert]  # (tokens, D, F)
+    h = jax.nn.silu(jnp.einsum("td,tdf->tf", x, w))
+    return jnp.einsum("tf,tfd->td", h, jnp.take(params["w_down"], expert, axis=0))
+
+
+def test_gather_routed_experts_equal_merged_and_stay_lazy(params):
+    """LoRA (one adapter per expert) and QLoRA experts picked per token by a gather: the
+    gather picks rows of the stacked factors, never the dense expert weights."""
+    # the NF4 experts quantized per expert (stacked=1), so that whole experts can be picked
+    nf4 = lorax.quantize(
+        params, "nf4", targets=["w_gate", "w_down"], stacked=1, compute_dtype=jnp.float32
+    )
+    for base in (params, nf4):
+        tree = _wrap(base, _targets(w_gate=PER_EXPERT, w_down=PER_EXPERT))
+        check_lora_equals_merged(_gather_routed, tree, X, EXPERT)
+    jaxpr = jax.make_jaxpr(lorax.lora(_gather_routed, strict=True))(tree, X, EXPERT)
+    # no array of a whole expert stack's shape: neither W + s A B nor a dequantized stack
+    # (the per-token layers the gather reads are what the dense program gathers too)
+    formed = [
+        e.primitive.name
+        for e in jaxpr.jaxpr.eqns
+        if e.primitive.name != "stop_gradient"
+        and any(tuple(v.aval.shape) in {(G, D, F), (G, F, D)} for v in e.outvars)
+    ]
+    assert not formed, formed
+
+
 def _dense64(leaf):
     """The dense weight in float64, from the factors, with numpy."""
     a, b = np.asarray(leaf.a, np.float64), np.asarray(leaf.b, np.float64)

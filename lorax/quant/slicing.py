@@ -284,11 +284,40 @@ def nf4_concatenate(operands: Sequence[Any], dimension: int) -> Any:
 
 def gather_layers(leaf: Any, indices: jax.Array, params: Mapping[str, Any]) -> Any:
     """Whole layers picked from a quantized stack (``params[ids]``, ``jnp.take``): every
-    field gathered along the stack axes, so the layers stay quantized. Under
-    ``FILL_OR_DROP`` NotImplemented: a quantized layer cannot read as the fill value."""
+    field gathered along the stack axes, so the layers stay quantized.
+
+    Under ``FILL_OR_DROP`` (``jnp.take``'s default) a quantized layer cannot read as the fill
+    value: the picked layers (indices clamped) are dequantized, which is the array the dense
+    gather returns (e.g. one expert weight per token of a gather-routed MoE), and
+    out-of-range picks read the fill value; never the whole stack."""
     take = layer_gather(leaf.shape, leaf.stack_ndim, indices, params)
-    if take is None or fills(params):
+    if take is None:
         return NotImplemented
+    if not fills(params):
+        return _take_fields(leaf, take)
+    n_idx = indices.shape[-1]
+    dnums = params["dimension_numbers"]
+    out_nd = indices.ndim - 1 + len(dnums.offset_dims)
+    if tuple(dnums.start_index_map) != tuple(range(n_idx)) or tuple(dnums.offset_dims) != tuple(
+        range(indices.ndim - 1, out_nd)
+    ):
+        return NotImplemented  # picks laid out otherwise: the dense fallback
+    sizes = jnp.asarray(leaf.shape[:n_idx], indices.dtype).reshape(
+        (1,) * (indices.ndim - 1) + (-1,)
+    )
+    inside = jnp.all((indices >= 0) & (indices < sizes), axis=-1)
+    clamped = jnp.clip(indices, 0, sizes - 1)  # all in range: no fill applies
+    take_clamped = layer_gather(leaf.shape, leaf.stack_ndim, clamped, params)
+    assert take_clamped is not None  # the same gather, other index values
+    layers = _take_fields(leaf, take_clamped).materialize()
+    fill = params.get("fill_value")
+    fill = jnp.nan if fill is None else fill
+    inside = inside.reshape(inside.shape + (1,) * (layers.ndim - inside.ndim))
+    return jnp.where(inside, layers, jnp.asarray(fill, layers.dtype))
+
+
+def _take_fields(leaf: Any, take: Callable[[jax.Array, Any], jax.Array]) -> Any:
+    """``take`` on every field of a quantized leaf: its layers, still quantized."""
     if isinstance(leaf, NF4Weight):
         return _nf4_fields(leaf, lambda x, t: take(x, None))
     return leaf.replace(codes=take(leaf.codes, None), scale=take(leaf.scale, None))
