@@ -1,6 +1,6 @@
 """Runs tests/background (the main job, examples/finetune_gpt2.py, end to end, the
 benchmark scripts' and experiments' smoke runs, and the comparisons with peft's AdaLoRA,
-merging and IA3 code: long, compile-bound, one device as everywhere else) in a
+DoRA, merging and IA3 code: long, compile-bound, one device as everywhere else) in a
 process of its own that starts when collection ends, so that they run beside the rest of
 the suite on the core it leaves idle; this test waits for it and reports its log."""
 
