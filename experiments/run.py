@@ -262,7 +262,14 @@ def load_task(args: argparse.Namespace, sizes: Sizes, log: Callable[[str], None]
 # ------------------------------------------------------------------------------ training
 
 
-def train_steps(loss, trainable, frozen, data, steps, lr, *, hook=None, time_steps=0):
+# compiled training steps by run (variant and learning rate): the seeds of a run share one
+# program, since only the values of its arguments differ (saves a compilation per seed)
+_COMPILED: dict[Any, Any] = {}
+
+
+def train_steps(
+    loss, trainable, frozen, data, steps, lr, *, hook=None, time_steps=0, cache_key=None
+):
     """AdamW (warmup, cosine decay, clipping) on ``trainable``: (trained, frozen, cost).
 
     ``loss(trainable, frozen, tokens, mask)``; ``frozen`` goes in as an argument, not as
@@ -271,7 +278,8 @@ def train_steps(loss, trainable, frozen, data, steps, lr, *, hook=None, time_ste
     which live in the frozen half). The step is compiled once, with its state donated;
     ``cost`` is its peak memory by XLA's memory analysis (arguments + outputs + temporaries
     - donated), its FLOPs, and the median seconds of the last ``time_steps`` steps (on a
-    GPU also the allocator's peak).
+    GPU also the allocator's peak). With ``cache_key``, a step compiled earlier under the
+    same key (the same loss, learning rate, steps and shapes) is reused.
     """
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 10, 1), steps, lr / 10)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
@@ -285,9 +293,17 @@ def train_steps(loss, trainable, frozen, data, steps, lr, *, hook=None, time_ste
     trainable = jax.tree.map(jnp.copy, trainable)  # donated below: the caller's stays intact
     opt_state, hook_state = tx.init(trainable), None
     tokens, mask = next(data)
-    compiled = (
-        jax.jit(step, donate_argnums=(0, 1)).lower(trainable, opt_state, frozen, tokens, mask)
-    ).compile()
+    shapes = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (trainable, frozen, tokens, mask)
+    )
+    key = None if cache_key is None else (cache_key, lr, steps, bool(hook), str(shapes))
+    compiled = _COMPILED.get(key) if key is not None else None
+    if compiled is None:
+        compiled = (
+            jax.jit(step, donate_argnums=(0, 1)).lower(trainable, opt_state, frozen, tokens, mask)
+        ).compile()
+        if key is not None:
+            _COMPILED[key] = compiled
     times, value = [], jnp.zeros(())
     for i in range(steps):
         if i:
@@ -347,7 +363,10 @@ def build(variant: Variant, params: Any, task: Task, sizes: Sizes, seed: int, ta
         ffn = [n for n in names if n in ("down_proj", "c_proj")]
         ia3_targets = [n for n in names if n in ("k_proj", "v_proj", "down_proj")] or names
         if task.arch == "gpt2":
-            ia3_targets, ffn = ["c_attn", "c_proj"], [r".*mlp/c_proj/kernel"]
+            # a regex string (a list would name modules): only the MLP's c_proj
+            return lorax.ia3(
+                params, targets=["c_attn", "c_proj"], feedforward=r".*mlp/c_proj/kernel"
+            ), None
         return lorax.ia3(params, targets=ia3_targets, feedforward=ffn or None), None
     if variant.method == "adalora":
         return adalora_tree(params, names, rank, sizes, key)
@@ -422,6 +441,7 @@ def run_variant(variant: Variant, task: Task, sizes: Sizes, seed: int, targets, 
         lr,
         hook=hook,
         time_steps=sizes.time_steps,
+        cache_key=(variant.key, task.arch),
     )
     seconds = time.perf_counter() - t0
     tuned = trainable if variant.method == "full" else lorax.combine(trainable, frozen)

@@ -6,8 +6,11 @@ import math
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+
+import lorax
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 RUN_KEYS = {
@@ -112,3 +115,82 @@ def test_mean_spread_is_numpys():
     assert m == pytest.approx(np.mean(values)) and s == pytest.approx(np.std(values, ddof=1))
     assert report.mean_spread([None, 2.0]) == (2.0, 0.0)
     assert all(math.isnan(v) for v in report.mean_spread([]))
+
+
+def _tiny_gpt2_checkpoint(directory: Path, text: str) -> None:
+    """A random two-layer GPT-2 and a byte-level BPE tokenizer trained on ``text``, written as
+    a Hugging Face checkpoint directory (config.json, model.safetensors, tokenizer.json)."""
+    import jax.numpy as jnp
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from lorax.models import gpt2
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([text], trainer)
+    directory.mkdir()
+    tok.save(str(directory / "tokenizer.json"))
+    eos = tok.token_to_id("<|endoftext|>")
+    config = gpt2.GPT2Config(
+        vocab_size=tok.get_vocab_size(),
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=eos,
+        eos_token_id=eos,
+    )
+    model = gpt2.GPT2(config)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    gpt2.save_pretrained(directory, model, params)
+
+
+def test_model_and_data_run_on_a_gpt2_checkpoint(tmp_path):
+    """--model DIR --data FILE: the checkpoint is the base, perplexity on the text's held-out
+    tenth is the measure (no accuracy), and every method of the other tables builds on GPT-2's
+    names (its fused c_attn has target sets of its own). The delta analysis is the default
+    path's (test_delta_analysis_has_each_update_and_the_similarity_grid)."""
+    sys.path.insert(0, str(EXPERIMENTS))
+    import run
+
+    text = "lorax fine-tunes flax models with low-rank adapters, on CPU, GPU and TPU. " * 60
+    (tmp_path / "notes.txt").write_text(text)
+    _tiny_gpt2_checkpoint(tmp_path / "gpt2", text)
+    out = tmp_path / "out"
+    argv = ["--quick", "--model", str(tmp_path / "gpt2"), "--data", str(tmp_path / "notes.txt")]
+    results = run.main([*argv, "--seq", "16", "--experiments", "rank", "--out", str(out)])
+
+    assert set(results) == {"rank"} and results["rank"]["arch"] == "gpt2"
+    runs = {r["variant"]: r for r in results["rank"]["runs"]}
+    assert set(runs) == {"full", *(f"lora r={r}" for r in run.QUICK.ranks)}
+    d, layers = 32, 2  # every block projection: c_attn (d, 3d), c_proj (d, d), c_fc, mlp c_proj
+    shapes = [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)]
+    for r in run.QUICK.ranks:
+        run_r = runs[f"lora r={r}"]
+        assert run_r["trainable"] == layers * sum(r * (i + o) for i, o in shapes)
+        assert "accuracy" not in run_r and math.isfinite(run_r["perplexity"])
+    assert "## 1. Rank" in (out / "report.md").read_text()
+
+    # the other tables' methods on GPT-2's names (built, not trained: the rank run trains)
+    task = run.load_task(run.parse_args([*argv, "--seq", "16"]), run.QUICK, print)
+    for variant in run.variants(run.QUICK, run.GPT2_TARGETS):
+        if variant.method in ("full", "lora"):
+            continue
+        tree, _ = run.build(variant, task.params, task, run.QUICK, 0, run.GPT2_TARGETS)
+        trainable, _ = lorax.split(tree)
+        assert sum(x.size for x in jax.tree.leaves(trainable)) > 0, variant.name
+
+
+def test_model_without_data_stops_with_a_message(tmp_path):
+    sys.path.insert(0, str(EXPERIMENTS))
+    import run
+
+    _tiny_gpt2_checkpoint(tmp_path / "gpt2", "some text to train a tokenizer on. " * 20)
+    with pytest.raises(SystemExit, match="--model needs --data"):
+        run.main(["--quick", "--model", str(tmp_path / "gpt2"), "--out", str(tmp_path / "o")])
