@@ -182,21 +182,22 @@ def test_cached_generation_equals_full_recomputation(checkpoints, name):
     model, params = LOADERS[name](directory)
     prompt = _tokens(2, 5, seed=2)
     new = np.asarray(generate(model, params, prompt, 8))
-    seq = prompt
-    for _ in range(8):  # no cache: run the whole sequence again for every token
-        logits = model.apply({"params": params}, seq)
-        seq = np.concatenate([seq, np.asarray(jnp.argmax(logits[:, -1], -1))[:, None]], 1)
+    full = jax.jit(lambda p, s: model.apply({"params": p}, s))
+    seq = np.zeros((2, 13), np.int32)
+    seq[:, :5] = prompt
+    for i in range(5, 13):  # no cache: the whole sequence again for every token (the model is
+        # causal, so the zeros after position i change nothing before it: one compiled shape)
+        seq[:, i] = np.asarray(jnp.argmax(full(params, seq)[:, i - 1], -1))
     np.testing.assert_array_equal(new, seq[:, 5:])
     # the cached logits themselves equal the full forward pass at every position
+    cached = jax.jit(lambda p, s, c: model.apply({"params": p}, s, cache=c))
     cache = model.init_cache(2, seq.shape[1])
-    first, cache = model.apply({"params": params}, seq[:, :5], cache=cache)
+    first, cache = cached(params, seq[:, :5], cache)
     steps = [first]
     for i in range(5, seq.shape[1]):
-        logits, cache = model.apply({"params": params}, seq[:, i : i + 1], cache=cache)
+        logits, cache = cached(params, seq[:, i : i + 1], cache)
         steps.append(logits)
-    np.testing.assert_allclose(
-        np.concatenate(steps, 1), model.apply({"params": params}, seq), atol=1e-4, rtol=1e-4
-    )
+    np.testing.assert_allclose(np.concatenate(steps, 1), full(params, seq), atol=1e-4, rtol=1e-4)
     with torch.no_grad():  # and transformers' greedy decoding agrees
         hf_new = hf.generate(
             torch.tensor(prompt),
