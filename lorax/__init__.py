@@ -62,6 +62,8 @@ from lorax.methods.multi import MultiLoraWeight as MultiLoraWeight
 # Many adapters
 from lorax.methods.multi import stack as stack
 from lorax.methods.named import AdapterSet as AdapterSet
+from lorax.methods.oft import OftWeight as OftWeight
+from lorax.methods.oft import oft as oft
 from lorax.methods.tokens import TrainableTokensWeight as TrainableTokensWeight
 from lorax.methods.tokens import trainable_tokens as trainable_tokens
 from lorax.methods.unfrozen import Unfrozen as Unfrozen
@@ -99,6 +101,7 @@ from lorax.usage import find_targets as find_targets
 __all__ = [
     "wrap",
     "ia3",
+    "oft",
     "adapters",
     "adalora",
     "AdaLoraState",
@@ -138,6 +141,7 @@ __all__ = [
     "DoraWeight",
     "AdaLoraWeight",
     "IA3Weight",
+    "OftWeight",
     "AdapterWeight",
     "Unfrozen",
     "MultiLoraWeight",

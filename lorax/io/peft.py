@@ -391,6 +391,10 @@ def export_peft(
         from lorax.io.peft_ia3 import export_ia3  # peft_type IA3
 
         return export_ia3(Path(directory), tree, modules, base_model_name)
+    if any(getattr(x, "kind", None) == "oft" for x in jax.tree.leaves(tree, is_leaf=is_lorax_leaf)):
+        from lorax.io.peft_oft import export_oft  # peft_type OFT
+
+        return export_oft(Path(directory), tree, modules, base_model_name)
     tensors, ranks, alphas, kinds, dropouts = {}, {}, {}, set(), {0.0}
     flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lorax_leaf)[0]
     for key_path, leaf in flat:
@@ -632,6 +636,10 @@ def import_peft(
         if not (directory / file).is_file():
             raise LoraxFileNotFoundError(f"lorax.import_peft: no {file} in '{directory}'")
     config = _read_config(directory / CONFIG_FILE)
+    if config.get("peft_type") == "OFT":
+        from lorax.io.peft_oft import import_oft_directory  # peft_type OFT
+
+        return import_oft_directory(directory, params, pmap, config, dtype)
     if config.get("peft_type") not in ("LORA", "ADALORA", "IA3"):
         raise LoraxValueError(
             f"lorax.import_peft: peft_type {config.get('peft_type')!r} is not LORA, ADALORA or IA3"

@@ -25,7 +25,8 @@ from lorax.methods.unfrozen import Unfrozen
 from lorax.paths import path_str
 from lorax.tree import attach
 
-ADAPTER_KEY = re.compile(r"\.(lora_[A-Za-z_]+|ia3_l)(\.|$)")  # a key of an adapter, not a copy
+# a key of an adapter, not a copy
+ADAPTER_KEY = re.compile(r"\.(lora_[A-Za-z_]+|ia3_l|oft_R|oft_r|oft_embedding_R)(\.|$)")
 
 
 def _layout(path: str, value: np.ndarray, fan_in_fan_out: bool) -> np.ndarray:
