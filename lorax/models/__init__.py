@@ -1,4 +1,5 @@
-"""Reference models that load Hugging Face checkpoints: GPT-2 and Llama in Flax linen.
+"""Reference models that load Hugging Face checkpoints: GPT-2 and Llama in Flax linen
+(``llama`` also loads Mistral, Qwen2 / Qwen2.5, Gemma and Gemma 2).
 
 Transformers no longer ships Flax models, so lorax carries two compact ones::
 
@@ -11,7 +12,8 @@ Transformers no longer ships Flax models, so lorax carries two compact ones::
 Both keep Hugging Face's module names in their parameter paths and own one table between
 those paths and the checkpoint's tensor names (``hf_table``), which loading, saving and the
 PEFT interop all read. The core does not import this package: importing it registers the
-PEFT families ``"gpt2"`` and ``"llama"`` (``lorax.export_peft(..., model="gpt2")``), and a
+PEFT families ``"gpt2"``, ``"llama"`` and Llama's relatives
+(``lorax.export_peft(..., model="gpt2")``), and a
 model instance gives its own map (``lorax.export_peft(..., model=model)``).
 """
 

@@ -48,7 +48,14 @@ CHECKPOINT_FILES = [
 ]
 
 # model_type -> the lorax.models module that loads it, to point a wrong loader at the right one
-LOADER_OF = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama"}
+LOADER_OF = {
+    "gpt2": "gpt2",
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "gemma": "llama",
+    "gemma2": "llama",
+}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -119,21 +119,40 @@ def attention(
     v: jax.Array,
     ctx: AttentionContext,
     layer_cache: tuple[jax.Array, jax.Array] | None,
+    *,
+    window: jax.Array | int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """Causal attention of ``q [B, T, N, H]`` over ``k, v [B, T, K, H]`` (K divides N) and
-    the layer's cached keys; returns the output ``[B, T, N, H]`` and the updated cache."""
-    if layer_cache is None:
+    the layer's cached keys; returns the output ``[B, T, N, H]`` and the updated cache.
+
+    ``window`` (sliding-window attention, as Mistral's): a query in slot ``i`` sees the keys
+    of slots ``j`` with ``i - window < j <= i`` (slots, not positions, as transformers'
+    masks); it may be a traced int (one per layer under ``nn.scan``). ``scale`` replaces
+    ``1 / sqrt(H)``; ``softcap`` caps the logits at ``softcap * tanh(logits / softcap)``
+    before the mask (Gemma 2)."""
+    if layer_cache is None and window is None and softcap is None:
         mask = None if ctx.padding is None else ctx.padding[:, None, None, :]
         out = jax.nn.dot_product_attention(  # pyright: ignore[reportCallIssue]
             q,
             k,
             v,
             mask=mask,
+            scale=scale,
             is_causal=True,
             # a str checked by the model config ("xla" / "cudnn" / None), not the Literal
             implementation=ctx.implementation,  # pyright: ignore[reportArgumentType]
         )
         return out, None
+    if layer_cache is None:
+        slots = jnp.arange(q.shape[1])
+        mask = (slots[None, :] <= slots[:, None])[None, None]  # [1, 1, T, T]
+        if ctx.padding is not None:
+            mask = mask & ctx.padding[:, None, None, :]
+        if window is not None:
+            mask = mask & (slots[:, None] - slots[None, :] < window)[None, None]
+        return _attend(q, k, v, mask, scale, softcap), None
     cached_k, cached_v = layer_cache
     # attention_context sets start and valid whenever there is a cache
     assert ctx.start is not None and ctx.valid is not None
@@ -146,10 +165,35 @@ def attention(
     t, s = q.shape[1], cached_k.shape[1]
     causal = jnp.arange(s)[None, :] <= (ctx.start + jnp.arange(t))[:, None]  # [T, S]
     mask = causal[None, None] & ctx.valid[:, None, None, :]  # [B,1,T,S]
-    out = jax.nn.dot_product_attention(
-        q, cached_k.astype(q.dtype), cached_v.astype(q.dtype), mask=mask
-    )
+    if window is not None:
+        ahead = (ctx.start + jnp.arange(t))[:, None] - jnp.arange(s)[None, :]
+        mask = mask & (ahead < window)[None, None]
+    out = _attend(q, cached_k.astype(q.dtype), cached_v.astype(q.dtype), mask, scale, softcap)
     return out, (cached_k, cached_v)
+
+
+def _attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    scale: float | None,
+    softcap: float | None,
+) -> jax.Array:
+    """Masked attention; with ``softcap`` spelled out (``dot_product_attention`` has no
+    logit cap): logits in float32, capped, masked, softmax, grouped-query heads kept."""
+    if softcap is None:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+    batch, t, heads, dims = q.shape
+    kv_heads = k.shape[2]
+    grouped = q.reshape(batch, t, kv_heads, heads // kv_heads, dims)
+    logits = jnp.einsum("btkgh,bskh->bkgts", grouped, k, preferred_element_type=jnp.float32)
+    logits = logits * (dims**-0.5 if scale is None else scale)
+    logits = jnp.tanh(logits / softcap) * softcap
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", weights, v)
+    return out.reshape(batch, t, heads, dims)
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: dict | None) -> jax.Array:
@@ -219,9 +263,11 @@ def run_layers(
     x: jax.Array,
     ctx: AttentionContext,
     cache: KVCache | None,
+    layer_inputs: jax.Array | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """Runs ``n_layers`` blocks ``block(**block_kwargs)(x, layer_cache, ctx)``, each returning
-    ``(x, layer_cache)``.
+    ``(x, layer_cache)``; with ``layer_inputs`` (leading axis ``n_layers``, e.g. each layer's
+    attention window) block ``i`` gets ``layer_inputs[i]`` as a fourth argument.
 
     Must be called inside a compact ``__call__``. Unrolled blocks are named
     ``{prefix}_{i}`` (as Hugging Face numbers them); a scanned stack is one module named
@@ -237,18 +283,22 @@ def run_layers(
         )
     layer_caches = None if cache is None else (cache.keys, cache.values)
     if options.scan_layers:
+        # flax's stub says int; nn.broadcast for the context, 0 for per-layer inputs
+        in_axes: Any = (0, nn.broadcast) + ((0,) if layer_inputs is not None else ())
         stack = nn.scan(
             cls,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast),  # pyright: ignore[reportArgumentType]  # flax's stub: int
+            in_axes=in_axes,
             length=n_layers,
         )
-        return stack(**kwargs, name="ScanLayers")(x, layer_caches, ctx)
+        extra = () if layer_inputs is None else (layer_inputs,)
+        return stack(**kwargs, name="ScanLayers")(x, layer_caches, ctx, *extra)
     new_k, new_v = [], []
     for i in range(n_layers):
         layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-        x, layer_cache = cls(**kwargs, name=f"{prefix}_{i}")(x, layer_cache, ctx)
+        extra = () if layer_inputs is None else (layer_inputs[i],)
+        x, layer_cache = cls(**kwargs, name=f"{prefix}_{i}")(x, layer_cache, ctx, *extra)
         if layer_cache is not None:
             new_k.append(layer_cache[0])
             new_v.append(layer_cache[1])

@@ -3,6 +3,13 @@ scaling), RMSNorm, SwiGLU, grouped-query attention through ``jax.nn.dot_product_
 (cuDNN flash attention on GPU with ``attention_impl="cudnn"``), optional ``nn.scan`` over
 layers and a remat policy.
 
+The Llama relatives load here too, told apart by config.json's ``model_type`` (a
+:class:`LlamaConfig` field) and a few switches: ``mistral`` (sliding-window attention),
+``qwen2`` (Qwen2 / Qwen2.5: biases on q, k, v; sliding layers past ``max_window_layers``),
+``gemma`` (RMSNorm with ``1 + weight``, embeddings scaled by sqrt(hidden_size), tanh-GELU,
+tied head) and ``gemma2`` (Gemma with logit soft-capping, pre- and post-feedforward norms,
+a post-attention norm, ``query_pre_attn_scalar`` and a window on alternating layers).
+
 Parameter names follow Hugging Face (``layers_0/self_attn/q_proj``, ``mlp/gate_proj``, ...),
 so targets read as in peft: ``lorax.wrap(params, targets=["q_proj", "v_proj"])``.
 
@@ -26,6 +33,7 @@ import os
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from lorax.errors import LoraxTypeError, LoraxValueError
@@ -46,7 +54,52 @@ from lorax.models.layers import (
     updated_cache,
 )
 
-MODEL_TYPES = ("llama", "mistral")  # Mistral: Llama's layers (without its sliding window)
+MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma", "gemma2")
+"""transformers' ``model_type`` of the Llama relatives this module loads; what differs from
+Llama is switched by :class:`LlamaConfig`'s fields (Gemma's norms and embedding scale by the
+``model_type`` itself)."""
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+}
+# transformers' defaults of the family-specific keys, for a config.json that omits them
+HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {"sliding_window": 4096},
+    "qwen2": {"use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 28},
+    "gemma": {"head_dim": 256, "tie_word_embeddings": True, "hidden_act": "gelu_pytorch_tanh"},
+    "gemma2": {
+        "head_dim": 256,
+        "tie_word_embeddings": True,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": 256,
+        "sliding_window": 4096,
+        "final_logit_softcapping": 30.0,
+        "attn_logit_softcapping": 50.0,
+    },
+}
+# the config.json keys of the family fields each model_type writes (the others are its fixed
+# behaviour: Qwen2's q / k / v biases, Gemma's norms)
+_FAMILY_KEYS = {
+    "llama": ("attention_bias", "mlp_bias"),
+    "mistral": ("sliding_window",),
+    "qwen2": ("sliding_window", "layer_types"),
+    "gemma": ("attention_bias",),
+    "gemma2": (
+        "attention_bias",
+        "sliding_window",
+        "layer_types",
+        "query_pre_attn_scalar",
+        "attn_logit_softcapping",
+        "final_logit_softcapping",
+    ),
+}
+ACTIVATIONS = {"silu": nn.silu, "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True)}
+LAYER_TYPES = ("full_attention", "sliding_attention")
+_NO_WINDOW = 2**31 - 1  # the window of a full-attention layer among sliding ones
 # the rope types layers.rope_frequencies implements, with the keys each needs
 ROPE_TYPES = {
     "default": (),
@@ -77,6 +130,17 @@ class LlamaConfig:
     initializer_range: float = 0.02
     bos_token_id: int | None = 1
     eos_token_id: int | tuple[int, ...] | None = 2
+    # the Llama relatives: transformers' model_type and the switches their layers need
+    model_type: str = "llama"
+    hidden_act: str = "silu"  # or "gelu_pytorch_tanh" (Gemma's)
+    qkv_bias: bool = False  # Qwen2: biases on q, k, v (not o)
+    # keys further back than this many slots are masked (on the layers layer_types says;
+    # without layer_types on every layer, except gemma2's default: even layers slide)
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None  # per layer: full_attention / sliding_attention
+    query_pre_attn_scalar: float | None = None  # Gemma 2: attention logits times its -1/2 power
+    attn_logit_softcapping: float | None = None  # Gemma 2: cap * tanh(logits / cap)
+    final_logit_softcapping: float | None = None
 
     def __post_init__(self):
         hub.check_sizes(
@@ -122,6 +186,59 @@ class LlamaConfig:
                 f"LlamaConfig: rope type {kind!r} needs {lacking} in "
                 f"rope_parameters / rope_scaling; got {scaling}"
             )
+        self._check_family()
+
+    def _check_family(self) -> None:
+        if self.model_type not in MODEL_TYPES:
+            raise LoraxValueError(
+                f"LlamaConfig: model_type={self.model_type!r} is not supported; supported: "
+                f"{list(MODEL_TYPES)}"
+            )
+        if self.hidden_act not in ACTIVATIONS:
+            key = "hidden_activation" if self.model_type == "gemma2" else "hidden_act"
+            raise LoraxValueError(
+                f"LlamaConfig: config key {key}={self.hidden_act!r} is not supported "
+                f"(implemented: {sorted(ACTIVATIONS)})"
+            )
+        if self.model_type == "qwen2":  # Qwen2's q / k / v always have biases
+            object.__setattr__(self, "qkv_bias", True)
+        allowed = _FAMILY_KEYS[self.model_type] + ("hidden_act",)
+        allowed += ("qkv_bias",) if self.model_type == "qwen2" else ()
+        for key in _FAMILY_FIELDS:  # a switch the family's transformers class does not have
+            value = getattr(self, key)
+            if key not in allowed and value not in (None, False):
+                raise LoraxValueError(
+                    f"LlamaConfig: {key}={value!r} does not exist in transformers' "
+                    f"{ARCHITECTURES[self.model_type]} (model_type {self.model_type!r}, whose "
+                    f"switches are {sorted(allowed)})"
+                )
+        hub.check_sizes("LlamaConfig", sliding_window=self.sliding_window)
+        for key in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+            if getattr(self, key) is not None:
+                hub.check_positive("LlamaConfig", **{key: getattr(self, key)})
+        if self.layer_types is None and self.model_type == "gemma2":  # transformers' default
+            kinds = tuple(LAYER_TYPES[(i + 1) % 2] for i in range(self.num_hidden_layers))
+            object.__setattr__(self, "layer_types", kinds)
+        if isinstance(self.layer_types, list):  # HF's list, stored hashable
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        if self.layer_types is not None:
+            unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if unknown or len(self.layer_types) != self.num_hidden_layers:
+                raise LoraxValueError(
+                    f"LlamaConfig: config key layer_types={list(self.layer_types)} must list "
+                    f"one of {list(LAYER_TYPES)} per layer ({self.num_hidden_layers} layers)"
+                )
+
+    @property
+    def windows(self) -> tuple[int | None, ...]:
+        """Each layer's attention window (None: full causal attention)."""
+        kinds = self.layer_types or ("sliding_attention",) * self.num_hidden_layers
+        return tuple(self.sliding_window if kind == "sliding_attention" else None for kind in kinds)
+
+    @property
+    def gemma(self) -> bool:
+        """Gemma's RMSNorm (``1 + weight``) and embeddings scaled by sqrt(hidden_size)."""
+        return self.model_type in ("gemma", "gemma2")
 
     @property
     def kv_heads(self) -> int:
@@ -140,27 +257,7 @@ class LlamaConfig:
         """From a Hugging Face config dict (transformers 4's ``rope_theta`` /
         ``rope_scaling`` or 5's ``rope_parameters``)."""
         hub.check_model_type(hf, MODEL_TYPES, "LlamaConfig", "Llama")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise LoraxValueError(
-                f"LlamaConfig: config key hidden_act={hf['hidden_act']!r} is "
-                "not supported (Llama implements silu only)"
-            )
-        window, positions = hf.get("sliding_window"), hf.get("max_position_embeddings", 2048)
-        hub.check_sizes("LlamaConfig", sliding_window=window, max_position_embeddings=positions)
-        # HF's Llama ignores sliding_window; Mistral masks keys further back than the window,
-        # which this model (full causal attention) does not
-        if hf.get("model_type") != "llama" and window is not None and window < positions:
-            raise LoraxValueError(
-                f"LlamaConfig: config key sliding_window={window} (model_type "
-                f"{hf.get('model_type')!r}) is smaller than max_position_embeddings="
-                f"{positions}: sliding-window attention is not implemented (the logits would "
-                "differ from transformers' past that many tokens); supported: sliding_window "
-                "null or >= max_position_embeddings"
-            )
-        hf = dict(hf)
-        if hf.get("model_type") == "mistral":  # HF's Mistral has no biases, whatever the keys
-            hf.pop("attention_bias", None)
-            hf.pop("mlp_bias", None)
+        hf = _family_keys(dict(hf))
         rope = hf.pop("rope_parameters", None) or hf.get("rope_scaling") or {}
         if not isinstance(rope, dict):
             raise LoraxTypeError(
@@ -178,17 +275,71 @@ class LlamaConfig:
     def to_hf(self) -> dict[str, Any]:
         out = {
             **dataclasses.asdict(self),
-            "model_type": "llama",
-            "architectures": ["LlamaForCausalLM"],
-            "hidden_act": "silu",
+            "architectures": [ARCHITECTURES[self.model_type]],
             "num_key_value_heads": self.kv_heads,
             "head_dim": self.dims,
         }
+        for key in _FAMILY_FIELDS:
+            out.pop(key)
+        for key in _FAMILY_KEYS[self.model_type]:
+            out[key] = getattr(self, key)
+        out["hidden_activation" if self.model_type == "gemma2" else "hidden_act"] = self.hidden_act
+        if "layer_types" in out and self.sliding_window is not None:
+            out["layer_types"] = [
+                "sliding_attention" if w else "full_attention" for w in self.windows
+            ]
+        if self.model_type == "qwen2":
+            out["use_sliding_window"] = self.sliding_window is not None
         rope = {"rope_type": "default", **(self.scaling or {}), "rope_theta": self.rope_theta}
         out.pop("rope_scaling")
         out.pop("rope_theta")
         out["rope_parameters"] = rope
         return out
+
+
+_FAMILY_FIELDS = (
+    "attention_bias",
+    "mlp_bias",
+    "qkv_bias",
+    "hidden_act",
+    "sliding_window",
+    "layer_types",
+    "query_pre_attn_scalar",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+)
+
+
+def _family_keys(hf: dict[str, Any]) -> dict[str, Any]:
+    """A transformers config dict with its family's keys as LlamaConfig's fields: defaults
+    filled, the keys a family ignores dropped, what is not implemented refused."""
+    kind = hf.get("model_type") or "llama"
+    hf = {**HF_DEFAULTS[kind], **hf, "model_type": kind}
+    if hf.get("use_bidirectional_attention"):
+        raise LoraxValueError(
+            f"LlamaConfig: config key use_bidirectional_attention="
+            f"{hf['use_bidirectional_attention']!r} (model_type {kind!r}) is not supported: "
+            "the reference models are causal language models"
+        )
+    if kind == "gemma2":  # Gemma 2 reads hidden_activation, not hidden_act
+        hf["hidden_act"] = hf.pop("hidden_activation")
+    if kind == "gemma" and hf.get("hidden_act") == "gelu":  # what transformers does too
+        hf["hidden_act"] = "gelu_pytorch_tanh"
+    if kind == "qwen2":
+        hub.check_sizes("LlamaConfig", max_window_layers=hf.get("max_window_layers"))
+        if not hf.get("use_sliding_window"):
+            hf["sliding_window"] = None
+        if hf.get("layer_types") is None and hf["sliding_window"] is not None:
+            hf["layer_types"] = [
+                LAYER_TYPES[int(i >= hf["max_window_layers"])]
+                for i in range(hf.get("num_hidden_layers", 32))
+            ]
+        hf["qkv_bias"] = True
+    kept = _FAMILY_KEYS[kind] + ("hidden_act", "qkv_bias")
+    for key in _FAMILY_FIELDS:  # transformers' class of this family ignores the others
+        if key not in kept:
+            hf.pop(key, None)
+    return hf
 
 
 _LLAMA3_ROPE = {
@@ -268,22 +419,48 @@ def _dense(features: int, bias: bool, config: LlamaConfig, dtype: Any, name: str
     )
 
 
+class GemmaRMSNorm(nn.Module):
+    """Gemma's RMSNorm: ``x / rms(x) * (1 + scale)`` in float32 (``scale`` starts at 0, as
+    the checkpoints store it)."""
+
+    epsilon: float = 1e-6
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.zeros, (x.shape[-1],), jnp.float32)
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.epsilon)
+        scale = scale.reshape((1,) * (x.ndim - 1) + scale.shape)
+        return (h * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
+
+
+def _norm(config: LlamaConfig, dtype: Any, name: str) -> nn.Module:
+    cls = GemmaRMSNorm if config.gemma else nn.RMSNorm
+    return cls(epsilon=config.rms_norm_eps, dtype=dtype, name=name)
+
+
 class LlamaAttention(nn.Module):
     config: LlamaConfig
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, layer_cache, ctx):
+    def __call__(self, x, layer_cache, ctx, window=None):
         c = self.config
         batch, t, _ = x.shape
         heads, kv_heads, dims, bias = (c.num_attention_heads, c.kv_heads, c.dims, c.attention_bias)
-        q = _dense(heads * dims, bias, c, self.dtype, "q_proj")(x).reshape(batch, t, heads, dims)
-        k = _dense(kv_heads * dims, bias, c, self.dtype, "k_proj")(x)
-        v = _dense(kv_heads * dims, bias, c, self.dtype, "v_proj")(x)
+        in_bias = bias or c.qkv_bias
+        q = _dense(heads * dims, in_bias, c, self.dtype, "q_proj")(x)
+        q = q.reshape(batch, t, heads, dims)
+        k = _dense(kv_heads * dims, in_bias, c, self.dtype, "k_proj")(x)
+        v = _dense(kv_heads * dims, in_bias, c, self.dtype, "v_proj")(x)
         k, v = k.reshape(batch, t, kv_heads, dims), v.reshape(batch, t, kv_heads, dims)
         cos, sin = ctx.rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out, layer_cache = attention(q, k, v, ctx, layer_cache)
+        scale = None if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar**-0.5
+        out, layer_cache = attention(
+            q, k, v, ctx, layer_cache, window=window, scale=scale, softcap=c.attn_logit_softcapping
+        )
         out = _dense(c.hidden_size, bias, c, self.dtype, "o_proj")(out.reshape(batch, t, -1))
         return out, layer_cache
 
@@ -297,7 +474,8 @@ class LlamaMLP(nn.Module):
         c = self.config
         gate = _dense(c.intermediate_size, c.mlp_bias, c, self.dtype, "gate_proj")(x)
         up = _dense(c.intermediate_size, c.mlp_bias, c, self.dtype, "up_proj")(x)
-        return _dense(c.hidden_size, c.mlp_bias, c, self.dtype, "down_proj")(nn.silu(gate) * up)
+        act = ACTIVATIONS[c.hidden_act]
+        return _dense(c.hidden_size, c.mlp_bias, c, self.dtype, "down_proj")(act(gate) * up)
 
 
 class LlamaBlock(nn.Module):
@@ -305,17 +483,21 @@ class LlamaBlock(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, layer_cache, ctx):
+    def __call__(self, x, layer_cache, ctx, window=None):
+        c = self.config
         x = constrain(x, HIDDEN)
-        norm = functools.partial(nn.RMSNorm, epsilon=self.config.rms_norm_eps, dtype=self.dtype)
-        h, layer_cache = LlamaAttention(self.config, self.dtype, name="self_attn")(
-            norm(name="input_layernorm")(x), layer_cache, ctx
+        norm = functools.partial(_norm, c, self.dtype)
+        h, layer_cache = LlamaAttention(c, self.dtype, name="self_attn")(
+            norm("input_layernorm")(x), layer_cache, ctx, window
         )
-        x = x + h
-        x = x + LlamaMLP(self.config, self.dtype, name="mlp")(
-            norm(name="post_attention_layernorm")(x)
-        )
-        return x, layer_cache
+        mlp = LlamaMLP(c, self.dtype, name="mlp")
+        if c.model_type != "gemma2":
+            x = x + h
+            return x + mlp(norm("post_attention_layernorm")(x)), layer_cache
+        # Gemma 2: each sublayer's output normed too before the residual
+        x = x + norm("post_attention_layernorm")(h)
+        h = mlp(norm("pre_feedforward_layernorm")(x))
+        return x + norm("post_feedforward_layernorm")(h), layer_cache
 
 
 class Llama(nn.Module):
@@ -359,11 +541,17 @@ class Llama(nn.Module):
             name="embed_tokens",
             embedding_init=nn.initializers.normal(c.initializer_range),
         )
-        x, attention_mask, n_prompt = prepend_prompt(embed(input_ids), prompt, attention_mask)
+        x = embed(input_ids)
+        if c.gemma:  # in the compute dtype, as transformers' scaled embedding
+            x = x * jnp.asarray(c.hidden_size**0.5, x.dtype)
+        x, attention_mask, n_prompt = prepend_prompt(x, prompt, attention_mask)
         ctx = attention_context(x.shape[:2], attention_mask, positions, cache, self.attention_impl)
         ctx = ctx.replace(  # pyright: ignore[reportAttributeAccessIssue]  # flax struct
             rope=rope_tables(ctx.positions, rope_frequencies(c.dims, c.rope_theta, c.scaling))
         )
+        windows = None
+        if any(w is not None for w in c.windows):  # sliding layers: each layer's window
+            windows = jnp.asarray([_NO_WINDOW if w is None else w for w in c.windows], jnp.int32)
         x, kv = run_layers(
             LlamaBlock,
             dict(config=c, dtype=self.dtype),
@@ -373,14 +561,19 @@ class Llama(nn.Module):
             x,
             ctx,
             cache,
+            windows,
         )
         x = constrain(x, HIDDEN)
-        h = nn.RMSNorm(epsilon=c.rms_norm_eps, dtype=self.dtype, name="norm")(x[:, n_prompt:])
+        h = _norm(c, self.dtype, "norm")(x[:, n_prompt:])
         if c.tie_word_embeddings:
             logits = embed.attend(h)
         else:
             logits = _dense(c.vocab_size, False, c, self.dtype, "lm_head")(h)
-        logits = constrain(logits.astype(jnp.float32), ("batch", None, "vocab"))
+        logits = logits.astype(jnp.float32)
+        if c.final_logit_softcapping is not None:
+            cap = c.final_logit_softcapping
+            logits = jnp.tanh(logits / cap) * cap
+        logits = constrain(logits, ("batch", None, "vocab"))
         if cache is None:
             return logits
         return logits, updated_cache(cache, ctx, kv, x.shape[1])
@@ -408,11 +601,14 @@ def _ignore(config: LlamaConfig) -> str:
 
 def _block_rows(config: LlamaConfig) -> list[tuple[str, str, bool]]:
     layer_rows = list(_LAYER_ROWS)
-    if config.attention_bias:
+    if config.model_type == "gemma2":
         layer_rows += [
-            (f"self_attn/{p}/bias", f"self_attn.{p}.bias", False)
-            for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+            (f"{n}/scale", f"{n}.weight", False)
+            for n in ("pre_feedforward_layernorm", "post_feedforward_layernorm")
         ]
+    if config.attention_bias or config.qkv_bias:
+        biased = ("q_proj", "k_proj", "v_proj") + (("o_proj",) if config.attention_bias else ())
+        layer_rows += [(f"self_attn/{p}/bias", f"self_attn.{p}.bias", False) for p in biased]
     if config.mlp_bias:
         layer_rows += [
             (f"mlp/{p}/bias", f"mlp.{p}.bias", False) for p in ("gate_proj", "up_proj", "down_proj")
@@ -424,7 +620,8 @@ _LM_HEAD = hub.Entry("lm_head/kernel", "lm_head.weight", transpose=True)
 
 
 def hf_table(config: LlamaConfig, scan_layers: bool = False) -> list[hub.Entry]:
-    """Every parameter's Flax path and Hugging Face ``LlamaForCausalLM`` tensor name."""
+    """Every parameter's Flax path and Hugging Face tensor name (``LlamaForCausalLM`` and
+    its relatives: Qwen2's q / k / v biases, Gemma 2's feedforward norms)."""
     rows = [
         hub.Entry("embed_tokens/embedding", "model.embed_tokens.weight"),
         hub.Entry("norm/scale", "model.norm.weight"),
@@ -437,8 +634,9 @@ def hf_table(config: LlamaConfig, scan_layers: bool = False) -> list[hub.Entry]:
 
 
 def peft_modules(params: Any) -> PeftModuleMap:
-    """The PEFT module map of a Llama parameter tree: what ``model="llama"`` means to
-    ``lorax.export_peft`` / ``lorax.import_peft`` (registered when this module is imported).
+    """The PEFT module map of a Llama parameter tree: what ``model="llama"`` (or
+    ``"mistral"``, ``"qwen2"``, ``"gemma"``, ``"gemma2"``) means to ``lorax.export_peft`` /
+    ``lorax.import_peft`` (registered when this module is imported).
 
     The layer count is read from the paths (``layers_<i>/...``, or the stack of
     ``ScanLayers/...``), and ``lm_head`` is mapped when the tree has one (untied head).
@@ -459,11 +657,19 @@ def peft_modules(params: Any) -> PeftModuleMap:
     """
     paths = hub.param_paths(params)
     n_layers, scanned = hub.layer_count(params, paths, "layers")
+    in_bias = any(p.endswith("self_attn/q_proj/bias") for p in paths)
+    out_bias = any(p.endswith("self_attn/o_proj/bias") for p in paths)
+    qkv_only = in_bias and not out_bias
+    kind = "qwen2" if qkv_only else "llama"
+    if any("pre_feedforward_layernorm/" in p for p in paths):  # Gemma 2's extra norms
+        kind = "gemma2"
     config = LlamaConfig(  # only what the table reads: which rows exist
         num_hidden_layers=1,
+        model_type=kind,
         tie_word_embeddings=not any(p.startswith("lm_head/") for p in paths),
-        attention_bias=any(p.endswith("self_attn/q_proj/bias") for p in paths),
-        mlp_bias=any(p.endswith("mlp/gate_proj/bias") for p in paths),
+        attention_bias=out_bias,
+        qkv_bias=qkv_only and kind == "qwen2",
+        mlp_bias=any(p.endswith("mlp/gate_proj/bias") for p in paths) and kind == "llama",
     )
     top = [e for e in hf_table(config) if not e.path.startswith("layers_")]
     rows = top + hub.stack_rows(_block_rows(config), n_layers, scanned, "layers", "model.layers")
@@ -472,7 +678,8 @@ def peft_modules(params: Any) -> PeftModuleMap:
     )
 
 
-register_peft_family("llama", peft_modules)
+for _family in MODEL_TYPES:  # one table for the family: the paths say which rows exist
+    register_peft_family(_family, peft_modules)
 
 
 def from_pretrained(
@@ -487,8 +694,12 @@ def from_pretrained(
     rules: Any = None,
     quantize: str | None = None,
 ) -> tuple[Llama, dict]:
-    """Loads a Hugging Face Llama checkpoint, or a Mistral one without a binding sliding
-    window (arguments and errors as :func:`lorax.models.gpt2.from_pretrained`)."""
+    """Loads a Hugging Face Llama, Mistral, Qwen2 / Qwen2.5, Gemma or Gemma 2 checkpoint
+    (``model_type`` in :data:`MODEL_TYPES`; arguments and errors as
+    :func:`lorax.models.gpt2.from_pretrained`). A config key this model does not implement
+    (another rope type, a hidden activation other than silu / gelu_pytorch_tanh,
+    bidirectional attention, an unknown layer type) is refused with a ``LoraxValueError``
+    naming it."""
     return hub.load_model(
         name_or_dir,
         LlamaConfig,
@@ -508,5 +719,6 @@ def from_pretrained(
 
 
 def save_pretrained(directory: str | os.PathLike, model: Llama, params: dict) -> None:
-    """Writes ``params`` (dense) as a Hugging Face Llama checkpoint."""
+    """Writes ``params`` (dense) as a Hugging Face checkpoint of the config's ``model_type``
+    (``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``, ...)."""
     hub.save_model(directory, model, params, hf_table)
