@@ -68,6 +68,8 @@ from lorax.methods.tokens import TrainableTokensWeight as TrainableTokensWeight
 from lorax.methods.tokens import trainable_tokens as trainable_tokens
 from lorax.methods.unfrozen import Unfrozen as Unfrozen
 from lorax.methods.unfrozen import unfreeze as unfreeze
+from lorax.methods.vera import VeraWeight as VeraWeight
+from lorax.methods.vera import vera as vera
 from lorax.methods.weighted import add_weighted as add_weighted
 
 # Building wrapped trees
@@ -104,6 +106,7 @@ __all__ = [
     "oft",
     "adapters",
     "adalora",
+    "vera",
     "AdaLoraState",
     "update_importance",
     "budget_at",
@@ -141,6 +144,7 @@ __all__ = [
     "DoraWeight",
     "AdaLoraWeight",
     "IA3Weight",
+    "VeraWeight",
     "OftWeight",
     "AdapterWeight",
     "Unfrozen",

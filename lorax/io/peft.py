@@ -337,7 +337,9 @@ def export_peft(
     (``peft_type`` ``ADALORA``: the masked triplets cut out, a ``rank_pattern`` of those
     kept; see ``lorax/io/peft_adalora.py``), one of :class:`lorax.IA3Weight` leaves as
     peft's IA3 adapter (``peft_type`` ``IA3``, input-scaled leaves as
-    ``feedforward_modules``; see ``lorax/io/peft_ia3.py``). :class:`lorax.Unfrozen` leaves
+    ``feedforward_modules``; see ``lorax/io/peft_ia3.py``), one of :class:`lorax.VeraWeight`
+    leaves as peft's VeRA adapter (``peft_type`` ``VERA``, the shared projections saved
+    once; see ``lorax/io/peft_vera.py``). :class:`lorax.Unfrozen` leaves
     (``lorax.unfreeze``) beside them are written as peft writes fully trained tensors (see
     ``lorax/io/peft_saved.py``): the bias of a LoRA-adapted module as a trained bias
     (``bias="lora_only"``), the lone bias of another module too (``bias="all"``), and any
@@ -387,6 +389,12 @@ def export_peft(
         from lorax.io.peft_adalora import export_adalora  # peft_type ADALORA
 
         return export_adalora(Path(directory), tree, modules, base_model_name)
+    if any(
+        getattr(x, "kind", None) == "vera" for x in jax.tree.leaves(tree, is_leaf=is_lorax_leaf)
+    ):
+        from lorax.io.peft_vera import export_vera  # peft_type VERA
+
+        return export_vera(Path(directory), tree, modules, base_model_name)
     if any(isinstance(x, IA3Weight) for x in jax.tree.leaves(tree, is_leaf=is_lorax_leaf)):
         from lorax.io.peft_ia3 import export_ia3  # peft_type IA3
 
@@ -594,7 +602,8 @@ def import_peft(
       ``params`` with :class:`lorax.LoraWeight` leaves where the adapter has factors
       (:class:`lorax.AdaLoraWeight` leaves for a ``peft_type`` ``ADALORA`` adapter, the
       triplets its ``rank_pattern`` prunes present as zeros with mask 0;
-      :class:`lorax.IA3Weight` leaves for ``IA3``), and :class:`lorax.Unfrozen` leaves for
+      :class:`lorax.IA3Weight` leaves for ``IA3``, :class:`lorax.VeraWeight` leaves for
+      ``VERA``), and :class:`lorax.Unfrozen` leaves for
       the full tensors.
 
     Raises:
@@ -640,10 +649,12 @@ def import_peft(
         from lorax.io.peft_oft import import_oft_directory  # peft_type OFT
 
         return import_oft_directory(directory, params, pmap, config, dtype)
-    if config.get("peft_type") not in ("LORA", "ADALORA", "IA3"):
+    if config.get("peft_type") not in ("LORA", "ADALORA", "IA3", "VERA"):
         raise LoraxValueError(
             f"lorax.import_peft: peft_type {config.get('peft_type')!r} is not LORA, ADALORA or IA3"
         )
+    if config["peft_type"] == "VERA" and config.get("bias") == "vera_only":
+        config = {**config, "bias": "lora_only"}  # VeRA's name for it
     check_options(config, directory / CONFIG_FILE)
     tensors, full = split_saved(
         {
@@ -661,6 +672,11 @@ def import_peft(
         from lorax.io.peft_adalora import import_adalora
 
         return with_saved(import_adalora(directory, params, names, config, tensors, dtype))
+    if config["peft_type"] == "VERA":
+        from lorax.io.peft_vera import import_vera, split_vera
+
+        vera, full = split_vera({**tensors, **full})
+        return with_saved(import_vera(directory, params, names, config, vera, dtype))
     if config["peft_type"] == "IA3":
         from lorax.io.peft_ia3 import import_ia3
 
