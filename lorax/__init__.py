@@ -52,6 +52,10 @@ from lorax.methods.adalora import update_importance as update_importance
 from lorax.methods.adapters import AdapterWeight as AdapterWeight
 from lorax.methods.adapters import adapters as adapters
 from lorax.methods.dora import DoraWeight as DoraWeight
+from lorax.methods.hadamard_kron import LohaWeight as LohaWeight
+from lorax.methods.hadamard_kron import LokrWeight as LokrWeight
+from lorax.methods.hadamard_kron import loha as loha
+from lorax.methods.hadamard_kron import lokr as lokr
 from lorax.methods.ia3 import IA3Weight as IA3Weight
 from lorax.methods.ia3 import ia3 as ia3
 
@@ -107,6 +111,8 @@ __all__ = [
     "adapters",
     "adalora",
     "vera",
+    "loha",
+    "lokr",
     "AdaLoraState",
     "update_importance",
     "budget_at",
@@ -145,6 +151,8 @@ __all__ = [
     "AdaLoraWeight",
     "IA3Weight",
     "VeraWeight",
+    "LohaWeight",
+    "LokrWeight",
     "OftWeight",
     "AdapterWeight",
     "Unfrozen",

@@ -10,6 +10,8 @@ with :func:`static_field`). What the interpreter (``lorax.transform``) and the t
 ``trainable_fields``      the data fields that are trained (split into the first half)
 ``frozen_fields``         the other data fields (derived by ``register_leaf``)
 ``static_fields``         the static metadata fields (derived by ``register_leaf``)
+``optional_fields``       data fields that a whole leaf may leave None (a factor that
+                          one layout of the kind does without, as LoKr's ``w1_b``)
 ``has_dense_form``        False when no dense weight exists (bottleneck adapters); then
                           ``materialize`` raises :class:`~lorax.NotMergeableError` saying why
 ``dense_is_free``         True when ``materialize`` costs nothing (``lorax.Unfrozen``), so
@@ -108,6 +110,7 @@ class LoraxLeaf:
     trainable_fields: ClassVar[tuple[str, ...]] = ()
     frozen_fields: ClassVar[tuple[str, ...]] = ()
     static_fields: ClassVar[tuple[str, ...]] = ()
+    optional_fields: ClassVar[tuple[str, ...]] = ()
     has_dense_form: ClassVar[bool] = True
     dense_is_free: ClassVar[bool] = False
 

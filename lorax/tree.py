@@ -122,7 +122,7 @@ def holes(leaf: LoraxLeaf) -> list[str]:
     return [
         name
         for name in (*leaf.trainable_fields, *leaf.frozen_fields)
-        if getattr(leaf, name) is None
+        if getattr(leaf, name) is None and name not in leaf.optional_fields
     ]
 
 

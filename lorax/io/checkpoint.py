@@ -77,6 +77,8 @@ def adapter_state(tree: Any) -> tuple[dict[str, jax.Array], dict[str, Any]]:
         }
         for name in saved_fields(type(leaf)):
             value = getattr(leaf, name)
+            if value is None and name in leaf.optional_fields:
+                continue  # a factor this leaf's layout does without (LoKr's w1_b)
             if value is None:
                 raise LoraxValueError(
                     f"lorax.save: '{path}' has no '{name}'; save the combined "
@@ -459,7 +461,8 @@ def _checked_entries(entries: Any, where: str) -> dict[str, Any]:
                 f"not know (known: {known})",
             ) from None
         fields, static = entry["fields"], entry["static"]
-        if not isinstance(fields, dict) or set(fields) != set(saved_fields(cls)):
+        required = set(saved_fields(cls)) - set(cls.optional_fields)
+        if not isinstance(fields, dict) or not required <= set(fields) <= set(saved_fields(cls)):
             listed = sorted(fields) if isinstance(fields, dict) else fields
             raise bad(
                 path,

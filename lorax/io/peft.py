@@ -395,6 +395,13 @@ def export_peft(
         from lorax.io.peft_vera import export_vera  # peft_type VERA
 
         return export_vera(Path(directory), tree, modules, base_model_name)
+    if any(
+        getattr(x, "kind", None) in ("loha", "lokr")
+        for x in jax.tree.leaves(tree, is_leaf=is_lorax_leaf)
+    ):
+        from lorax.io.peft_lycoris import export_lycoris  # peft_type LOHA / LOKR
+
+        return export_lycoris(Path(directory), tree, modules, base_model_name)
     if any(isinstance(x, IA3Weight) for x in jax.tree.leaves(tree, is_leaf=is_lorax_leaf)):
         from lorax.io.peft_ia3 import export_ia3  # peft_type IA3
 
@@ -603,7 +610,9 @@ def import_peft(
       (:class:`lorax.AdaLoraWeight` leaves for a ``peft_type`` ``ADALORA`` adapter, the
       triplets its ``rank_pattern`` prunes present as zeros with mask 0;
       :class:`lorax.IA3Weight` leaves for ``IA3``, :class:`lorax.VeraWeight` leaves for
-      ``VERA``), and :class:`lorax.Unfrozen` leaves for
+      ``VERA``, :class:`lorax.LohaWeight` /
+      :class:`lorax.LokrWeight` leaves for ``LOHA`` /
+      ``LOKR``, see ``lorax/io/peft_lycoris.py``), and :class:`lorax.Unfrozen` leaves for
       the full tensors.
 
     Raises:
@@ -649,9 +658,10 @@ def import_peft(
         from lorax.io.peft_oft import import_oft_directory  # peft_type OFT
 
         return import_oft_directory(directory, params, pmap, config, dtype)
-    if config.get("peft_type") not in ("LORA", "ADALORA", "IA3", "VERA"):
+    if config.get("peft_type") not in ("LORA", "ADALORA", "IA3", "VERA", "LOHA", "LOKR"):
         raise LoraxValueError(
-            f"lorax.import_peft: peft_type {config.get('peft_type')!r} is not LORA, ADALORA or IA3"
+            f"lorax.import_peft: peft_type {config.get('peft_type')!r} is not LORA, ADALORA, "
+            "IA3, LOHA or LOKR"
         )
     if config["peft_type"] == "VERA" and config.get("bias") == "vera_only":
         config = {**config, "bias": "lora_only"}  # VeRA's name for it
@@ -677,6 +687,11 @@ def import_peft(
 
         vera, full = split_vera({**tensors, **full})
         return with_saved(import_vera(directory, params, names, config, vera, dtype))
+    if config["peft_type"] in ("LOHA", "LOKR"):
+        from lorax.io.peft_lycoris import import_lycoris, split_lycoris
+
+        factors, full = split_lycoris({**tensors, **full})
+        return with_saved(import_lycoris(directory, params, names, config, factors, dtype))
     if config["peft_type"] == "IA3":
         from lorax.io.peft_ia3 import import_ia3
 
