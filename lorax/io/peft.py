@@ -661,7 +661,7 @@ def import_peft(
     if config.get("peft_type") not in ("LORA", "ADALORA", "IA3", "VERA", "LOHA", "LOKR"):
         raise LoraxValueError(
             f"lorax.import_peft: peft_type {config.get('peft_type')!r} is not LORA, ADALORA, "
-            "IA3, LOHA or LOKR"
+            "IA3, VERA, LOHA or LOKR"
         )
     if config["peft_type"] == "VERA" and config.get("bias") == "vera_only":
         config = {**config, "bias": "lora_only"}  # VeRA's name for it
