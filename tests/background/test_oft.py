@@ -1,7 +1,10 @@
 """OFT: the rotations against numpy float64 (the Cayley transform and peft's Neumann series),
 orthogonality, the unmerged product against the merged weight (forward and gradients), the
 zero init, what lorax.split trains, a checkpoint round trip, and adapters to and from
-PyTorch peft on a tiny Llama, logit by logit; bad input."""
+PyTorch peft on a tiny Llama, logit by logit; bad input.
+
+Every check compiles once per case, at XLA's lowest optimization level (``FAST``): the
+programs are tiny, so compiling is nearly all of their cost."""
 
 import json
 
@@ -17,6 +20,7 @@ from lorax.errors import LoraxTypeError, LoraxValueError
 from lorax.methods.oft import OftWeight
 
 HI = jax.lax.Precision.HIGHEST
+FAST = {"xla_backend_optimization_level": 0}
 
 
 # ------------------------------------------------------------------ numpy float64 reference
@@ -91,7 +95,7 @@ def test_product_equals_numpy_float64_and_the_merged_weight(
         out = f(lf.materialize(), x) if merged else lorax.lora(f)(lf, jnp.asarray(x))
         return jnp.sum(jnp.sin(out))
 
-    @jax.jit
+    @jax.jit(compiler_options=FAST)
     def run(v):
         lf = leaf.replace(weight=v)
         return (
@@ -117,16 +121,18 @@ def test_product_equals_numpy_float64_and_the_merged_weight(
 @given(b=st.integers(2, 8), n=st.integers(1, 3), seed=st.integers(0, 2**16))
 def test_exact_cayley_rotation_is_orthogonal(b, n, seed):
     vec = np.random.default_rng(seed).normal(0, 1.0, (n, b * (b - 1) // 2))
-    leaf = OftWeight(jnp.zeros((n * b, 2)), jnp.asarray(vec, jnp.float32), block_size=b,
+    w = np.random.default_rng(seed + 1).normal(size=(n * b, 3))
+    leaf = OftWeight(jnp.asarray(w, jnp.float32), jnp.asarray(vec, jnp.float32), block_size=b,
                      use_cayley_neumann=False)  # fmt: skip
-    ours = np.asarray(jax.jit(OftWeight.rotations)(leaf), np.float64)
+    rotations, merged = jax.jit(lambda lf: (lf.rotations(), lf.materialize()),
+                                compiler_options=FAST)(leaf)  # fmt: skip
+    ours = np.asarray(rotations, np.float64)
     eye = np.eye(b)
     np.testing.assert_allclose(ours @ np.swapaxes(ours, -1, -2), np.broadcast_to(eye, ours.shape),
                                atol=1e-5)  # fmt: skip
     np.testing.assert_allclose(ours, _rotations64(vec, b, neumann=False), atol=1e-5)
     # the merged weight keeps the column norms of W (an orthogonal map of the input space)
-    w = np.random.default_rng(seed + 1).normal(size=(n * b, 3))
-    merged = np.asarray(leaf.replace(base=jnp.asarray(w, jnp.float32)).materialize())
+    merged = np.asarray(merged, np.float64)
     np.testing.assert_allclose(np.linalg.norm(merged, axis=0), np.linalg.norm(w, axis=0),
                                rtol=1e-5)  # fmt: skip
 
@@ -145,11 +151,19 @@ def _apply(p, x):
     return jnp.tanh(x @ p["q"]["kernel"]).sum(-1, keepdims=True) * (x @ p["v"]["kernel"])
 
 
+@jax.jit(compiler_options=FAST)
+def _unmerged_merged_base(tree, params, x):
+    """``_apply`` on the OFT tree (through lorax.lora), on its merged weights, on the base."""
+    return lorax.lora(_apply)(tree, x), _apply(lorax.merge(tree), x), _apply(params, x)
+
+
 def test_starts_as_the_base_and_trains_only_the_rotations(tmp_path):
     params = _params()
     tree = lorax.oft(params, targets=["q", "v"], block_size=4)
     x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 8)), jnp.float32)
-    np.testing.assert_array_equal(lorax.lora(_apply)(tree, x), _apply(params, x))
+    unmerged, merged, base = _unmerged_merged_base(tree, params, x)
+    np.testing.assert_array_equal(unmerged, base)
+    np.testing.assert_array_equal(merged, base)
     trainable, frozen = lorax.split(tree)
     shapes = {k: v.shape for k, v in jax.tree_util.tree_leaves_with_path(trainable)}
     assert sorted(shapes.values()) == [(2, 6), (2, 6)]  # 2 blocks of 4: 4*3/2 entries each
@@ -164,10 +178,9 @@ def test_starts_as_the_base_and_trains_only_the_rotations(tmp_path):
     assert isinstance(back["q"]["kernel"], lorax.OftWeight)
     assert back["q"]["kernel"].block_size == 4
     np.testing.assert_array_equal(back["q"]["kernel"].weight, trained["q"]["kernel"].weight)
-    np.testing.assert_allclose(
-        lorax.lora(_apply)(back, x), _apply(lorax.merge(trained), x), rtol=1e-5, atol=1e-5
-    )
-    assert np.abs(np.asarray(_apply(lorax.merge(trained), x) - _apply(params, x))).max() > 1e-3
+    unmerged, merged, base = _unmerged_merged_base(back, params, x)  # the same compiled call
+    np.testing.assert_allclose(unmerged, merged, rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(merged - base)).max() > 1e-3
 
 
 def test_r_gives_the_block_count_and_module_dropout_drops_whole_blocks():
@@ -176,10 +189,13 @@ def test_r_gives_the_block_count_and_module_dropout_drops_whole_blocks():
     assert leaf.block_size == 2 and leaf.weight.shape == (4, 1)
     leaf = leaf.replace(weight=jnp.full((4, 1), 0.3))
     x = jnp.asarray(np.random.default_rng(2).normal(size=(5, 8)), jnp.float32)
-    rotated = np.asarray(leaf.rotate(x, 1, jax.random.key(3))).reshape(5, 4, 2)
-    same = np.all(np.isclose(rotated, np.asarray(x).reshape(5, 4, 2)), axis=(0, 2))
+    rotate = jax.jit(lambda lf, x, key: (lf.rotate(x, 1, key), lf.rotate(x, 1)),
+                     compiler_options=FAST)  # fmt: skip
+    dropped, kept = rotate(leaf, x, jax.random.key(3))
+    same = np.all(np.isclose(np.asarray(dropped).reshape(5, 4, 2), np.asarray(x).reshape(5, 4, 2)),
+                  axis=(0, 2))  # fmt: skip
     assert same.sum() == 2  # int(0.5 * 4) blocks are the identity, the others rotate
-    assert not np.allclose(leaf.rotate(x, 1), x)  # no key: no dropout
+    assert not np.allclose(kept, x)  # no key: no dropout
 
 
 def test_bad_input_names_the_path_and_what_was_expected():
@@ -193,7 +209,7 @@ def test_bad_input_names_the_path_and_what_was_expected():
     with pytest.raises(LoraxValueError, match="r=3 .*'q/kernel'"):
         lorax.oft(p, targets=["q"], r=3)
     with pytest.raises(LoraxTypeError, match="coft must be True or False"):
-        lorax.oft(p, targets=["q"], block_size=4, coft=1)
+        lorax.oft(p, targets=["q"], block_size=4, coft=1)  # pyright: ignore[reportArgumentType]
     with pytest.raises(LoraxValueError, match="eps must be a positive"):
         lorax.oft(p, targets=["q"], block_size=4, eps=0.0)
     with pytest.raises(LoraxValueError, match="module_dropout"):
@@ -218,7 +234,7 @@ def llama_base(tmp_path_factory):
     from test_models import _hf_llama
 
     directory = tmp_path_factory.mktemp("llama")
-    _hf_llama().save_pretrained(directory)
+    _hf_llama(num_hidden_layers=1).save_pretrained(directory)
     return directory
 
 
@@ -244,14 +260,14 @@ def test_adapters_to_and_from_peft_llama(llama_base, tmp_path):
     theirs_model.save_pretrained(tmp_path / "theirs")
     with torch.no_grad():
         theirs = theirs_model(torch.tensor(ids)).logits.numpy()
+        base = _torch_base(llama_base)(torch.tensor(ids)).logits.numpy()
     model, params = llama.from_pretrained(llama_base, scan_layers=True)
     tree = lorax.import_peft(tmp_path / "theirs", params, model="llama")
     leaf = tree["ScanLayers"]["mlp"]["down_proj"]["kernel"]
-    assert isinstance(leaf, lorax.OftWeight) and leaf.weight.shape == (2, 6, 28)
-    apply = jax.jit(lorax.lora(model.apply))
+    assert isinstance(leaf, lorax.OftWeight) and leaf.weight.shape == (1, 6, 28)  # scanned
     with jax.default_matmul_precision("highest"):
-        ours = np.asarray(apply({"params": tree}, ids))
-        base = np.asarray(jax.jit(model.apply)({"params": params}, ids))
+        ours = np.asarray(jax.jit(lorax.lora(model.apply), compiler_options=FAST)(
+            {"params": tree}, ids))  # fmt: skip
     assert np.abs(ours - base).max() > 1e-2  # the rotations matter
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
     lorax.export_peft(tmp_path / "again", tree, model="llama")  # and back, bit for bit
@@ -277,7 +293,8 @@ def test_adapters_to_and_from_peft_llama(llama_base, tmp_path):
     with torch.no_grad():
         theirs = loaded(torch.tensor(ids)).logits.numpy()
     with jax.default_matmul_precision("highest"):
-        ours = np.asarray(jax.jit(lorax.lora(model.apply))({"params": made}, ids))
+        ours = np.asarray(jax.jit(lorax.lora(model.apply), compiler_options=FAST)(
+            {"params": made}, ids))  # fmt: skip
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
