@@ -16,6 +16,7 @@ first. Double quantization stores the block absmaxes as uint8 codes of bitsandby
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -100,34 +101,24 @@ def quantize_nf4(
     return _nf4(w, int(block_size), bool(double_quant), dtype, stack)
 
 
+# A concrete weight with more values per layer than this is quantized by pieces of about
+# this many values (1M float32, 4 MB; see _nf4_by_pieces): the temporaries of the
+# nearest-code search stay a few tens of MB instead of ten copies of the weight
+PIECE = 1 << 20
+
+
 def _nf4(
     w: jax.Array, block_size: int, double_quant: bool, compute_dtype: str, stack: int
 ) -> NF4Weight:
     layer_shape = tuple(int(s) for s in w.shape[stack:])
-    flat = _to_torch_order(jnp.asarray(w, jnp.float32), stack)
-    n = flat.shape[-1]
-    nblocks = -(-n // block_size)
-    padded = jnp.pad(flat, [(0, 0)] * stack + [(0, nblocks * block_size - n)])
-    blocks = padded.reshape(flat.shape[:-1] + (nblocks, block_size))
-    absmax = jnp.max(jnp.abs(blocks), axis=-1)
-    normed = _normalize(blocks, absmax)
-    q = _nearest(NF4_CODE, normed).reshape(flat.shape[:-1] + (-1,))[..., :n]
-    if n % 2:
-        q = jnp.pad(q, [(0, 0)] * stack + [(0, 1)])
-    pairs = q.reshape(q.shape[:-1] + (-1, 2))
-    codes = (pairs[..., 0] << 4) | pairs[..., 1]
-    absmax2 = offset = None
-    if double_quant:
-        offset = _mean_last(absmax)
-        centered = absmax - offset[..., None]
-        nb2 = -(-nblocks // NESTED_BLOCK)
-        cpad = jnp.pad(centered, [(0, 0)] * stack + [(0, nb2 * NESTED_BLOCK - nblocks)])
-        cblocks = cpad.reshape(centered.shape[:-1] + (nb2, NESTED_BLOCK))
-        absmax2 = jnp.max(jnp.abs(cblocks), axis=-1)
-        normed2 = _normalize(cblocks, absmax2)
-        absmax = _nearest(DYNAMIC_MAP, normed2).reshape(cpad.shape)[..., :nblocks]
+    tracer = jax.core.Tracer  # pyright: ignore[reportAttributeAccessIssue]
+    if not isinstance(w, tracer) and math.prod(layer_shape) > PIECE:
+        codes, absmax = _nf4_by_pieces(w, block_size, stack)
+    else:
+        codes, absmax = _nf4_codes(_to_torch_order(jnp.asarray(w, jnp.float32), stack), block_size)
+    absmax, absmax2, offset = _nf4_scales(absmax, double_quant)
     return NF4Weight(
-        codes=codes.astype(jnp.uint8),
+        codes=codes,
         absmax=absmax,
         absmax2=absmax2,
         offset=offset,
@@ -135,6 +126,67 @@ def _nf4(
         block_size=block_size,
         compute_dtype=compute_dtype,
     )
+
+
+def _nf4_codes(flat: jax.Array, block_size: int) -> tuple[jax.Array, jax.Array]:
+    """(codes, absmax): the packed 4-bit codes of ``flat`` (float32, PyTorch order, the
+    values of each layer on the last axis) and the float32 absmax of each block."""
+    n = flat.shape[-1]
+    nblocks = -(-n // block_size)
+    lead = [(0, 0)] * (flat.ndim - 1)
+    padded = jnp.pad(flat, [*lead, (0, nblocks * block_size - n)])
+    blocks = padded.reshape(flat.shape[:-1] + (nblocks, block_size))
+    absmax = jnp.max(jnp.abs(blocks), axis=-1)
+    normed = _normalize(blocks, absmax)
+    q = _nearest(NF4_CODE, normed).reshape(flat.shape[:-1] + (-1,))[..., :n]
+    if n % 2:
+        q = jnp.pad(q, [*lead, (0, 1)])
+    pairs = q.reshape(q.shape[:-1] + (-1, 2))
+    return ((pairs[..., 0] << 4) | pairs[..., 1]).astype(jnp.uint8), absmax
+
+
+_nf4_codes_jit = jax.jit(_nf4_codes, static_argnums=1)
+
+
+def _nf4_by_pieces(w: Any, block_size: int, stack: int) -> tuple[jax.Array, jax.Array]:
+    """:func:`_nf4_codes` of a concrete weight, a layer and a run of whole blocks at a time:
+    the same codes and absmax, with temporaries the size of a piece instead of ten copies
+    of the weight (what loading a checkpoint with ``quantize="nf4"`` relies on)."""
+    if stack:  # one layer at a time, stacked again
+        layers = [_nf4_by_pieces(w[i], block_size, stack - 1) for i in range(w.shape[0])]
+        return jnp.stack([c for c, _ in layers]), jnp.stack([a for _, a in layers])
+    # a run of PyTorch-order values: for a 2-D kernel [in, out] the columns start:stop
+    # (PyTorch's rows), else the flat values; each run starts on a block boundary
+    rows, width = (w.shape[1], w.shape[0]) if w.ndim == 2 else (w.size, 1)
+    step = block_size // math.gcd(width, block_size)  # rows per whole number of blocks
+    per = max(step, (PIECE // width) // step * step)
+
+    def run(start: int, stop: int) -> jax.Array:
+        part = w[:, start:stop].T if w.ndim == 2 else jnp.ravel(w)[start:stop]
+        return jnp.asarray(part, jnp.float32).reshape(-1)
+
+    pieces = [_nf4_codes_jit(run(i, min(i + per, rows)), block_size) for i in range(0, rows, per)]
+    return jnp.concatenate([c for c, _ in pieces]), jnp.concatenate([a for _, a in pieces])
+
+
+def _nf4_scales(
+    absmax: jax.Array, double_quant: bool
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """(absmax, absmax2, offset): the block scales as stored, quantized to 8 bits around
+    their mean (per layer) with ``double_quant``."""
+    if not double_quant:
+        return absmax, None, None
+    nblocks = absmax.shape[-1]
+    lead = [(0, 0)] * (absmax.ndim - 1)
+    offset = _mean_last(absmax)
+    centered = absmax - offset[..., None]
+    nb2 = -(-nblocks // NESTED_BLOCK)
+    cpad = jnp.pad(centered, [*lead, (0, nb2 * NESTED_BLOCK - nblocks)])
+    cblocks = cpad.reshape(centered.shape[:-1] + (nb2, NESTED_BLOCK))
+    absmax2 = jnp.max(jnp.abs(cblocks), axis=-1)
+    normed2 = _normalize(cblocks, absmax2)
+    codes = _nearest(DYNAMIC_MAP, normed2).reshape(cpad.shape)[..., :nblocks]
+    return codes, absmax2, offset
 
 
 def quantize_int8(

@@ -299,3 +299,21 @@ def test_peers_smoke_three_methods_train_the_same_lora(peers, tmp_path):
     assert out.read_text().count("\n") == 3
     table = peers.table(rows).splitlines()
     assert [line.split("|")[1].strip() for line in table[2:]] == ["hand", "lorax", "qwix"]
+
+
+def test_load_quantized_small_measures_both_loads(tmp_path):
+    """benchmarks/load_quantized.py --shape small: the checkpoint it writes loads (sharded,
+    one file per layer) and both loads report their trees; the peaks are printed, not
+    asserted (tests/test_streaming_load.py checks what is alive during the load)."""
+    bench = load("load_quantized")
+    result = bench.run("small", "float32", tmp_path / "ckpt", keep=True)
+    config = bench.config_of("small")
+    d, ff, layers, vocab = 768, 3072, 6, 2048
+    weights = layers * (4 * d * d + 3 * d * ff)
+    norms = (2 * layers + 1) * d
+    assert config.hidden_size == d and config.intermediate_size == ff
+    assert result["checkpoint_bytes"] == 4 * (weights + norms + 2 * vocab * d)
+    assert result["dense"]["tree_bytes"] == result["checkpoint_bytes"]
+    assert result["nf4"]["tree_bytes"] < result["dense"]["tree_bytes"] / 4
+    assert len(list((tmp_path / "ckpt").glob("*.safetensors"))) == layers + 1
+    assert "| nf4 |" in bench.table(result)
