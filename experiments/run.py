@@ -92,7 +92,7 @@ class Sizes:
 
 
 FULL = Sizes(
-    hidden=128, layers=4, heads=4, ffn=256, base_steps=1000, steps=300, batch=64, eval=300, seeds=3
+    hidden=128, layers=4, heads=4, ffn=256, base_steps=1000, steps=200, batch=64, eval=300, seeds=3
 )
 QUICK = Sizes(
     hidden=32,
