@@ -420,3 +420,25 @@ def test_core_does_not_import_the_models():
     )
     assert done.returncode == 0, done.stderr
     assert "no model family 'gpt2'" in done.stdout and "import lorax.models" in done.stdout
+
+
+def test_an_interrupted_export_leaves_the_previous_adapter_whole(tmp_path, monkeypatch):
+    """Each file is written under a temporary name and renamed into place: a write that
+    dies half way leaves the adapter that was there, readable, never a truncated file."""
+    from safetensors.numpy import load_file
+
+    from lorax.io import peft as peft_io
+
+    first = {"w": np.arange(4, dtype=np.float32)}
+    peft_io.write_adapter(tmp_path, first, {"r": 1})
+
+    def dies_half_way(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\x10\x00\x00\x00")  # a header length and no header
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(peft_io, "save_file", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        peft_io.write_adapter(tmp_path, {"w": np.zeros(4, np.float32)}, {"r": 2})
+    again = load_file(str(tmp_path / peft_io.WEIGHTS_FILE))
+    np.testing.assert_array_equal(again["w"], first["w"])
+    assert json.loads((tmp_path / peft_io.CONFIG_FILE).read_text()) == {"r": 1}

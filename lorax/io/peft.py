@@ -58,6 +58,50 @@ from lorax.tree import attach
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
+
+def write_adapter(
+    directory: str | os.PathLike, tensors: Mapping[str, np.ndarray], config: Mapping[str, Any]
+) -> Path:
+    """Writes a peft adapter directory (``adapter_model.safetensors`` and
+    ``adapter_config.json``): the end of every method's export.
+
+    Process 0 writes (every process has gathered the full arrays); each file goes to a
+    temporary name first and is renamed into place, so an export that is interrupted never
+    leaves a truncated file under the name peft reads, and the weights are in place before
+    the config that describes them. Every process waits until the files exist.
+
+    Args:
+      directory: the adapter directory (created if needed).
+      tensors: peft's tensor names to arrays.
+      config: the adapter_config.json content.
+
+    Returns:
+      ``directory`` as a ``Path``.
+
+    Example:
+      >>> import numpy as np, tempfile, pathlib
+      >>> from lorax.io.peft import write_adapter
+      >>> d = write_adapter(tempfile.mkdtemp(), {"w": np.ones(2, np.float32)}, {"r": 1})
+      >>> sorted(p.name for p in pathlib.Path(d).iterdir())
+      ['adapter_config.json', 'adapter_model.safetensors']
+    """
+    directory = Path(directory)
+    if jax.process_index() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        weights, settings = directory / WEIGHTS_FILE, directory / CONFIG_FILE
+        partial = directory / f".{WEIGHTS_FILE}.partial"
+        save_file(dict(tensors), str(partial), metadata={"format": "pt"})
+        os.replace(partial, weights)
+        partial = directory / f".{CONFIG_FILE}.partial"
+        partial.write_text(json.dumps(dict(config), indent=2, sort_keys=True))
+        os.replace(partial, settings)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"lorax.export_peft {directory}")
+    return directory
+
+
 # flax path -> (HF module name, layer index along a scanned stack or None)
 ModuleMap = Mapping[str, list[tuple[str, int | None]]]
 
@@ -483,16 +527,7 @@ def export_peft(
         "inference_mode": True,
         "peft_version": "0.13.0",
     }
-    directory = Path(directory)
-    if jax.process_index() == 0:  # every process gathered the full arrays; one writes
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(f"lorax.export_peft {directory}")
-    return directory
+    return write_adapter(directory, tensors, config)
 
 
 def _pattern(patterns: Mapping[str, Any] | None, name: str, default: Any) -> Any:

@@ -14,7 +14,6 @@ in the others.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,7 +22,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import save_file
 
 from lorax.errors import LoraxTypeError, LoraxValueError
 from lorax.leaf import is_lorax_leaf
@@ -37,7 +35,7 @@ _FIELDS = ("lora_A", "lora_E", "lora_B")
 def export_adalora(directory: Path, tree: Any, modules: Any, base_model_name: str | None) -> Path:
     """Writes the AdaLoRA leaves of ``tree``; ``modules`` is the :class:`PeftModuleMap`."""
     from lorax.io.checkpoint import host_value
-    from lorax.io.peft import CONFIG_FILE, PREFIX, WEIGHTS_FILE
+    from lorax.io.peft import PREFIX
 
     what = "lorax.export_peft"
     names = modules.modules
@@ -120,15 +118,9 @@ def export_adalora(directory: Path, tree: Any, modules: Any, base_model_name: st
         "inference_mode": True,
         "peft_version": "0.13.0",
     }
-    if jax.process_index() == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+    from lorax.io.peft import write_adapter
 
-        multihost_utils.sync_global_devices(f"lorax.export_peft {directory}")
-    return directory
+    return write_adapter(directory, tensors, config)
 
 
 def _rank_pattern(config: Mapping[str, Any], file: Path, init_r: int) -> dict[str, list[bool]]:

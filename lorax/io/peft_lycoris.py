@@ -15,7 +15,6 @@ conv kernels and peft's CP-decomposed conv factors (``hada_t1``, ``lokr_t2``) ar
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -25,7 +24,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import save_file
 
 from lorax.errors import LoraxTypeError, LoraxValueError
 from lorax.leaf import is_lorax_leaf
@@ -81,7 +79,7 @@ def _uniform(what: str, values: dict[str, Any], option: str) -> Any:
 
 def export_lycoris(directory: Path, tree: Any, modules: Any, base_model_name: str | None) -> Path:
     """Writes the LoHa or LoKr leaves (and Unfrozen ones, as modules_to_save) of ``tree``."""
-    from lorax.io.peft import CONFIG_FILE, PREFIX, WEIGHTS_FILE
+    from lorax.io.peft import PREFIX
     from lorax.io.peft_saved import export_saved
 
     what = "lorax.export_peft"
@@ -163,15 +161,9 @@ def export_lycoris(directory: Path, tree: Any, modules: Any, base_model_name: st
     extra, saved, _ = export_saved(tree, modules, set(ranks), what=what, bias_option=False)
     tensors.update(extra)
     config["modules_to_save"] = saved
-    if jax.process_index() == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+    from lorax.io.peft import write_adapter
 
-        multihost_utils.sync_global_devices(f"lorax.export_peft {directory}")
-    return directory
+    return write_adapter(directory, tensors, config)
 
 
 def _check_lokr_layout(what: str, path: str, leaf: LokrWeight, name: str, config: Any) -> None:

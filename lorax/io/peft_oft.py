@@ -12,7 +12,6 @@ parameters are written projected (the values peft computes with).
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,7 +20,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import save_file
 
 from lorax.errors import LoraxValueError
 from lorax.leaf import is_lorax_leaf
@@ -47,7 +45,7 @@ _CONV1D = (
 def export_oft(directory: Path, tree: Any, modules: Any, base_model_name: str | None) -> Path:
     """Writes the OFT leaves (and Unfrozen ones, as modules_to_save) of ``tree``."""
     from lorax.io.checkpoint import host_value
-    from lorax.io.peft import CONFIG_FILE, PREFIX, WEIGHTS_FILE
+    from lorax.io.peft import PREFIX
     from lorax.io.peft_saved import export_saved
 
     what = "lorax.export_peft"
@@ -126,15 +124,9 @@ def export_oft(directory: Path, tree: Any, modules: Any, base_model_name: str | 
         "peft_version": "0.18.0",
         **dict(zip(_OPTIONS, next(iter(options)), strict=True)),
     }
-    if jax.process_index() == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+    from lorax.io.peft import write_adapter
 
-        multihost_utils.sync_global_devices(f"lorax.export_peft {directory}")
-    return directory
+    return write_adapter(directory, tensors, config)
 
 
 def import_oft(

@@ -13,7 +13,6 @@ torch's generator, and so does the import here (it needs torch).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -23,7 +22,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import save_file
 
 from lorax.errors import LoraxValueError
 from lorax.leaf import is_lorax_leaf
@@ -46,7 +44,7 @@ def export_vera(directory: Path, tree: Any, modules: Any, base_model_name: str |
     """Writes the VeRA leaves (and Unfrozen ones, as modules_to_save) of ``tree``;
     ``modules`` is the :class:`lorax.io.peft.PeftModuleMap`."""
     from lorax.io.checkpoint import host_value
-    from lorax.io.peft import CONFIG_FILE, PREFIX, WEIGHTS_FILE
+    from lorax.io.peft import PREFIX
     from lorax.io.peft_saved import export_saved
 
     what = "lorax.export_peft"
@@ -136,15 +134,9 @@ def export_vera(directory: Path, tree: Any, modules: Any, base_model_name: str |
         "inference_mode": True,
         "peft_version": "0.13.0",
     }
-    if jax.process_index() == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+    from lorax.io.peft import write_adapter
 
-        multihost_utils.sync_global_devices(f"lorax.export_peft {directory}")
-    return directory
+    return write_adapter(directory, tensors, config)
 
 
 def peft_projections(seed: int, rank: int, max_in: int, max_out: int) -> tuple[Any, Any]:
