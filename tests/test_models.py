@@ -259,8 +259,8 @@ def test_lora_and_nf4_on_reference_models(checkpoints):
         )
         lp = jax.tree.map(lambda x: x + 0.1 if x.ndim == 2 and x.shape[0] == 4 else x, lp)
         with jax.default_matmul_precision("highest"):
-            unmerged = lorax.lora(model.apply)({"params": lp}, ids)
-            merged = model.apply({"params": lorax.merge(lp)}, ids)
+            unmerged = jax.jit(lorax.lora(model.apply))({"params": lp}, ids)
+            merged = jax.jit(model.apply)({"params": lorax.merge(lp)}, ids)
         np.testing.assert_allclose(unmerged, merged, atol=1e-4, rtol=1e-4)
         np.testing.assert_array_equal(
             generate(model, lp, ids[:, :4], 5), generate(model, lorax.merge(lp), ids[:, :4], 5)

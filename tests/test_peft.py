@@ -157,7 +157,7 @@ def test_import_errors(bases, tmp_path, monkeypatch):
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     with pytest.raises(ValueError, match="use_dora"):
         lorax.import_peft(tmp_path, params)
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LOHA"}))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "BOFT"}))
     with pytest.raises(ValueError, match="not LORA"):
         lorax.import_peft(tmp_path, params)
     missing = tmp_path / "missing"
