@@ -19,6 +19,33 @@ def _no_densify(recwarn):
     assert not bad, f"unexpected densify warnings: {[str(w.message) for w in bad]}"
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "fast_compile: the module's programs compile with jax_disable_most_optimizations "
+        "(XLA's backend at -O0, as the multi-device and documentation processes run)",
+    )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile(request):
+    """A module marked ``pytestmark = pytest.mark.fast_compile`` compiles its programs with
+    jax_disable_most_optimizations: the same optimised HLO (so the same operations and
+    FLOPs), LLVM's code generation at -O0 and without its expensive passes. Its tests
+    compile small shapes many times and run them briefly, so compiling is most of their
+    time; the flag about halves it. Module-scoped, so that the module's fixtures compile
+    under it too."""
+    if request.node.get_closest_marker("fast_compile") is None:
+        yield
+        return
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
+
+
 # tests/multidevice needs 8 devices: tests/test_multidevice.py runs it in a process of its
 # own with 8 simulated CPU devices (one device here keeps every other test's numerics as on
 # a plain machine). On a machine with 8 devices it is collected directly as well.

@@ -13,6 +13,7 @@ from lorax.models import generate, gpt2, llama
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.fast_compile  # compile-bound: small shapes (tests/conftest.py)
 
 VOCAB = 97
 
