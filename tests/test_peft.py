@@ -24,6 +24,7 @@ from lorax.paths import path_str
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.fast_compile  # compile-bound: small shapes (tests/conftest.py)
 
 from test_models import _hf_gpt2, _hf_llama, _tokens  # noqa: E402
 
