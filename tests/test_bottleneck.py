@@ -12,6 +12,8 @@ from helpers import fit
 
 import lorax
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: small shapes (tests/conftest.py)
+
 
 class _Layer(nn.Module):
     @nn.compact
