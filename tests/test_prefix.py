@@ -11,6 +11,8 @@ from helpers import fit
 from lorax.models import generate, gpt2, init_prefix, init_prompt, llama, prefix_cache
 from lorax.models.prefix import extend_cache
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: small shapes (tests/conftest.py)
+
 VOCAB = 61
 
 
