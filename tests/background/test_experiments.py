@@ -12,6 +12,8 @@ import pytest
 
 import lorax
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: small shapes (tests/conftest.py)
+
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 RUN_KEYS = {
     "variant",
