@@ -10,6 +10,8 @@ from helpers import randomize_b
 import lorax
 from lorax.models import generate, llama
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: small shapes (tests/conftest.py)
+
 
 def _model(scan_layers):
     model = llama.Llama(
