@@ -14,6 +14,8 @@ from helpers import randomize_b
 import lorax
 from lorax.models import gpt2
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: small shapes (tests/conftest.py)
+
 
 def _small():
     params = {
