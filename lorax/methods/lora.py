@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from lorax.leaf import Array, OverBase, materialize, register_leaf, shape_of, static_field, unfit
-from lorax.methods import lora_ragged, lora_slicing
+from lorax.methods import lora_merged, lora_ragged, lora_slicing
 
 _LETTERS = [c for c in string.ascii_letters if c != "r"]
 
@@ -125,6 +125,17 @@ class LoraWeight(OverBase):
         bind,
         rng=None,
     ):
+        dropout = rng is not None and self.dropout > 0
+        if explicit_spec(other) is None and lora_merged.merge_pays(
+            self, other, dimension_numbers, leaf_is_lhs, dropout=dropout
+        ):
+            # Many tokens: one product with W + s A @ B, cheaper than the skinny ones.
+            lowrank = lambda leaf, x: _lowrank_dot(  # noqa: E731
+                leaf, x, dimension_numbers, leaf_is_lhs, precision, preferred_element_type
+            )
+            return lora_merged.merged_dot_general(
+                self, other, leaf_is_lhs=leaf_is_lhs, bind=bind, lowrank=lowrank
+            )
         base_out = self.base_dot(
             other,
             dimension_numbers=dimension_numbers,
@@ -135,7 +146,7 @@ class LoraWeight(OverBase):
         )
         if base_out is NotImplemented:
             return NotImplemented
-        if rng is not None and self.dropout > 0:  # inverted dropout on the low-rank input
+        if rng is not None and dropout:  # inverted dropout on the low-rank input
             keep = jax.random.bernoulli(rng, 1.0 - self.dropout, other.shape)
             other = jnp.where(keep, other / (1.0 - self.dropout), 0).astype(other.dtype)
         low = _lowrank_dot(
