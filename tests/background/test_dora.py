@@ -10,6 +10,8 @@ from helpers import fit, randomize_b
 
 import lorax
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: small shapes (tests/conftest.py)
+
 
 def _perturb(lp, key):
     """Non-zero B and a magnitude away from the base's norms, so every term matters."""

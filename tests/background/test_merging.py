@@ -21,6 +21,8 @@ from peft.utils import merge_utils as pm
 import lorax
 from lorax.methods import merging
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: small shapes (tests/conftest.py)
+
 FEW = settings(max_examples=12, deadline=None)
 IN, OUT, R = 6, 5, 2  # IN * R != R * OUT != IN * OUT: a mask's shape says which tensor it is
 
