@@ -1,5 +1,6 @@
 """LoRA (Hu et al. 2021): a frozen base plus a trainable low-rank update, and how it acts
-for the dense weight without forming it (``x @ W + s * (x @ A) @ B``)."""
+for the dense weight without forming it (``x @ W + s * (x @ A) @ B``), or, for a product
+over many tokens, with the merged weight formed for that product (``lora_merged``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from lorax.leaf import Array, OverBase, materialize, register_leaf, shape_of, static_field, unfit
@@ -343,7 +345,8 @@ def _lowrank_dot(
 
     x is contracted with whichever factor is cheaper first (A when x contracts W's input
     axes, B when it contracts the output axes, e.g. a tied embedding used as the LM head);
-    A and B are never multiplied together, so no weight-shaped array is formed.
+    A and B are never multiplied together, so no weight-shaped array is formed (the
+    merged-weight path, ``lora_merged``, is the one that forms it, when that is cheaper).
     """
     (lc, rc), (lb, rb) = dimension_numbers
     xc, wc, xb, wb = (rc, lc, rb, lb) if leaf_is_lhs else (lc, rc, lb, rb)
@@ -405,7 +408,8 @@ def _lowrank_dot(
     )
     if leaf.scale != 1.0:
         t = t * jnp.asarray(leaf.scale, t.dtype)
-    t = t.astype(compute)
+    # named so that the merged-weight path's checkpoint keeps it for the backward pass
+    t = checkpoint_name(t.astype(compute), lora_merged.LOWRANK_T)
     return jnp.einsum(
         f"{mid},{second}->{''.join(out)}",
         t,

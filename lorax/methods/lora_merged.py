@@ -52,6 +52,7 @@ if TYPE_CHECKING:  # lora.py imports this module
     from lorax.methods.lora import LoraWeight
 
 MERGED_WEIGHT = "lorax_merged_weight"  # the checkpoint name of W + s A @ B
+LOWRANK_T = "lorax_lowrank_t"  # that of s x @ A, the low-rank path's intermediate
 
 # The low-rank path ``(leaf, x) -> s (x @ A) @ B`` for the product at hand (lora.py's).
 LowRank = Callable[["LoraWeight", Array], Array]
@@ -139,9 +140,9 @@ def merged_dot_general(
         return y, dy
 
     f.defjvp(f_jvp, symbolic_zeros=True)
-    # Nothing of the product is kept for the backward pass: it recomputes the merged weight
-    # (and x @ A) from the inputs, so no weight-sized buffer outlives the product.
-    policy = jax.checkpoint_policies.nothing_saveable
+    # Only x @ A is kept for the backward pass: it recomputes the merged weight from the
+    # inputs, so no weight-sized buffer outlives the product.
+    policy = jax.checkpoint_policies.save_only_these_names(LOWRANK_T)
     return jax.checkpoint(f, policy=policy)(x, leaf.base, leaf.a, leaf.b)
 
 
