@@ -22,6 +22,8 @@ import lorax
 from lorax.errors import LoraxValueError
 from lorax.methods.adalora import kept_ranks, triplet_scores
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: small shapes (tests/conftest.py)
+
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 from peft.tuners.adalora.layer import RankAllocator  # noqa: E402

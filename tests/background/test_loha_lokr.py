@@ -18,6 +18,8 @@ import lorax.io.peft
 from lorax.errors import LoraxTypeError, LoraxValueError
 from lorax.methods.hadamard_kron import factorization, lokr_layout
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: small shapes (tests/conftest.py)
+
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 from peft.tuners.lokr.layer import factorization as peft_factorization  # noqa: E402

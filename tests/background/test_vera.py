@@ -18,6 +18,8 @@ import lorax
 from lorax.errors import LoraxTypeError, LoraxValueError
 from lorax.methods.vera import VeraWeight
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: small shapes (tests/conftest.py)
+
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
