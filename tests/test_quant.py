@@ -10,6 +10,8 @@ from helpers import check_lora_equals_merged, fit, randomize_b
 import lorax
 from lorax.quant import DYNAMIC_MAP, quantize_nf4
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: small shapes (tests/conftest.py)
+
 # ---- the reference, written from docs/nf4.md alone -------------------------------------
 CODE = np.array(
     [

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 import lorax
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: small shapes (tests/conftest.py)
+
 KEY = jax.random.key(0)
 
 
