@@ -8,6 +8,9 @@ Modes (one process, interleaved timing):
   with respect to them alone (the rest closed over), so the step is forward + dX, no dW.
 - ``hand``: LoRA written into the model (``y = x @ W + (x @ A) @ B * s``), A and B train.
 - ``lorax``: the plain model under ``lorax.lora`` with ``lorax.wrap`` leaves (same W, A, B).
+- ``lorax_lowrank``: ``lorax`` with every product on the low-rank path (the merged-weight
+  products of lorax/methods/lora_merged.py switched off while the step is traced): lorax
+  as it was before attempt 8.
 - variants of the low-rank math, written by hand in JAX (not in lorax):
   ``fused_qkv_a`` (one GEMM ``x @ [A_q|A_k|A_v]`` for q, k, v); ``custom_vjp`` (x flattened
   to ``(N, in)``, a VJP that saves ``t = x @ A``, scales B instead of the output, computes
@@ -16,19 +19,24 @@ Modes (one process, interleaved timing):
   and ``vjp_kcat`` (the K=r products as fused multiply-adds, or folded into the base GEMM
   along K); ``concat_w`` (one GEMM ``x @ [W | A]`` forward and ``[dy | dt] @ [W | A]^T``
   backward); ``fused_vjp`` (``fused_qkv_a`` with a VJP on the B side); ``tscale``
-  (autodiff, the scale on ``x @ A``, as lorax does).
+  (autodiff, the scale on ``x @ A``, as lorax does); ``merged_vjp`` (``x @ (W + s A B)``
+  with a VJP that computes ``dx`` with the merged weight and dA, dB in the low-rank form,
+  no dW); ``merged_cat`` (the same with ``x @ A`` and ``g @ B^T`` folded into the base
+  GEMMs: ``[y | t] = x @ [W' | A]``, ``[dx | g B^T] = g @ [W' ; B]^T``).
 - prototypes through lorax: ``lorax_flat``, ``lorax_flat_lr``, ``lorax_vjp`` run the plain
   model under ``lorax.lora`` with a ``dot_general`` rule (``lorax.using_rules``) that
   flattens x (``_lr``: for the low-rank path only) or applies the custom VJP; lorax/ itself
-  is unchanged (:func:`lorax_rule`).
-- ``--model gpt2|llama``: ``floor``, ``lorax``, ``lorax_flat_lr``, ``lorax_vjp`` on lorax's
-  reference models at these sizes.
+  is unchanged (:func:`lorax_rule`); ``lorax_merged`` and ``lorax_merged_cat`` likewise
+  apply ``merged_vjp`` / ``merged_cat``.
+- ``--model gpt2|llama``: ``floor``, ``lorax``, ``lorax_lowrank``, ``lorax_flat_lr``,
+  ``lorax_vjp``, ``lorax_merged``, ``lorax_merged_cat`` on lorax's reference models at these
+  sizes.
 
 Where the time goes: ``--hlo MODE`` counts the compiled step's ops by category (what each dot
 computes and whether YNNPACK or XLA's Eigen dot runs it, copies / transposes, elementwise
 fusions); ``--profile MODE`` traces steps with ``jax.profiler`` and sums the time per op and
 per category (benchmarks/profile_summary.py reads the trace). Results: benchmarks/NOTES.md,
-attempt 4.
+attempts 4, 5 and 8.
 
     python benchmarks/lowrank_cost.py                      # every mode, the table
     python benchmarks/lowrank_cost.py --modes floor,hand,lorax --rounds 7 --steps 5
@@ -71,9 +79,15 @@ VARIANTS = (
     "concat_w",
     "fused_vjp",
     "tscale",
+    "lorax_lowrank",
     "lorax_flat",
     "lorax_flat_lr",
     "lorax_vjp",
+    "merged_vjp",
+    "merged_cat",
+    "merged_ew",
+    "lorax_merged",
+    "lorax_merged_cat",
 )
 MODES = BASE_MODES + VARIANTS
 
@@ -289,6 +303,9 @@ def linear_impls() -> dict:
         "vjp_kcat": _vjp_variant("kcat"),
         "concat_w": _concat_linear(),
         "fused_vjp": vjp,
+        "merged_vjp": _merged_linear(),
+        "merged_cat": _merged_linear(cat=True),
+        "merged_ew": _merged_linear(ew=True),
     }
 
 
@@ -339,6 +356,19 @@ def _fused_vjp_part():
     return lin
 
 
+def _lowrank_only(mode: str):
+    """For ``lorax_lowrank``: lorax with every product on the low-rank path (lorax before
+    attempt 8's merged products), by switching off the cost model while the step is traced."""
+    import contextlib
+    from unittest import mock
+
+    from lorax.methods import lora_merged
+
+    if mode != "lorax_lowrank":
+        return contextlib.nullcontext()
+    return mock.patch.object(lora_merged, "merge_pays", lambda *a, **k: False)
+
+
 def lorax_rule(mode: str):
     """A ``dot_general`` rule for ``lorax.using_rules``: the interpreter's low-rank path
     replaced, for ``x @ W`` with a 2-D LoRA leaf on an array base, by ``lorax_flat``
@@ -348,7 +378,11 @@ def lorax_rule(mode: str):
     leaf as usual. A prototype of a change to ``LoraWeight.dot_general``, from outside."""
     import lorax
 
-    impl = _vjp_linear("tn") if mode == "lorax_vjp" else None
+    impl = {
+        "lorax_vjp": _vjp_linear("tn"),
+        "lorax_merged": _merged_linear(),
+        "lorax_merged_cat": _merged_linear(cat=True),
+    }.get(mode)
 
     def flat(x, w, a, b, s):
         low = ((_flat(x) @ a) * s) @ b
@@ -382,6 +416,58 @@ def lorax_rule(mode: str):
 
 
 # ----- the model --------------------------------------------------------------------------
+def _merged_linear(cat: bool = False, ew: bool = False):
+    """``x @ (W + s A B)``: the update merged into the weight for this product (an ``in x
+    out x r`` product, no token axis) and one GEMM of the base's size forward and for dx;
+    the factor gradients as autodiff of the low-rank path writes them, ``dA = s x^T (g
+    B^T)`` and ``dB = s (x A)^T g``, without dW. The merged weight is recomputed in the
+    backward pass rather than saved."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    nt = (((1,), (1,)), ((), ()))
+    tn = (((0,), (0,)), ((), ()))
+
+    def merged(w, a, b, s):
+        if ew:  # r broadcast multiply-adds in one loop fusion, no K=r GEMM
+            return w + jnp.sum((a * s)[:, :, None] * b[None, :, :], axis=1)
+        return w + (a * s) @ b
+
+    @jax.custom_vjp
+    def f(x, w, a, b, s):
+        return x @ merged(w, a, b, s)
+
+    def fwd(x, w, a, b, s):
+        if not cat:
+            return f(x, w, a, b, s), (x, w, a, b, s, None)
+        # ``cat``: ``[y | t] = x @ [W' | A]``, the skinny product inside the base GEMM
+        out = w.shape[1]
+        z = x @ jnp.concatenate([merged(w, a, b, s), a], axis=1)
+        return z[:, :out], (x, w, a, b, s, z[:, out:])
+
+    def bwd(res, g):
+        x, w, a, b, s, t = res
+        if cat:  # ``[dx | g B^T] = g @ [W' ; B]^T``
+            z = lax.dot_general(g, jnp.concatenate([merged(w, a, b, s), b], axis=0), nt)
+            dx, dt = z[:, : x.shape[1]], z[:, x.shape[1] :]
+        else:
+            dx = lax.dot_general(g, merged(w, a, b, s), nt)
+            t = x @ a
+            dt = lax.dot_general(g, b, nt)
+        da = lax.dot_general(x, dt, tn) * s
+        db = lax.dot_general(t, g, tn) * s
+        return dx, jnp.zeros_like(w), da, db, jnp.zeros_like(s)
+
+    f.defvjp(fwd, bwd)
+
+    def lin(x, w, a, b, s):
+        y = f(_flat(x), w, a, b, jnp.asarray(s, x.dtype))
+        return y.reshape(*x.shape[:-1], w.shape[1])
+
+    return lin
+
+
 def make_model(shape: Shape, impl: str | None):
     """The decoder; ``impl`` None: plain ``nn.Dense`` layers (full, floor, lorax), else
     LoRA layers with params ``kernel``, ``lora_a``, ``lora_b`` computed by ``impl``."""
@@ -524,10 +610,10 @@ def setup_mode(mode: str, shape: Shape, hand_params, tokens):
         lp = jax.tree_util.tree_map_with_path(put, lp, is_leaf=lorax.is_lorax_leaf)
         t, f = lorax.split(lp)
         apply = lorax.lora(model.apply, strict=True)
-        rules = {} if mode == "lorax" else {"dot_general": lorax_rule(mode)}
+        rules = {} if mode in ("lorax", "lorax_lowrank") else {"dot_general": lorax_rule(mode)}
 
         def loss(t, f, tok):
-            with lorax.using_rules(rules):  # read while the step is traced
+            with lorax.using_rules(rules), _lowrank_only(mode):  # read while traced
                 return ce(apply({"params": lorax.combine(t, f)}, tok[:, :-1]))
 
         return loss, t, f
@@ -539,7 +625,15 @@ def setup_mode(mode: str, shape: Shape, hand_params, tokens):
     return loss, factors, base_flat
 
 
-REFERENCE_MODES = ("floor", "lorax", "lorax_flat_lr", "lorax_vjp")
+REFERENCE_MODES = (
+    "floor",
+    "lorax",
+    "lorax_lowrank",
+    "lorax_flat_lr",
+    "lorax_vjp",
+    "lorax_merged",
+    "lorax_merged_cat",
+)
 REFERENCE_TARGETS = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -612,10 +706,10 @@ def setup_reference(name: str, mode: str, shape: Shape, tokens):
     ]
     t, f = lorax.split(jax.tree.unflatten(treedef, leaves))
     apply = lorax.lora(model.apply, strict=True)
-    rules = {} if mode == "lorax" else {"dot_general": lorax_rule(mode)}
+    rules = {} if mode in ("lorax", "lorax_lowrank") else {"dot_general": lorax_rule(mode)}
 
     def loss(t, f, tok):
-        with lorax.using_rules(rules):
+        with lorax.using_rules(rules), _lowrank_only(mode):
             return ce(apply({"params": lorax.combine(t, f)}, tok[:, :-1]))
 
     return loss, t, f

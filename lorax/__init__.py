@@ -11,7 +11,7 @@ such a tree::
     dense = lorax.merge(lp)                  # plain arrays again, for export
 
 ``lorax.lora`` traces the function to a jaxpr and evaluates it with an interpreter that
-computes ``x @ W + s * (x @ A) @ B`` without ever forming ``W + s * A @ B``; see
+computes ``x @ W + s * (x @ A) @ B`` without storing ``W + s * A @ B``; see
 ``lorax/transform.py``.
 """
 
