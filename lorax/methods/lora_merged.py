@@ -30,8 +30,10 @@ the low-rank path.
 
 The rule is a ``jax.custom_jvp`` whose tangent is written in the low-rank form, so forward
 mode, reverse mode, ``vmap`` and ``remat`` all work; the merged weight is tagged
-``lorax_merged_weight`` and recomputed in the backward pass (a ``jax.checkpoint`` that saves
-everything else), so no weight-sized buffer lives from the forward pass to the backward one.
+``lorax_merged_weight`` and recomputed in the backward pass (a ``jax.checkpoint`` that keeps
+only ``x @ A``), so the program keeps no weight-sized residual. XLA's CPU backend may still
+share the ``A @ B`` product between the two passes: +6.8 % temporaries on a d=768 step in
+benchmarks/NOTES.md attempt 8, -3 % at d=256.
 """
 
 from __future__ import annotations
@@ -133,15 +135,16 @@ def merged_dot_general(
             dw = jax.jvp(materialize, (base,), (_instantiate(dbase, base),))[1]
             terms.append(product(x, dw.astype(w.dtype)))
         if not (isinstance(da, SymbolicZero) and isinstance(db, SymbolicZero)):
-            low = lambda a, b: lowrank(leaf.replace(a=a, b=b), x)  # noqa: E731
+            low = lambda a, b: lowrank(leaf.replace(base=base, a=a, b=b), x)  # noqa: E731
             dlow = jax.jvp(low, (a, b), (_instantiate(da, a), _instantiate(db, b)))[1]
             terms.append(dlow.astype(y.dtype))
         dy = sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
         return y, dy
 
     f.defjvp(f_jvp, symbolic_zeros=True)
-    # Only x @ A is kept for the backward pass: it recomputes the merged weight from the
-    # inputs, so no weight-sized buffer outlives the product.
+    # Only x @ A is kept for the backward pass, which recomputes the merged weight from the
+    # inputs: no weight-sized residual. (XLA's CPU backend may still share the A @ B product
+    # between the two passes; benchmarks/NOTES.md, attempt 8.)
     policy = jax.checkpoint_policies.save_only_these_names(LOWRANK_T)
     return jax.checkpoint(f, policy=policy)(x, leaf.base, leaf.a, leaf.b)
 
