@@ -369,6 +369,17 @@ def test_adapter_factor_shapes(adapter):
         lorax.import_peft(directory, params)
 
 
+def test_an_adapter_on_some_layers_of_a_stack_is_refused(saved, adapter):
+    """One stacked leaf holds every layer: an adapter that covers h.0 but not h.1 cannot be
+    put on a scanned GPT-2's c_attn, and the error names the stack."""
+    directory, _ = adapter
+    _, scanned = gpt2.from_pretrained(saved["gpt2"][0], scan_layers=True)
+    lorax.import_peft(directory, scanned)  # whole, it imports onto the stack
+    _rewrite_tensors(directory, lambda t: [t.pop(k) for k in list(t) if ".h.1." in k])
+    with pytest.raises(LoraxValueError, match=r"covers 1 of the 2 layers stacked in '.*c_attn"):
+        lorax.import_peft(directory, scanned)
+
+
 def test_dora_magnitude_shape_is_checked(saved, tmp_path):
     model, params = gpt2.from_pretrained(saved["gpt2"][0])
     lp = lorax.wrap(params, rank=4, targets=["c_attn"], dora=True)

@@ -106,6 +106,44 @@ def write_adapter(
 ModuleMap = Mapping[str, list[tuple[str, int | None]]]
 
 
+def adapted_modules(
+    what: str, names: ModuleMap, path: str, holds: Callable[[str], bool]
+) -> list[tuple[str, int | None]] | None:
+    """The modules of the Flax kernel ``path`` that an adapter holds tensors for.
+
+    Args:
+      what: the calling function's name, for the error message.
+      names: ``{flax_kernel_path: [(module name, layer), ...]}``, a module map's
+        ``modules``.
+      path: the kernel's '/'-joined path.
+      holds: whether the adapter's tensors include a module's (by module name).
+
+    Returns:
+      ``[(module name, layer), ...]``, or None when ``path`` is not in the map or the
+      adapter holds none of its modules.
+
+    Raises:
+      LoraxValueError: the adapter holds some but not all of the layers stacked in
+        ``path`` (a partial adapter cannot be one stacked leaf).
+
+    Example:
+      >>> adapted_modules("f", {"h/kernel": [("h.0", 0), ("h.1", 1)]}, "h/kernel",
+      ...                 lambda n: True)
+      [('h.0', 0), ('h.1', 1)]
+    """
+    if path not in names:
+        return None
+    found = [(n, layer) for n, layer in names[path] if holds(n)]
+    if not found:
+        return None
+    if len(found) != len(names[path]):
+        raise LoraxValueError(
+            f"{what}: the adapter covers {len(found)} of the {len(names[path])} layers "
+            f"stacked in '{path}'"
+        )
+    return found
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PeftModuleMap:
     """What PEFT interop needs to know of a model: the PyTorch module of each adapted Flax
@@ -751,16 +789,11 @@ def import_peft(
     used: set[str] = set()
 
     def build(path: str, leaf: Any) -> Any:
-        if path not in names:
+        found = adapted_modules(
+            "lorax.import_peft", names, path, lambda n: f"{n}.lora_A.weight" in tensors
+        )
+        if found is None:
             return None
-        found = [(n, layer) for n, layer in names[path] if f"{n}.lora_A.weight" in tensors]
-        if not found:
-            return None
-        if len(found) != len(names[path]):
-            raise LoraxValueError(
-                f"lorax.import_peft: the adapter covers {len(found)} of the "
-                f"{len(names[path])} layers stacked in '{path}'"
-            )
         a_list, b_list, m_list, scales = [], [], [], set()
         dora = bool(config.get("use_dora"))
         for name, _ in found:

@@ -157,7 +157,7 @@ def import_adalora(
 ) -> Any:
     """``params`` with the AdaLoRA adapter of ``directory`` on it (``tensors`` keyed by
     module path without peft's prefix)."""
-    from lorax.io.peft import CONFIG_FILE, WEIGHTS_FILE
+    from lorax.io.peft import CONFIG_FILE, WEIGHTS_FILE, adapted_modules
 
     what = "lorax.import_peft"
     file = directory / CONFIG_FILE
@@ -203,16 +203,9 @@ def import_adalora(
         return a, e, b, kept.astype(e.dtype)
 
     def build(path: str, leaf: Any) -> Any:
-        if path not in names:
+        found = adapted_modules(what, names, path, lambda n: f"{n}.lora_A" in tensors)
+        if found is None:
             return None
-        found = [(n, i) for n, i in names[path] if f"{n}.lora_A" in tensors]
-        if not found:
-            return None
-        if len(found) != len(names[path]):
-            raise LoraxValueError(
-                f"{what}: the adapter covers {len(found)} of the {len(names[path])} layers "
-                f"stacked in '{path}'"
-            )
         parts = [layer(n) for n, _ in found]
         stacked = found[0][1] is not None
         a, e, b, mask = (np.stack(p) if stacked else p[0] for p in zip(*parts, strict=True))

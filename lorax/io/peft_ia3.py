@@ -133,7 +133,7 @@ def import_ia3(
 ) -> tuple[Any, set[str]]:
     """``params`` with the IA3 vectors of ``tensors`` (keys without peft's prefix) on it, and
     the keys used."""
-    from lorax.io.peft import WEIGHTS_FILE
+    from lorax.io.peft import WEIGHTS_FILE, adapted_modules
 
     what = "lorax.import_peft"
     if not any(re.search(r"\.ia3_l(\.[^.]+)?$", k) for k in tensors):
@@ -146,16 +146,9 @@ def import_ia3(
     paths = set(_paths(params))
 
     def build(path: str, leaf: Any) -> Any:
-        if path not in names:
+        found = adapted_modules(what, names, path, lambda n: f"{n}.ia3_l" in tensors)
+        if found is None:
             return None
-        found = [(n, i) for n, i in names[path] if f"{n}.ia3_l" in tensors]
-        if not found:
-            return None
-        if len(found) != len(names[path]):
-            raise LoraxValueError(
-                f"{what}: the adapter covers {len(found)} of the {len(names[path])} layers "
-                f"stacked in '{path}'"
-            )
         stacked = found[0][1] is not None
         per_layer = tuple(leaf.shape[1:] if stacked else leaf.shape)
         if len(per_layer) != 2 or (stacked and leaf.shape[0] != len(found)):

@@ -226,7 +226,7 @@ def import_lycoris(
     dtype: Any,
 ) -> Any:
     """``params`` with the LoHa / LoKr factors of ``tensors`` (from :func:`split_lycoris`)."""
-    from lorax.io.peft import CONFIG_FILE, WEIGHTS_FILE, _pattern
+    from lorax.io.peft import CONFIG_FILE, WEIGHTS_FILE, _pattern, adapted_modules
 
     what = "lorax.import_peft"
     file = directory / WEIGHTS_FILE
@@ -291,16 +291,11 @@ def import_lycoris(
         return out
 
     def build(path: str, leaf: Any) -> Any:
-        if path not in names:
+        found = adapted_modules(
+            what, names, path, lambda n: any(k.startswith(f"{n}.") for k in tensors)
+        )
+        if found is None:
             return None
-        found = [(n, i) for n, i in names[path] if any(k.startswith(f"{n}.") for k in tensors)]
-        if not found:
-            return None
-        if len(found) != len(names[path]):
-            raise LoraxValueError(
-                f"{what}: the adapter covers {len(found)} of the {len(names[path])} layers "
-                f"stacked in '{path}'"
-            )
         stacked = found[0][1] is not None
         per_layer = tuple(leaf.shape[1:] if stacked else leaf.shape)
         if len(per_layer) != 2 or (stacked and leaf.shape[0] != len(found)):

@@ -139,7 +139,7 @@ def import_oft(
 ) -> tuple[Any, set[str]]:
     """``params`` with the OFT rotations of ``tensors`` (keys without peft's prefix) on it,
     and the keys used."""
-    from lorax.io.peft import CONFIG_FILE, WEIGHTS_FILE
+    from lorax.io.peft import CONFIG_FILE, WEIGHTS_FILE, adapted_modules
 
     what = "lorax.import_peft"
     names = modules.modules
@@ -180,16 +180,9 @@ def import_oft(
     used: set[str] = set()
 
     def build(path: str, leaf: Any) -> Any:
-        if path not in names:
+        found = adapted_modules(what, names, path, lambda n: f"{n}.oft_R.weight" in tensors)
+        if found is None:
             return None
-        found = [(n, i) for n, i in names[path] if f"{n}.oft_R.weight" in tensors]
-        if not found:
-            return None
-        if len(found) != len(names[path]):
-            raise LoraxValueError(
-                f"{what}: the adapter covers {len(found)} of the {len(names[path])} layers "
-                f"stacked in '{path}'"
-            )
         stacked = found[0][1] is not None
         per_layer = tuple(leaf.shape[1:] if stacked else leaf.shape)
         if len(per_layer) != 2:
