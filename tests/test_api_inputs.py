@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 import lorax
 from lorax.errors import LoraxTiedWeightWarning
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: small shapes (tests/conftest.py)
+
 PARAMS = {
     "dense": {"kernel": jnp.ones((8, 6)), "bias": jnp.zeros(6)},
     "proj": {"kernel": jnp.ones((6, 4))},

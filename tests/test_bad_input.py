@@ -15,10 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lorax
+
+pytestmark = pytest.mark.fast_compile  # compile-bound: small shapes (tests/conftest.py)
 
 FUZZ = settings(
     max_examples=15,

@@ -5,9 +5,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from helpers import randomize_b
 
 import lorax
+
+pytestmark = pytest.mark.fast_compile  # compile-bound: small shapes (tests/conftest.py)
 
 W = jax.random.normal(jax.random.key(0), (16, 8))
 X = jax.random.normal(jax.random.key(1), (4, 16))

@@ -8,6 +8,8 @@ import pytest
 
 import lorax
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: small shapes (tests/conftest.py)
+
 PARAMS = {
     "encoder": {
         "query": {"kernel": jnp.ones((16, 8)), "bias": jnp.zeros(8)},

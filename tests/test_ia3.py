@@ -5,9 +5,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from helpers import fit
 
 import lorax
+
+pytestmark = pytest.mark.fast_compile  # compile-bound: small shapes (tests/conftest.py)
 
 
 class _Layer(nn.Module):

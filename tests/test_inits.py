@@ -7,6 +7,8 @@ import pytest
 
 import lorax
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: small shapes (tests/conftest.py)
+
 W = jax.random.normal(jax.random.key(0), (3, 32, 48))  # three stacked layers
 PARAMS = {"ScanLayers": {"kernel": W}}
 

@@ -21,6 +21,8 @@ transformers = pytest.importorskip("transformers")
 
 from test_models import VOCAB, _hf_gpt2, _hf_llama, _randomize, _tokens  # noqa: E402
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: small shapes (tests/conftest.py)
+
 TINY = dict(
     vocab_size=VOCAB,
     hidden_size=32,

@@ -13,6 +13,8 @@ import lorax
 from lorax.errors import LoraxValueError
 from lorax.optim import loraplus_labels
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: small shapes (tests/conftest.py)
+
 
 def _tree():
     params = {

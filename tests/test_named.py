@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 import lorax
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: small shapes (tests/conftest.py)
+
 PARAMS = {
     "l1": {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=(6, 8)), jnp.float32)},
     "l2": {

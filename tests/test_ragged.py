@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 import lorax
 from lorax.layout import infer_in_axes
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: small shapes (tests/conftest.py)
+
 # Data comes from numpy: each jax.random program of a new shape is an XLA compile (~1 s on
 # a small CPU), and this file would spend most of its time compiling random number makers.
 RNG = np.random.default_rng(0)

@@ -17,6 +17,8 @@ from helpers import assert_tree_close, randomize_b
 
 import lorax
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: small shapes (tests/conftest.py)
+
 V, D, F, H, K, T = 13, 16, 24, 2, 8, 6  # vocab, width, hidden, heads, head dim, tokens
 IDS = jnp.array([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]])
 

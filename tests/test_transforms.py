@@ -9,6 +9,8 @@ from helpers import assert_tree_close, check_lora_equals_merged, randomize_b
 
 import lorax
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: small shapes (tests/conftest.py)
+
 KEY = jax.random.key(0)
 
 

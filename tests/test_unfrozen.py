@@ -11,6 +11,8 @@ from helpers import fit
 
 import lorax
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: small shapes (tests/conftest.py)
+
 
 class Net(nn.Module):
     @nn.compact
