@@ -14,6 +14,8 @@ import lorax
 from lorax.io import checkpoint
 from lorax.leaf import LEAF_KINDS, OverBase, leaf_kind
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: small shapes (tests/conftest.py)
+
 
 @lorax.register_leaf(kind="test.row_scaled")
 class RowScaled(OverBase):

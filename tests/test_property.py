@@ -3,11 +3,14 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lorax
 from lorax.methods.lora import LoraWeight
+
+pytestmark = pytest.mark.fast_compile  # compile-bound: small shapes (tests/conftest.py)
 
 
 @st.composite

@@ -18,6 +18,8 @@ import lorax
 from lorax.models import hub, llama
 from lorax.quant import quantizers
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: small shapes (tests/conftest.py)
+
 
 @settings(max_examples=6, deadline=None)
 @given(
