@@ -10,6 +10,8 @@ import pytest
 
 import lorax
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: small shapes (tests/conftest.py)
+
 
 class Block(nn.Module):
     @nn.compact
