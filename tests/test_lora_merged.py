@@ -9,12 +9,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
+from helpers import check_lora_equals_merged, randomize_b
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lorax
 from lorax.methods import lora_merged
 from lorax.methods.lora import LoraWeight
+
+# compile-bound: XLA's backend at -O0 (the optimised HLO, so the FLOP counts, are the same)
+pytestmark = pytest.mark.fast_compile
 
 
 @st.composite
@@ -223,3 +228,42 @@ def test_a_merged_train_step_computes_no_base_gradient():
     full = flops(lambda p, x: jnp.mean(model.apply({"params": p}, x) ** 2), params, x)
     assert merged <= lowrank, (merged, lowrank)
     assert merged / full < 0.65, (merged, full)  # the ideal: 3 / 5
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_reference_models_on_the_merged_path_equal_the_merged_model(family):
+    """Whole models whose every adapted product merges (128 tokens against widths of 64
+    and 128; a scanned layer stack; Llama's SwiGLU and grouped KV heads): logits and the
+    factors' gradients equal those of the dense model ``lorax.merge`` builds."""
+    from lorax.models import gpt2, llama
+
+    if family == "gpt2":
+        config = gpt2.GPT2Config(vocab_size=96, n_positions=32, n_embd=64, n_layer=2, n_head=4)
+        model, targets = gpt2.GPT2(config, scan_layers=True), ["c_attn", "c_proj", "c_fc"]
+    else:
+        config = llama.LlamaConfig(
+            vocab_size=96,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=32,
+        )
+        model = llama.Llama(config, scan_layers=True)
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    ids = jax.random.randint(jax.random.key(0), (4, 32), 0, 96)
+    params = jax.jit(model.init)(jax.random.key(1), ids)["params"]
+    lp = randomize_b(
+        lorax.wrap(params, rank=4, targets=targets, key=jax.random.key(2)), jax.random.key(3)
+    )
+    calls = []
+    real = lora_merged.merge_pays
+
+    def spy(*args, **kwargs):
+        calls.append(real(*args, **kwargs))
+        return calls[-1]
+
+    with mock.patch.object(lora_merged, "merge_pays", spy):
+        check_lora_equals_merged(model.apply, {"params": lp}, ids, rtol=1e-4, atol=1e-4)
+    assert calls and all(calls), calls  # every adapted product took the merged path
