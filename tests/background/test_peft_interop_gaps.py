@@ -23,6 +23,8 @@ peft = pytest.importorskip("peft")
 
 from test_models import _hf_gpt2, _hf_llama, _tokens  # noqa: E402
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: small shapes (tests/conftest.py)
+
 FAMILIES = {"gpt2": gpt2, "llama": llama}
 IDS = _tokens(2, 7, seed=3)
 
