@@ -17,8 +17,9 @@ Per product, with ``N`` tokens, ``n_in`` contracted and ``n_out`` free weight va
 low-rank path's forward and backward do ``3 N r (n_in + n_out)`` multiply-adds besides the
 base product; this one ``2 N r (n_in + n_out) + 2 n_in n_out r``. It is used when that is
 less, ``N (n_in + n_out) >= 2 n_in n_out``: at least as many tokens as the harmonic mean of
-the weight's input and output sizes (768 for GPT-2 small's attention projections, so a
-training batch of 8 x 1024 tokens merges and decoding a few tokens does not). The temporary
+the weight's input and output sizes (768 for GPT-2 small's 768 x 768 output projection,
+1152 for its 768 x 2304 q, k, v projection, so a training batch of 8 x 1024 tokens merges
+and decoding a few tokens does not). The temporary
 is then no bigger than the activations the product reads and writes.
 
 Two more conditions keep the results those of the low-rank path within float32 rounding:
@@ -29,10 +30,10 @@ sharding (explicit-axes meshes) and batched products (a dot_general with batch a
 the low-rank path.
 
 The rule is a ``jax.custom_jvp`` whose tangent is written in the low-rank form, so forward
-mode, reverse mode, ``vmap`` and ``remat`` all work; the merged weight is tagged
-``lorax_merged_weight`` and recomputed in the backward pass (a ``jax.checkpoint`` that keeps
-only ``x @ A``), so the program keeps no weight-sized residual. XLA's CPU backend may still
-share the ``A @ B`` product between the two passes: +6.8 % temporaries on a d=768 step in
+mode, reverse mode, ``vmap`` and ``remat`` all work; the merged weight is recomputed in the
+backward pass (a ``jax.checkpoint`` that keeps only ``x @ A``, named ``lorax_lowrank_t``),
+so the program keeps no weight-sized residual. XLA's CPU backend may still share the
+``A @ B`` product between the two passes: +6.8 % temporaries on a d=768 step in
 benchmarks/NOTES.md attempt 8, -3 % at d=256.
 """
 
@@ -45,7 +46,6 @@ from typing import TYPE_CHECKING, Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.ad_checkpoint import checkpoint_name
 from jax.custom_derivatives import SymbolicZero
 
 from lorax.leaf import Array, Bind, LoraxLeaf, materialize
@@ -53,15 +53,14 @@ from lorax.leaf import Array, Bind, LoraxLeaf, materialize
 if TYPE_CHECKING:  # lora.py imports this module
     from lorax.methods.lora import LoraWeight
 
-MERGED_WEIGHT = "lorax_merged_weight"  # the checkpoint name of W + s A @ B
-LOWRANK_T = "lorax_lowrank_t"  # that of s x @ A, the low-rank path's intermediate
+LOWRANK_T = "lorax_lowrank_t"  # the checkpoint name of s x @ A, the low-rank intermediate
 
 # The low-rank path ``(leaf, x) -> s (x @ A) @ B`` for the product at hand (lora.py's).
 LowRank = Callable[["LoraWeight", Array], Array]
 
 
 def _wide(dtype: Any) -> bool:
-    return dtype is None or (jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize >= 4)
+    return jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize >= 4
 
 
 def merge_pays(
@@ -126,7 +125,7 @@ def merged_dot_general(
     def f_jvp(primals, tangents):
         x, base, a, b = primals
         dx, dbase, da, db = tangents
-        w = checkpoint_name(merged(base, a, b), MERGED_WEIGHT)
+        w = merged(base, a, b)
         y = product(x, w)
         terms = []
         if not isinstance(dx, SymbolicZero):
